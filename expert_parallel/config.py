@@ -1,0 +1,111 @@
+"""MoEConfig: every knob of an MoE layer, validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+EXPERT_KINDS = ("ffn", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+SECOND_POLICIES = ("random", "all", "threshold")
+# router name -> the top_k it requires (None: any 1 <= top_k <= num_experts)
+ROUTER_TOP_K = {"gshard": 2, "switch": 1}
+
+
+def _fail(field: str, value: object, fix: str) -> None:
+    raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {fix}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Configuration of one MoE layer; validated once in ``__post_init__``.
+
+    Args:
+        d_model: model width D; the layer maps ``[..., D] -> [..., D]``.
+        d_ff: hidden width F of every expert.
+        num_experts: global number of experts E (all ranks together).
+        top_k: choices per token K (``gshard`` needs 2, ``switch`` needs 1).
+        router: routing algorithm name (``"gshard"`` or ``"switch"``).
+        second_policy: GShard second-expert policy: ``"random"`` dispatches the 2nd choice iff
+            ``2 * g2 > u`` with ``u ~ U(0, 1)``; ``"all"`` always; ``"threshold"`` iff
+            ``g2 > second_threshold``.
+        second_threshold: threshold of the ``"threshold"`` policy, in ``[0, 0.5]``.
+        capacity_factor: slots per expert relative to an even split, in training.
+        eval_capacity_factor: the same in eval mode.
+        min_capacity: lower bound on the capacity.
+        capacity: a fixed capacity C; removes the capacity all-reduce and every host sync.
+        expert: ``"ffn"`` (Linear-act-Linear) or ``"swiglu"``.
+        activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"`` (ffn experts only).
+        expert_bias: give experts biases ``b1 [E_local, F]``, ``b2 [E_local, D]``.
+        aux_loss_weight: weight of the load-balancing loss in ``MoEOutput.aux_loss``.
+        ep_size: expert-parallel group size; ``num_experts`` must be a multiple of it.
+        check_finite: raise ``ValueError`` on NaN/inf router logits (costs a host sync).
+
+    Raises:
+        ValueError: naming the field, its value and the fix, for any invalid combination.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int = 2
+    router: str = "gshard"
+    second_policy: str = "random"
+    second_threshold: float = 0.0
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    capacity: Optional[int] = None
+    expert: str = "ffn"
+    activation: str = "gelu"
+    expert_bias: bool = False
+    aux_loss_weight: float = 0.01
+    ep_size: int = 1
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "num_experts", "ep_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, value, "it must be an integer >= 1")
+        if self.num_experts % self.ep_size:
+            _fail(
+                "num_experts", self.num_experts,
+                f"it is not divisible by ep_size={self.ep_size}; choose num_experts as a "
+                "multiple of ep_size",
+            )
+        if self.router not in ROUTER_TOP_K:
+            _fail("router", self.router, f"choose one of {sorted(ROUTER_TOP_K)}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            _fail("top_k", self.top_k, f"it must be between 1 and num_experts={self.num_experts}")
+        required_k = ROUTER_TOP_K[self.router]
+        if required_k is not None and self.top_k != required_k:
+            _fail("top_k", self.top_k, f"router={self.router!r} routes top-{required_k}; "
+                  f"set top_k={required_k}")
+        if self.second_policy not in SECOND_POLICIES:
+            _fail("second_policy", self.second_policy, f"choose one of {list(SECOND_POLICIES)}")
+        if not 0.0 <= self.second_threshold <= 0.5:
+            _fail("second_threshold", self.second_threshold, "it must lie in [0, 0.5] (g2 <= 0.5)")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, name) > 0:
+                _fail(name, getattr(self, name), "it must be > 0")
+        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            _fail("min_capacity", self.min_capacity, "it must be an integer >= 0")
+        if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 1):
+            _fail("capacity", self.capacity, "use an integer >= 1, or None to derive it per batch")
+        if self.expert not in EXPERT_KINDS:
+            _fail("expert", self.expert, f"choose one of {list(EXPERT_KINDS)}")
+        if self.activation not in ACTIVATIONS:
+            _fail("activation", self.activation, f"choose one of {list(ACTIVATIONS)}")
+        if self.aux_loss_weight < 0:
+            _fail("aux_loss_weight", self.aux_loss_weight, "it must be >= 0")
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts held by each EP rank: ``num_experts // ep_size``."""
+        return self.num_experts // self.ep_size
+
+    def replace(self, **changes: object) -> MoEConfig:
+        """A copy with ``changes`` applied, validated again."""
+        return dataclasses.replace(self, **changes)

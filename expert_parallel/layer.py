@@ -1,0 +1,129 @@
+"""MoELayer: route -> plan -> pack -> all-to-all -> experts -> all-to-all -> combine."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from .comm import agree_max, dispatch, expert_groups, lookup, register, undispatch
+from .config import MoEConfig
+from .experts import StackedExperts
+from .layout import combine, expert_capacity, pack, plan_slots
+from .routing import Router, route
+from .stats import RoutingStats, routing_stats
+
+
+class MoEOutput(NamedTuple):
+    """What ``MoELayer`` returns; unpacks as ``y, aux_loss, stats``.
+
+    Attributes:
+        output: ``[..., d_model]``, the input's shape and dtype; dropped tokens give 0.
+        aux_loss: scalar, already multiplied by ``aux_loss_weight``; differentiable.
+        stats: ``RoutingStats`` of this batch (detached).
+    """
+
+    output: Tensor
+    aux_loss: Tensor
+    stats: RoutingStats
+
+
+def _resolve_ep_ranks(cfg: MoEConfig, ep_group: Optional[ProcessGroup]) -> tuple[int, ...]:
+    """Global ranks of the EP group: the one passed in, else built from ``cfg.ep_size``."""
+    if ep_group is None:
+        return expert_groups(cfg.ep_size).ep_ranks
+    if not dist.is_initialized():
+        raise RuntimeError(f"ep_group was given with ep_size={cfg.ep_size} but torch.distributed "
+                           "is not initialised; call init_process_group first")
+    group_size = dist.get_world_size(ep_group)
+    if group_size != cfg.ep_size:
+        raise ValueError(f"MoEConfig.ep_size={cfg.ep_size} does not match the size {group_size} of "
+                         f"ep_group; set ep_size={group_size} or pass a group of {cfg.ep_size} ranks")
+    return register(ep_group)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts layer with experts sharded over an expert-parallel group.
+
+    Global expert ``e`` is local expert ``e % E_local`` on EP rank ``e // E_local``. Call it with
+    ``x [..., d_model]``; it returns ``MoEOutput``. The output of dropped tokens is 0, so wrap it
+    in a residual connection.
+
+    Args:
+        cfg: the validated configuration.
+        ep_group: the EP process group; ``None`` builds it from ``cfg.ep_size`` (consecutive
+            rank blocks, or the local rank alone when ``ep_size == 1``).
+
+    Raises:
+        ValueError: ``ep_group`` size differs from ``cfg.ep_size``, or the world size is not a
+            multiple of ``ep_size``.
+        RuntimeError: ``ep_size > 1`` without an initialised process group.
+    """
+
+    def __init__(self, cfg: MoEConfig, ep_group: Optional[ProcessGroup] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # ranks, not the group: the module stays deep-copyable and picklable
+        self.ep_ranks = _resolve_ep_ranks(cfg, ep_group)
+        self.router = Router(cfg.d_model, cfg.num_experts)
+        self.experts = StackedExperts(cfg.num_local_experts, cfg.d_model, cfg.d_ff,
+                                      gated=cfg.expert == "swiglu", activation=cfg.activation,
+                                      bias=cfg.expert_bias)
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        """``x [..., d_model] -> MoEOutput`` (see the class docstring)."""
+        self._check_input(x)
+        cfg, group = self.cfg, lookup(self.ep_ranks)
+        x_SD = x.reshape(-1, cfg.d_model)
+        logits_SE = self.router(x_SD)
+        routing = route(logits_SE, cfg)
+        nonfinite = (~torch.isfinite(logits_SE)).any(dim=-1).sum()
+        capacity = self._capacity(x_SD.shape[0], nonfinite, group)
+        plan = plan_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, capacity)
+        buffer_ECD = pack(x_SD, plan)
+        expert_in = dispatch(buffer_ECD, cfg.ep_size, group)
+        expert_out = self.experts(expert_in)
+        buffer_ECD = undispatch(expert_out, cfg.ep_size, group)
+        y_SD = combine(buffer_ECD, plan, routing.weight_SK)
+        stats = routing_stats(routing, plan, nonfinite)
+        aux_loss = routing.aux_loss * cfg.aux_loss_weight
+        return MoEOutput(y_SD.view(x.shape).to(x.dtype), aux_loss, stats)
+
+    def _capacity(self, num_tokens: int, nonfinite: Tensor, group: Optional[ProcessGroup]) -> int:
+        """The capacity every EP rank uses; one all-reduce unless ``cfg.capacity`` is fixed.
+
+        With ``check_finite`` the non-finite count rides on the same all-reduce, so every rank
+        raises together instead of leaving the others hanging in the all-to-all.
+        """
+        cfg = self.cfg
+        wanted = [] if cfg.capacity is not None else [num_tokens]
+        if cfg.check_finite:
+            wanted.append(int(nonfinite))
+        agreed = agree_max(wanted, group) if wanted else []
+        if cfg.check_finite and agreed[-1] > 0:
+            raise ValueError(
+                f"router logits hold NaN or inf for {agreed[-1]} token(s) on a rank of this EP "
+                "group (check_finite=True); check the input and the learning rate, or set "
+                "check_finite=False to count them in RoutingStats.nonfinite_tokens instead"
+            )
+        if cfg.capacity is not None:
+            return cfg.capacity
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        return expert_capacity(agreed[0], cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
+
+    def _check_input(self, x: Tensor) -> None:
+        """ValueError for input the layer cannot route, before any collective."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"MoELayer input must be a floating-point tensor, got {kind}; "
+                             "pass activations of shape [..., d_model]")
+        if x.dim() == 0 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"MoELayer input has shape {tuple(x.shape)}, but its last dimension must "
+                             f"be d_model={self.cfg.d_model}; reshape the input or fix MoEConfig.d_model")
+        weight_dtype = self.experts.w1.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"MoELayer input dtype {x.dtype} differs from the expert weights' "
+                             f"{weight_dtype}; cast the layer (layer.to({x.dtype})) or use autocast")

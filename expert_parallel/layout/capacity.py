@@ -1,0 +1,23 @@
+"""The capacity formula: how many slots each expert's buffer has."""
+
+from __future__ import annotations
+
+import math
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
+                    min_capacity: int) -> int:
+    """``C = max(min_capacity, ceil(top_k * num_tokens * capacity_factor / num_experts))``.
+
+    Args:
+        num_tokens: ``S``, the largest local token count in the EP group.
+        num_experts: global expert count ``E``.
+        top_k: choices per token ``K``.
+        capacity_factor: slack over an even split.
+        min_capacity: lower bound.
+
+    Returns:
+        The capacity, at least 1 so buffers never have a zero dimension.
+    """
+    even_split = math.ceil(top_k * num_tokens * capacity_factor / num_experts)
+    return max(min_capacity, even_split, 1)

@@ -1,0 +1,52 @@
+"""Pack tokens into the static expert buffer and combine expert outputs back (index ops only)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .plan import DispatchPlan
+
+
+def pack(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
+    """Copy every kept (token, choice) into its slot of the expert buffer.
+
+    Args:
+        x_SD: tokens ``[S, D]``.
+        plan: the slot plan of these tokens.
+
+    Returns:
+        ``buffer_ECD [E, C, D]``: empty slots are zero. Differentiable (a gather; its backward
+        is an index-add).
+    """
+    num_slots = plan.num_experts * plan.capacity
+    token_KS = torch.arange(plan.num_tokens, device=x_SD.device).expand_as(plan.flat_index_KS)
+    # source token of every slot; empty slots (and the scratch row) read the zero row S
+    source_slot = torch.full((num_slots + 1,), plan.num_tokens, dtype=torch.long, device=x_SD.device)
+    source_slot.scatter_(0, plan.flat_index_KS.reshape(-1), token_KS.reshape(-1))
+    x_padded = torch.cat([x_SD, x_SD.new_zeros(1, x_SD.shape[1])])
+    buffer = x_padded.index_select(0, source_slot[:num_slots])
+    return buffer.view(plan.num_experts, plan.capacity, x_SD.shape[1])
+
+
+def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor:
+    """Weighted sum of each token's expert outputs: ``y_s = sum_k w_sk * out[slot_sk]``.
+
+    Dropped and undispatched choices contribute exactly 0 (even if the buffer holds NaN there);
+    the caller's residual connection carries dropped tokens.
+
+    Args:
+        buffer_ECD: expert outputs ``[E, C, D]`` in the slots of ``plan``.
+        plan: the plan used to pack.
+        weight_SK: combine weights ``[S, K]``.
+
+    Returns:
+        ``y_SD [S, D]`` in the buffer's dtype.
+    """
+    dim = buffer_ECD.shape[-1]
+    flat = buffer_ECD.reshape(-1, dim)
+    index_KS = plan.flat_index_KS.clamp_max(flat.shape[0] - 1)
+    gathered_KSD = flat.index_select(0, index_KS.reshape(-1)).view(*index_KS.shape, dim)
+    weight_KS1 = weight_SK.t().unsqueeze(-1).to(buffer_ECD.dtype)
+    contribution_KSD = torch.where(plan.kept_KS.unsqueeze(-1), gathered_KSD * weight_KS1, 0.0)
+    return contribution_KSD.sum(dim=0)

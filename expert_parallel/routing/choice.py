@@ -1,0 +1,67 @@
+"""Token-choice routers: logits -> chosen experts, combine weights, dispatch mask.
+
+Each router is a pure function ``(logits_SE, cfg, uniform_S) -> Routing``; adding one is a
+function here plus an entry in ``routing.ROUTERS`` and ``config.ROUTER_TOP_K``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config import MoEConfig
+from .losses import load_balance_loss
+from .types import Routing
+
+
+def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None) -> Routing:
+    """Switch Transformer top-1: the combine weight is the router probability of the choice.
+
+    Args:
+        logits_SE: router logits ``[S, E]``.
+        cfg: the layer config (unused knobs ignored).
+        uniform_S: unused (top-1 draws nothing).
+
+    Returns:
+        ``Routing`` with ``K = 1``.
+    """
+    probs_SE = torch.softmax(logits_SE.float(), dim=-1)
+    weight_S1, expert_S1 = probs_SE.max(dim=-1, keepdim=True)
+    active_S1 = torch.ones_like(expert_S1, dtype=torch.bool)
+    aux = load_balance_loss(probs_SE, expert_S1[:, 0])
+    return Routing(expert_S1, weight_S1, active_S1, probs_SE, aux)
+
+
+def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None) -> Routing:
+    """GShard top-2 with the second-expert policy of ``cfg`` (GShard Algorithm 1).
+
+    ``g1, g2 = p1 / (p1 + p2), p2 / (p1 + p2)``. Policy ``random`` dispatches the second choice
+    iff ``2 * g2 > u``; the uniforms ``u`` are drawn here, before any slot is assigned, so an
+    unsampled second choice never takes a slot. Weights are not renormalised after drops.
+
+    Args:
+        logits_SE: router logits ``[S, E]``.
+        cfg: supplies ``second_policy`` and ``second_threshold``.
+        uniform_S: ``U(0, 1)`` draws ``[S]`` for the ``random`` policy; drawn if ``None``.
+
+    Returns:
+        ``Routing`` with ``K = 2``: column 0 the first choice, column 1 the second.
+    """
+    probs_SE = torch.softmax(logits_SE.float(), dim=-1)
+    top_p_S2, expert_S2 = probs_SE.topk(2, dim=-1)
+    # clamp: with underflowing probabilities p1 + p2 can be 0; avoid 0/0
+    weight_S2 = top_p_S2 / top_p_S2.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    g2_S = weight_S2[:, 1]
+    if cfg.second_policy == "random":
+        if uniform_S is None:
+            uniform_S = torch.rand(g2_S.shape, device=g2_S.device)
+        second_S = 2.0 * g2_S > uniform_S
+    elif cfg.second_policy == "threshold":
+        second_S = g2_S > cfg.second_threshold
+    else:  # "all"
+        second_S = torch.ones_like(g2_S, dtype=torch.bool)
+    active_S2 = torch.stack([torch.ones_like(second_S), second_S], dim=1)
+    aux = load_balance_loss(probs_SE, expert_S2[:, 0])
+    return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, aux)

@@ -1,0 +1,77 @@
+"""RoutingStats: what the router and the capacity did to one batch (detached tensors)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .layout import DispatchPlan
+from .routing import Routing
+
+
+class RoutingStats(NamedTuple):
+    """Routing statistics of one forward pass on this rank; every field is a detached tensor.
+
+    Attributes:
+        tokens_per_expert: dispatched assignments per global expert ``[E]`` (long), from this
+            rank's tokens, before capacity.
+        dropped_fraction: dropped / dispatched assignments (scalar).
+        dropped_fraction_by_choice: ``[K]``, dropped / dispatched for each choice rank.
+        second_dispatched_fraction: fraction of tokens whose 2nd choice was dispatched
+            (``k_eff - 1`` for top-2; 0 for top-1).
+        k_eff: mean dispatched choices per token (scalar).
+        load_cv: coefficient of variation (std / mean) of ``tokens_per_expert``.
+        capacity: slots per expert (long scalar).
+        nonfinite_tokens: tokens whose router logits hold NaN or inf (long scalar).
+    """
+
+    tokens_per_expert: Tensor
+    dropped_fraction: Tensor
+    dropped_fraction_by_choice: Tensor
+    second_dispatched_fraction: Tensor
+    k_eff: Tensor
+    load_cv: Tensor
+    capacity: Tensor
+    nonfinite_tokens: Tensor
+
+    @property
+    def dropped_fraction_first(self) -> Tensor:
+        """Fraction of first choices dropped by capacity."""
+        return self.dropped_fraction_by_choice[0]
+
+    @property
+    def dropped_fraction_second(self) -> Tensor:
+        """Fraction of dispatched second choices dropped (0 for top-1)."""
+        by_choice = self.dropped_fraction_by_choice
+        return by_choice[1] if by_choice.numel() > 1 else torch.zeros_like(by_choice[0])
+
+
+@torch.no_grad()
+def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor) -> RoutingStats:
+    """Compute ``RoutingStats`` without any host sync.
+
+    Args:
+        routing: the router's decision for ``S`` tokens.
+        plan: the slot plan built from it.
+        nonfinite_tokens: count of tokens with non-finite logits (long scalar).
+    """
+    active_KS = routing.active_SK.t()
+    dispatched_K = active_KS.sum(dim=1).float()
+    dropped_K = (active_KS & ~plan.kept_KS).sum(dim=1).float()
+    tokens = max(plan.num_tokens, 1)
+    count_E = plan.count_E.float()
+    mean_load = count_E.mean()
+    load_cv = count_E.std(correction=0) / mean_load.clamp_min(1e-9)
+    second = dispatched_K[1] / tokens if dispatched_K.numel() > 1 else dispatched_K.new_zeros(())
+    return RoutingStats(
+        tokens_per_expert=plan.count_E,
+        dropped_fraction=dropped_K.sum() / dispatched_K.sum().clamp_min(1.0),
+        dropped_fraction_by_choice=dropped_K / dispatched_K.clamp_min(1.0),
+        second_dispatched_fraction=second,
+        k_eff=dispatched_K.sum() / tokens,
+        load_cv=load_cv,
+        capacity=torch.tensor(plan.capacity, device=count_E.device),
+        nonfinite_tokens=nonfinite_tokens,
+    )

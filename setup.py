@@ -1,0 +1,15 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="expert_parallel",
+    version="0.1.0",
+    description="Expert-parallel Mixture-of-Experts runtime for PyTorch, DeepSpeed-compatible",
+    packages=find_packages(include=["expert_parallel", "expert_parallel.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "numpy"],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.14"],
+        "telemetry": ["nvidia-ml-py"],
+        "dev": ["pytest", "pytest-timeout", "ruff"],
+    },
+)
