@@ -35,6 +35,8 @@ class MoEConfig:
         eval_capacity_factor: the same in eval mode.
         min_capacity: lower bound on the capacity.
         capacity: a fixed capacity C; removes the capacity all-reduce and every host sync.
+        drop_tokens: ``False`` sizes the buffers to the fullest expert of the EP group (one
+            all-reduce, no drops; DeepSpeed's ``drop_tokens=False``); ``capacity`` must be None.
         expert: ``"ffn"`` (Linear-act-Linear) or ``"swiglu"``.
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"`` (ffn experts only).
         expert_bias: give experts biases ``b1 [E_local, F]``, ``b2 [E_local, D]``.
@@ -57,6 +59,7 @@ class MoEConfig:
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
     capacity: Optional[int] = None
+    drop_tokens: bool = True
     expert: str = "ffn"
     activation: str = "gelu"
     expert_bias: bool = False
@@ -94,6 +97,9 @@ class MoEConfig:
             _fail("min_capacity", self.min_capacity, "it must be an integer >= 0")
         if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 1):
             _fail("capacity", self.capacity, "use an integer >= 1, or None to derive it per batch")
+        if not self.drop_tokens and self.capacity is not None:
+            _fail("capacity", self.capacity, "drop_tokens=False sizes the buffers itself; set "
+                  "capacity=None or drop_tokens=True")
         if self.expert not in EXPERT_KINDS:
             _fail("expert", self.expert, f"choose one of {list(EXPERT_KINDS)}")
         if self.activation not in ACTIVATIONS:

@@ -12,7 +12,7 @@ from torch.distributed import ProcessGroup
 from .comm import agree_max, dispatch, expert_groups, lookup, register, undispatch
 from .config import MoEConfig
 from .experts import StackedExperts
-from .layout import combine, expert_capacity, pack, plan_slots
+from .layout import assign_slots, combine, expert_capacity, kept_weights, pack
 from .routing import Router, route
 from .stats import RoutingStats, routing_stats
 
@@ -81,25 +81,33 @@ class MoELayer(nn.Module):
         logits_SE = self.router(x_SD)
         routing = route(logits_SE, cfg)
         nonfinite = (~torch.isfinite(logits_SE)).any(dim=-1).sum()
-        capacity = self._capacity(x_SD.shape[0], nonfinite, group)
-        plan = plan_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, capacity)
+        slots = assign_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, routing.priority_SK)
+        plan = slots.plan(self._capacity(x_SD.shape[0], slots.count_E, nonfinite, group))
         buffer_ECD = pack(x_SD, plan)
         expert_in = dispatch(buffer_ECD, cfg.ep_size, group)
         expert_out = self.experts(expert_in)
         buffer_ECD = undispatch(expert_out, cfg.ep_size, group)
-        y_SD = combine(buffer_ECD, plan, routing.weight_SK)
+        y_SD = combine(buffer_ECD, plan, kept_weights(routing.weight_SK, plan, routing.renormalize_kept))
         stats = routing_stats(routing, plan, nonfinite)
         aux_loss = routing.aux_loss * cfg.aux_loss_weight
         return MoEOutput(y_SD.view(x.shape).to(x.dtype), aux_loss, stats)
 
-    def _capacity(self, num_tokens: int, nonfinite: Tensor, group: Optional[ProcessGroup]) -> int:
+    def _capacity(self, num_tokens: int, count_E: Tensor, nonfinite: Tensor,
+                  group: Optional[ProcessGroup]) -> int:
         """The capacity every EP rank uses; one all-reduce unless ``cfg.capacity`` is fixed.
+
+        ``drop_tokens=False`` agrees on the fullest expert's count instead of the token count.
 
         With ``check_finite`` the non-finite count rides on the same all-reduce, so every rank
         raises together instead of leaving the others hanging in the all-to-all.
         """
         cfg = self.cfg
-        wanted = [] if cfg.capacity is not None else [num_tokens]
+        if cfg.capacity is not None:
+            wanted = []
+        elif cfg.drop_tokens:
+            wanted = [num_tokens]
+        else:
+            wanted = [int(count_E.max()) if count_E.numel() else 0]
         if cfg.check_finite:
             wanted.append(int(nonfinite))
         agreed = agree_max(wanted, group) if wanted else []
@@ -111,6 +119,8 @@ class MoELayer(nn.Module):
             )
         if cfg.capacity is not None:
             return cfg.capacity
+        if not cfg.drop_tokens:
+            return max(agreed[0], 1)
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         return expert_capacity(agreed[0], cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
 

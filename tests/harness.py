@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -28,7 +29,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=60))
-        results.put((rank, True, fn(rank, world_size, *args)))
+        # tensors travel as torch.save bytes: shared-memory handles die with the child
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -67,4 +71,4 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0)
     failures = {rank: value for rank, (ok, value) in outcomes.items() if not ok}
     if failures:
         raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items())))
-    return [outcomes[rank][1] for rank in range(world_size)]
+    return [torch.load(io.BytesIO(outcomes[rank][1]), weights_only=False) for rank in range(world_size)]

@@ -29,6 +29,16 @@ def pack(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
     return buffer.view(plan.num_experts, plan.capacity, x_SD.shape[1])
 
 
+def kept_weights(weight_SK: Tensor, plan: DispatchPlan, renormalize: bool) -> Tensor:
+    """Combine weights ``[S, K]``: ``weight_SK`` as is, or with ``renormalize`` divided by their
+    sum over the choices that survive capacity (a token with nothing kept gets zeros)."""
+    if not renormalize:
+        return weight_SK
+    weight_SK = weight_SK * plan.kept_KS.t()
+    total_S1 = weight_SK.sum(dim=-1, keepdim=True)
+    return weight_SK / total_S1.clamp_min(torch.finfo(weight_SK.dtype).eps)
+
+
 def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor:
     """Weighted sum of each token's expert outputs: ``y_s = sum_k w_sk * out[slot_sk]``.
 

@@ -9,6 +9,7 @@ token order, ...), so capacity drops hit second choices and late tokens first. N
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -24,7 +25,8 @@ class DispatchPlan:
         num_experts: ``E``.
         capacity: ``C``, slots per expert.
         num_tokens: ``S``.
-        slot_KS: slot inside the expert's buffer ``[K, S]`` (long; meaningful where active).
+        slot_KS: rank of the assignment inside its expert ``[K, S]`` (long; meaningful where
+            active); kept iff ``< C``.
         kept_KS: ``[K, S]`` bool, dispatched and within capacity.
         flat_index_KS: row of the flattened ``[E*C]`` buffer ``[K, S]``; ``E*C`` (one past the
             end, a scratch row) where not kept.
@@ -40,31 +42,62 @@ class DispatchPlan:
     count_E: Tensor
 
 
-def plan_slots(expert_SK: Tensor, active_SK: Tensor, num_experts: int, capacity: int) -> DispatchPlan:
-    """Assign buffer slots to the dispatched choices.
+@dataclass(frozen=True)
+class SlotAssignment:
+    """Capacity-independent half of planning: each assignment's rank inside its expert.
+
+    Attributes:
+        expert_KS: ``[K, S]`` expert id, or ``E`` (a sentinel) where the choice is inactive.
+        slot_KS: ``[K, S]`` rank inside the expert, in priority order.
+        count_E: dispatched assignments per expert ``[E]`` (long, on the device).
+    """
+
+    expert_KS: Tensor
+    slot_KS: Tensor
+    count_E: Tensor
+
+    def plan(self, capacity: int) -> DispatchPlan:
+        """Cut every expert at ``capacity`` slots: ``slot >= capacity`` is dropped."""
+        num_experts = self.count_E.numel()
+        kept_KS = (self.expert_KS < num_experts) & (self.slot_KS < capacity)
+        flat_index_KS = torch.where(kept_KS, self.expert_KS * capacity + self.slot_KS,
+                                    num_experts * capacity)
+        return DispatchPlan(num_experts, capacity, self.expert_KS.shape[1], self.slot_KS, kept_KS,
+                            flat_index_KS, self.count_E)
+
+
+def assign_slots(expert_SK: Tensor, active_SK: Tensor, num_experts: int,
+                 priority_SK: Optional[Tensor] = None) -> SlotAssignment:
+    """Rank every dispatched choice inside its expert.
 
     Args:
         expert_SK: chosen expert ids ``[S, K]`` (long).
         active_SK: ``[S, K]`` bool, which choices are dispatched at all (an unsampled GShard
             second choice is not, and takes no slot).
         num_experts: ``E``.
-        capacity: ``C``; an assignment whose slot is ``>= C`` is dropped.
+        priority_SK: optional ``[S, K]`` sort key: within an expert, smaller keys take earlier
+            slots (e.g. random token selection). Default: choice-major, then token order.
 
     Returns:
-        The ``DispatchPlan``.
+        The ``SlotAssignment``; call ``.plan(capacity)`` for the ``DispatchPlan``.
     """
     num_tokens, top_k = expert_SK.shape
     # inactive choices go to a sentinel bucket E that sorts last and is never packed
     bucket_KS = torch.where(active_SK, expert_SK, num_experts).t()
     bucket_N = bucket_KS.reshape(-1)
+    order_N = torch.arange(bucket_N.numel(), device=bucket_N.device)
+    if priority_SK is not None:
+        order_N = torch.sort(priority_SK.t().reshape(-1), stable=True).indices
     count_with_sentinel = torch.bincount(bucket_N, minlength=num_experts + 1)
     start_E = torch.cumsum(count_with_sentinel, 0) - count_with_sentinel
-    sorted_bucket_N, order_N = torch.sort(bucket_N, stable=True)
+    sorted_bucket_N, by_bucket_N = torch.sort(bucket_N[order_N], stable=True)
+    order_N = order_N[by_bucket_N]
     rank_sorted_N = torch.arange(bucket_N.numel(), device=bucket_N.device) - start_E[sorted_bucket_N]
     slot_N = torch.empty_like(rank_sorted_N).scatter_(0, order_N, rank_sorted_N)
-    slot_KS = slot_N.view(top_k, num_tokens)
-    kept_KS = active_SK.t() & (slot_KS < capacity)
-    scratch_row = num_experts * capacity
-    flat_index_KS = torch.where(kept_KS, bucket_KS * capacity + slot_KS, scratch_row)
-    return DispatchPlan(num_experts, capacity, num_tokens, slot_KS, kept_KS, flat_index_KS,
-                        count_with_sentinel[:num_experts])
+    return SlotAssignment(bucket_KS, slot_N.view(top_k, num_tokens), count_with_sentinel[:num_experts])
+
+
+def plan_slots(expert_SK: Tensor, active_SK: Tensor, num_experts: int, capacity: int,
+               priority_SK: Optional[Tensor] = None) -> DispatchPlan:
+    """``assign_slots(...).plan(capacity)``: the full plan in one call (see both)."""
+    return assign_slots(expert_SK, active_SK, num_experts, priority_SK).plan(capacity)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import Tensor
 
@@ -17,6 +18,10 @@ class Routing:
         active_SK: ``[S, K]`` bool, the choice is dispatched (before capacity is applied).
         probs_SE: router probabilities ``[S, E]`` (fp32).
         aux_loss: unweighted load-balancing loss, scalar.
+        priority_SK: optional ``[S, K]`` slot priority (smaller first inside an expert); ``None``
+            means choice-major, then token order.
+        renormalize_kept: divide each token's weights by their sum over the choices that
+            survive capacity (DeepSpeed's top-2/top-k); GShard and Switch keep them as they are.
     """
 
     expert_SK: Tensor
@@ -24,3 +29,5 @@ class Routing:
     active_SK: Tensor
     probs_SE: Tensor
     aux_loss: Tensor
+    priority_SK: Optional[Tensor] = None
+    renormalize_kept: bool = False
