@@ -154,7 +154,7 @@ def _choices(probs_SE: Tensor, cfg: MoEConfig, uniform_S: Tensor) -> list[list[t
     first, second = [], []
     for s in range(probs_SE.shape[0]):
         p = probs_SE[s]
-        order = sorted(range(p.numel()), key=lambda e: float(p[e]), reverse=True)
+        order = sorted(range(p.numel()), key=lambda e: float(p[e].detach()), reverse=True)
         if cfg.router == "switch":
             first.append((s, order[0], p[order[0]]))
             continue
@@ -164,9 +164,9 @@ def _choices(probs_SE: Tensor, cfg: MoEConfig, uniform_S: Tensor) -> list[list[t
         if cfg.second_policy == "all":
             take = True
         elif cfg.second_policy == "threshold":
-            take = float(g2) > cfg.second_threshold
+            take = float(g2.detach()) > cfg.second_threshold
         else:
-            take = 2.0 * float(g2) > float(uniform_S[s])
+            take = 2.0 * float(g2.detach()) > float(uniform_S[s])
         if take:
             second.append((s, order[1], g2))
     return [first, second] if cfg.router == "gshard" else [first]

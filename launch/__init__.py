@@ -1,0 +1,1 @@
+"""Entry points: ``python -m launch.train`` (plain, torchrun, deepspeed launcher, SLURM)."""

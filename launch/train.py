@@ -1,0 +1,232 @@
+"""Train the demo MoE transformer LM (``launch/model.py``) on the generated corpus.
+
+Started plainly it spawns ``--nproc`` local ranks itself (gloo on CPU); started by ``torchrun``
+(single or multi-node) or a SLURM ``srun torchrun`` it is one worker of that job.
+
+    python -m launch.train --out runs/demo                 # 2 local ranks, ep 2, CPU
+    torchrun --nproc-per-node 2 -m launch.train --out runs/demo
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 -m launch.train --out runs/demo
+
+Writes ``OUT/metrics.jsonl`` (rank 0, one JSON object per logged step), ``OUT/summary.json``
+and ``OUT/checkpoint/rank<R>.pt``; ``--resume`` continues from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from expert_parallel import MoEConfig, MoELayer
+from expert_parallel.comm import expert_groups, reduce_gradients
+from expert_parallel.presets import PRESETS, preset
+from expert_parallel.spawn import free_port
+from launch.corpus import CharCorpus
+from launch.model import MoETransformerLM
+
+METRIC_KEYS = ("loss", "aux_loss", "drop_fraction", "k_eff", "load_cv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag with its default (``--help`` shows them)."""
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="metrics and checkpoints go here")
+    parser.add_argument("--steps", type=int, default=300, help="total training steps")
+    parser.add_argument("--preset", default="gshard", choices=sorted(PRESETS), help="MoE router preset")
+    parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
+    parser.add_argument("--nproc", type=int, default=2, help="local ranks to spawn when started plainly")
+    parser.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
+                        help="auto: nccl with CUDA, else gloo")
+    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (global)")
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--d-ff", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4, help="blocks; every other one is MoE")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
+    parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--timeout-s", type=float, default=120.0,
+                        help="collective timeout: a dead rank or stuck rendezvous ends the job after this")
+    return parser
+
+
+def moe_config(args: argparse.Namespace, world_size: int) -> MoEConfig:
+    """The MoE config of the run; ValueError (one line) for a bad combination of flags."""
+    ep_size = args.ep_size or world_size
+    if world_size % ep_size:
+        raise ValueError(f"--ep-size {ep_size} does not divide the world size {world_size}; "
+                         "choose an ep size that divides it")
+    return preset(args.preset, args.d_model, args.d_ff, args.experts, ep_size=ep_size)
+
+
+def _log(metrics_file: Optional[Any], record: dict) -> None:
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+
+def _checkpoint_path(out: Path, rank: int) -> Path:
+    return out / "checkpoint" / f"rank{rank}.pt"
+
+
+def train(args: argparse.Namespace) -> None:
+    """One rank of the job; the process group is initialised from the environment."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}") if dist.get_backend() == "nccl" else torch.device("cpu")
+    cfg = moe_config(args, world)
+    groups = expert_groups(cfg.ep_size)
+    corpus = CharCorpus()
+    torch.manual_seed(args.seed)  # dense weights identical on every rank
+    model = MoETransformerLM(corpus.vocab_size, cfg, args.layers, args.heads, args.seq_len)
+    torch.manual_seed(args.seed + 1 + rank % cfg.ep_size)  # each EP rank its own experts
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.experts.reset_parameters()
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    out = Path(args.out)
+    start_step = 0
+    if args.resume:
+        start_step = _load_checkpoint(_checkpoint_path(out, rank), model, optimizer, world, cfg.ep_size)
+    torch.manual_seed(args.seed + 7919 * rank + start_step)
+
+    metrics_file = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(out / "metrics.jsonl", "a" if args.resume else "w")
+    from tqdm import tqdm
+
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
+                    disable=rank != 0, desc=f"train {args.preset} ep{cfg.ep_size}x{world // cfg.ep_size}",
+                    dynamic_ncols=True)
+    tokens_per_step = args.batch_size * args.seq_len * world
+    first_loss, last, logged_step = None, {}, start_step
+    wall_start = window_start = time.perf_counter()
+    for step in progress:
+        inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len))
+        logits, aux_loss, stats = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        (loss + aux_loss).backward()
+        reduce_gradients(model, groups)
+        optimizer.step()
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            values = torch.stack([loss.detach(), aux_loss.detach(),
+                                  torch.stack([s.dropped_fraction for s in stats]).mean(),
+                                  torch.stack([s.k_eff for s in stats]).mean(),
+                                  torch.stack([s.load_cv for s in stats]).mean()]).float().to(device)
+            dist.all_reduce(values)
+            values = (values / world).tolist()
+            elapsed = time.perf_counter() - window_start
+            steps_in_window, logged_step = done - logged_step, done
+            record = {"step": done, **dict(zip(METRIC_KEYS, values)),
+                      "tokens_per_s": tokens_per_step * steps_in_window / elapsed,
+                      "step_ms": 1e3 * elapsed / steps_in_window}
+            window_start = time.perf_counter()
+            first_loss = record["loss"] if first_loss is None else first_loss
+            last = record
+            _log(metrics_file, record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.4f}",
+                                 drop=f"{record['drop_fraction']:.1%}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0):
+            _save_checkpoint(_checkpoint_path(out, rank), model, optimizer, done, world, cfg.ep_size)
+    progress.close()
+    if rank == 0 and last:
+        summary = {"preset": args.preset, "world_size": world, "ep_size": cfg.ep_size, "steps": args.steps,
+                   "start_step": start_step, "first_logged_loss": first_loss, "final_loss": last["loss"],
+                   "final_drop_fraction": last["drop_fraction"], "wall_s": time.perf_counter() - wall_start,
+                   "tokens_per_s": last["tokens_per_s"]}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in summary.items()), flush=True)
+    if metrics_file is not None:
+        metrics_file.close()
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                     world: int, ep_size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "world_size": world, "ep_size": ep_size}
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # a crash mid-save never leaves a torn file
+
+
+def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
+                     ep_size: int) -> int:
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if (state["world_size"], state["ep_size"]) != (world, ep_size):
+        raise ValueError(f"--resume: checkpoint was written with world size {state['world_size']} and "
+                         f"ep size {state['ep_size']}, this job has {world} and {ep_size}; resume with "
+                         "the same layout")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def _backend(args: argparse.Namespace) -> str:
+    if args.backend != "auto":
+        return args.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _worker(local_rank: int, args: argparse.Namespace, port: int) -> None:
+    """A rank spawned by the plain launch: give it torchrun's environment, then train."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(args.nproc),
+                      LOCAL_WORLD_SIZE=str(args.nproc))
+    _run_rank(args)
+
+
+def _run_rank(args: argparse.Namespace) -> None:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    backend = _backend(args)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
+    try:
+        train(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Parse flags, check them, then train (spawning local ranks when not under a launcher)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher else args.nproc
+    try:  # bad flags fail here, in one line, before any process group exists
+        if args.steps < 1 or args.nproc < 1 or args.log_every < 1:
+            raise ValueError("--steps, --nproc and --log-every must be >= 1")
+        moe_config(args, world)
+    except ValueError as error:
+        parser.error(str(error))
+    if under_launcher:
+        _run_rank(args)
+    else:
+        mp.start_processes(_worker, args=(args, free_port()), nprocs=args.nproc, start_method="spawn")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Run ``Case``s on spawned ranks (``run_cases``) and check them in the parent (``check_case``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.testing import assert_close
+
+from expert_parallel import MoELayer
+from expert_parallel.comm import expert_groups, reduce_gradients
+
+from .reference import (
+    TOLERANCE,
+    Case,
+    capacity_formula,
+    cotangent,
+    ep1_layer_run,
+    full_weights,
+    load_layer,
+    reference_name,
+    reference_rank,
+    tokens,
+    uniform_seed,
+)
+
+
+def run_case(rank: int, case: Case) -> dict[str, Any]:
+    """Build the EP layer of ``case`` with the full weights' slice, run it, return what it gave."""
+    torch.manual_seed(case.seed)
+    cfg = case.config()
+    layer = MoELayer(cfg)
+    ep_rank = layer.ep_ranks.index(rank)
+    load_layer(layer, full_weights(case), ep_rank)
+    layer.train(not case.eval)
+    x = tokens(case, rank).requires_grad_()
+    torch.manual_seed(uniform_seed(case, rank))
+    out = layer(x)
+    result: dict[str, Any] = {"y": out.output.detach(), "aux": out.aux_loss.detach(),
+                              "stats": out.stats._asdict(), "ep_ranks": layer.ep_ranks,
+                              "ep_rank": ep_rank}
+    if case.backward:
+        ((out.output * cotangent(case, rank)).sum() + out.aux_loss).backward()
+        if case.reduce:
+            reduce_gradients(layer, expert_groups(cfg.ep_size))
+        result["grads"] = {reference_name(n): p.grad.clone() for n, p in layer.named_parameters()}
+        result["grads"]["x"] = x.grad if x.grad is not None else torch.zeros_like(x)
+    return result
+
+
+def run_cases(rank: int, world_size: int, cases: list[Case]) -> list[dict[str, Any]]:
+    """Spawned worker: every case in order, on every rank."""
+    return [run_case(rank, case) for case in cases]
+
+
+def expected_capacity(case: Case, group: tuple[int, ...]) -> int:
+    """The capacity the EP ``group`` must agree on, from every rank's token count (or loads)."""
+    cfg = case.config()
+    if cfg.capacity is not None:
+        return cfg.capacity
+    if not cfg.drop_tokens:
+        loads = [reference_rank(case, r, None, backward=False)["count"].max() for r in group]
+        return max(int(max(loads)), 1)
+    factor = cfg.eval_capacity_factor if case.eval else cfg.capacity_factor
+    return capacity_formula(max(case.num_tokens(r) for r in group), cfg, factor)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert_close(actual.double(), expected.double(), **TOLERANCE,
+                 msg=lambda m: f"{what}: {m}")
+
+
+def check_case(case: Case, results: list[dict[str, Any]], compare_ep1_layer: bool = True) -> dict:
+    """Assert every rank's output, stats and gradients against the single-process references.
+
+    Expert gradients (before ``reduce_gradients``) on EP rank ``q`` equal the sum over the EP
+    group's ranks of the reference gradients of ``q``'s slice; the router's equal the rank's own.
+    After ``reduce_gradients`` both equal the gradient of the mean loss over all ranks.
+
+    Returns ``{rank: (capacity, reference)}`` for extra checks.
+    """
+    world = case.world_size
+    cfg = case.config()
+    local = cfg.num_local_experts
+    capacity_of = {r: expected_capacity(case, g) for g in case.ep_groups() for r in g}
+    refs = {r: reference_rank(case, r, capacity_of[r], backward=case.backward) for r in range(world)}
+    for rank, (res, ref) in enumerate(zip(results, refs.values())):
+        where = f"{case.name} rank {rank}"
+        group = case.ep_groups()[rank // case.ep_size]
+        assert res["ep_ranks"] == group, where
+        stats = res["stats"]
+        assert int(stats["capacity"]) == capacity_of[rank], f"{where}: capacity"
+        if case.nan_rank == rank:
+            assert int(stats["nonfinite_tokens"]) == 1, where
+            continue
+        assert int(stats["nonfinite_tokens"]) == 0, where
+        assert res["y"].shape == ref["y"].shape, where
+        _close(res["y"], ref["y"], f"{where}: output")
+        _close(res["aux"], ref["aux"], f"{where}: aux_loss")
+        assert torch.equal(stats["tokens_per_expert"].long(), ref["count"]), f"{where}: tokens_per_expert"
+        dropped = ref["dropped"] / max(ref["dispatched"], 1)
+        assert abs(float(stats["dropped_fraction"]) - dropped) < 1e-6, f"{where}: dropped_fraction"
+        if compare_ep1_layer:
+            ep1 = ep1_layer_run(case, rank, capacity_of[rank])
+            _close(res["y"], ep1["y"], f"{where}: output vs EP=1 layer")
+            if case.backward and case.num_tokens(rank) and not case.reduce:
+                _close(res["grads"]["x"], ep1["grads"]["x"], f"{where}: x.grad vs EP=1 layer")
+                _close(res["grads"]["router"], ep1["grads"]["router"], f"{where}: router grad vs EP=1")
+        if not case.backward:
+            continue
+        grads = res["grads"]
+        _close(grads["x"], ref["grads"]["x"], f"{where}: x.grad")
+        contributors = range(world) if case.reduce else group
+        scale = 1.0 / world if case.reduce else 1.0
+        router = ref["grads"]["router"] if not case.reduce else sum(refs[r]["grads"]["router"]
+                                                                      for r in contributors)
+        _close(grads["router"], router * scale, f"{where}: router grad")
+        part = slice(res["ep_rank"] * local, (res["ep_rank"] + 1) * local)
+        for name in ("w1", "w2", "w3", "b1", "b2"):
+            if name not in ref["grads"]:
+                assert name not in grads, f"{where}: unexpected {name}"
+                continue
+            expected = sum(refs[r]["grads"][name][part] for r in contributors) * scale
+            _close(grads[name], expected, f"{where}: {name} grad")
+    return {r: (capacity_of[r], refs[r]) for r in range(world)}

@@ -1,0 +1,100 @@
+"""Uneven batches (a rank with 0 tokens), drop_tokens=False and eval capacity over EP groups.
+
+Every rank must use one capacity: ``max(min_capacity, ceil(k * S * cf / E))`` with ``S`` the
+largest token count in the EP group (``eval_capacity_factor`` in eval mode), or the fullest
+expert's load in the group with ``drop_tokens=False``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import run_ranks
+
+from .reference import Case, capacity_formula
+from .scenarios import check_case, run_cases
+
+EP2_CASES = [
+    Case("uneven-gshard-random-empty-rank", 2, ((9,), (0,)),
+         options=dict(second_policy="random", capacity_factor=1.0), seed=31),
+    Case("uneven-switch-3d-empty-rank", 2, ((0, 4), (3, 4)),
+         options=dict(router="switch", top_k=1, capacity_factor=0.5), seed=32),
+    Case("uneven-gshard-swiglu", 2, ((3,), (14,)),
+         options=dict(expert="swiglu", second_policy="all", capacity_factor=0.75), seed=33),
+    Case("no-drop-skewed", 2, ((12,), (12,)), skew=1.5,
+         options=dict(drop_tokens=False, second_policy="all", capacity_factor=1.0), seed=34),
+    Case("no-drop-uneven-empty-rank", 2, ((0,), (10,)), skew=1.0,
+         options=dict(drop_tokens=False, router="switch", top_k=1), seed=35),
+    Case("eval-capacity", 2, ((10,), (6,)), eval=True,
+         options=dict(second_policy="all", capacity_factor=0.5, eval_capacity_factor=1.5), seed=36),
+    Case("train-capacity", 2, ((10,), (6,)),
+         options=dict(second_policy="all", capacity_factor=0.5, eval_capacity_factor=1.5), seed=36),
+]
+
+EP4_CASES = [
+    Case("uneven-gshard-empty-rank", 4, ((5,), (0,), (11,), (3,)),
+         options=dict(second_policy="all", capacity_factor=1.0), seed=41),
+    Case("no-drop-skewed-uneven", 4, ((6,), (0,), (9,), (4,)), skew=1.5, num_experts=8,
+         options=dict(drop_tokens=False, expert="swiglu", second_policy="threshold",
+                      second_threshold=0.1), seed=42),
+    Case("eval-capacity", 4, ((4,), (7,), (2,), (7,)), eval=True,
+         options=dict(router="switch", top_k=1, capacity_factor=0.5, eval_capacity_factor=3.0),
+         seed=43),
+]
+CASES = {2: EP2_CASES, 4: EP4_CASES}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def world(request):
+    """``(cases, per-case per-rank results)``, one spawn per world size (EP = world)."""
+    cases = CASES[request.param]
+    results = run_ranks(run_cases, request.param, cases, timeout=200)
+    return {case.name: (case, [per_rank[i] for per_rank in results]) for i, case in enumerate(cases)}
+
+
+def _capacities(results: list[dict]) -> list[int]:
+    return [int(r["stats"]["capacity"]) for r in results]
+
+
+@pytest.mark.parametrize("name", ["uneven-gshard-random-empty-rank", "uneven-switch-3d-empty-rank",
+                                  "uneven-gshard-swiglu", "uneven-gshard-empty-rank"])
+def test_uneven_batches_agree_on_capacity_of_largest_rank(world, name):
+    if name not in world:
+        pytest.skip("case of the other world size")
+    case, results = world[name]
+    check_case(case, results)
+    cfg = case.config()
+    largest = max(case.num_tokens(r) for r in range(case.world_size))
+    assert _capacities(results) == [capacity_formula(largest, cfg, cfg.capacity_factor)] * case.world_size
+    for rank, res in enumerate(results):
+        assert res["y"].shape == (*case.tokens[rank], case.d_model)
+
+
+@pytest.mark.parametrize("name", ["no-drop-skewed", "no-drop-uneven-empty-rank", "no-drop-skewed-uneven"])
+def test_no_drop_capacity_is_fullest_expert_of_the_group(world, name):
+    if name not in world:
+        pytest.skip("case of the other world size")
+    case, results = world[name]
+    refs = check_case(case, results)
+    loads = [int(ref["count"].max()) for _, ref in refs.values()]
+    assert _capacities(results) == [max(loads)] * case.world_size
+    for res in results:
+        assert float(res["stats"]["dropped_fraction"]) == 0.0
+    cfg = case.config()
+    even = capacity_formula(max(case.num_tokens(r) for r in range(case.world_size)), cfg,
+                            cfg.capacity_factor)
+    assert max(loads) > even, "the skew did not overload an expert; the case would not need it"
+
+
+def test_eval_mode_uses_eval_capacity_factor_on_every_rank(world):
+    case, results = world["eval-capacity"]
+    check_case(case, results)
+    cfg = case.config()
+    largest = max(case.num_tokens(r) for r in range(case.world_size))
+    expected = capacity_formula(largest, cfg, cfg.eval_capacity_factor)
+    assert expected != capacity_formula(largest, cfg, cfg.capacity_factor)
+    assert _capacities(results) == [expected] * case.world_size
+    if "train-capacity" in world:
+        train_case, train_results = world["train-capacity"]
+        check_case(train_case, train_results)
+        assert _capacities(train_results) == [capacity_formula(largest, cfg, cfg.capacity_factor)] * 2
