@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from datetime import timedelta
@@ -26,6 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.comm import expert_groups, reduce_gradients
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
     parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--simulate-failure", default=None, metavar="RANK:STEP",
+                        help="testing aid: rank RANK exits abruptly before step STEP")
     parser.add_argument("--timeout-s", type=float, default=120.0,
                         help="collective timeout: a dead rank or stuck rendezvous ends the job after this")
     return parser
@@ -104,7 +108,9 @@ def train(args: argparse.Namespace) -> None:
     start_step = 0
     if args.resume:
         start_step = _load_checkpoint(_checkpoint_path(out, rank), model, optimizer, world, cfg.ep_size)
-    torch.manual_seed(args.seed + 7919 * rank + start_step)
+    else:
+        torch.manual_seed(args.seed + 7919 * rank)  # routing noise differs per rank
+    fail_rank, fail_step = map(int, args.simulate_failure.split(":")) if args.simulate_failure else (-1, -1)
 
     metrics_file = None
     if rank == 0:
@@ -119,6 +125,8 @@ def train(args: argparse.Namespace) -> None:
     first_loss, last, logged_step = None, {}, start_step
     wall_start = window_start = time.perf_counter()
     for step in progress:
+        if (rank, step) == (fail_rank, fail_step):
+            os._exit(3)  # abrupt, like a crashed node: no cleanup, no goodbye to the peers
         inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len))
         logits, aux_loss, stats = model(inputs)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -164,7 +172,7 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
                      world: int, ep_size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "world_size": world, "ep_size": ep_size}
+             "world_size": world, "ep_size": ep_size, "rng": torch.get_rng_state()}
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)  # a crash mid-save never leaves a torn file
 
@@ -180,6 +188,7 @@ def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
                          "the same layout")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])  # the routing noise continues where it stopped
     return state["step"]
 
 
@@ -219,13 +228,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:  # bad flags fail here, in one line, before any process group exists
         if args.steps < 1 or args.nproc < 1 or args.log_every < 1:
             raise ValueError("--steps, --nproc and --log-every must be >= 1")
+        if args.simulate_failure and not re.fullmatch(r"\d+:\d+", args.simulate_failure):
+            raise ValueError(f"--simulate-failure {args.simulate_failure!r}: expected RANK:STEP, e.g. 1:5")
         moe_config(args, world)
     except ValueError as error:
         parser.error(str(error))
     if under_launcher:
         _run_rank(args)
-    else:
+        return
+    try:
         mp.start_processes(_worker, args=(args, free_port()), nprocs=args.nproc, start_method="spawn")
+    except ProcessException as error:  # one rank died: the others were stopped with it
+        sys.exit(f"launch.train: rank {error.error_index} failed ({error}); the job was stopped. "
+                 "The failing rank's traceback, if it left one, is printed above.")
 
 
 if __name__ == "__main__":

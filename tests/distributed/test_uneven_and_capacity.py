@@ -21,6 +21,8 @@ EP2_CASES = [
          options=dict(router="switch", top_k=1, capacity_factor=0.5), seed=32),
     Case("uneven-gshard-swiglu", 2, ((3,), (14,)),
          options=dict(expert="swiglu", second_policy="all", capacity_factor=0.75), seed=33),
+    Case("uneven-fixed-capacity-empty-rank", 2, ((0,), (11,)),
+         options=dict(second_policy="all", capacity=3), seed=37),
     Case("no-drop-skewed", 2, ((12,), (12,)), skew=1.5,
          options=dict(drop_tokens=False, second_policy="all", capacity_factor=1.0), seed=34),
     Case("no-drop-uneven-empty-rank", 2, ((0,), (10,)), skew=1.0,
@@ -44,37 +46,50 @@ EP4_CASES = [
 CASES = {2: EP2_CASES, 4: EP4_CASES}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
-def world(request):
-    """``(cases, per-case per-rank results)``, one spawn per world size (EP = world)."""
-    cases = CASES[request.param]
-    results = run_ranks(run_cases, request.param, cases, timeout=200)
+def _spawn(world_size: int) -> dict:
+    """``{name: (case, per-rank results)}``, one spawn per world size (EP = world)."""
+    cases = CASES[world_size]
+    results = run_ranks(run_cases, world_size, cases, timeout=200)
     return {case.name: (case, [per_rank[i] for per_rank in results]) for i, case in enumerate(cases)}
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return _spawn(2)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return _spawn(4)
+
+
+def _case(request, world_size: int, name: str):
+    return request.getfixturevalue(f"world{world_size}")[name]
 
 
 def _capacities(results: list[dict]) -> list[int]:
     return [int(r["stats"]["capacity"]) for r in results]
 
 
-@pytest.mark.parametrize("name", ["uneven-gshard-random-empty-rank", "uneven-switch-3d-empty-rank",
-                                  "uneven-gshard-swiglu", "uneven-gshard-empty-rank"])
-def test_uneven_batches_agree_on_capacity_of_largest_rank(world, name):
-    if name not in world:
-        pytest.skip("case of the other world size")
-    case, results = world[name]
+@pytest.mark.parametrize("world_size,name", [
+    (2, "uneven-gshard-random-empty-rank"), (2, "uneven-switch-3d-empty-rank"),
+    (2, "uneven-gshard-swiglu"), (2, "uneven-fixed-capacity-empty-rank"),
+    (4, "uneven-gshard-empty-rank")])
+def test_uneven_batches_agree_on_capacity_of_largest_rank(request, world_size, name):
+    case, results = _case(request, world_size, name)
     check_case(case, results)
     cfg = case.config()
     largest = max(case.num_tokens(r) for r in range(case.world_size))
-    assert _capacities(results) == [capacity_formula(largest, cfg, cfg.capacity_factor)] * case.world_size
+    expected = cfg.capacity or capacity_formula(largest, cfg, cfg.capacity_factor)
+    assert _capacities(results) == [expected] * case.world_size
     for rank, res in enumerate(results):
         assert res["y"].shape == (*case.tokens[rank], case.d_model)
 
 
-@pytest.mark.parametrize("name", ["no-drop-skewed", "no-drop-uneven-empty-rank", "no-drop-skewed-uneven"])
-def test_no_drop_capacity_is_fullest_expert_of_the_group(world, name):
-    if name not in world:
-        pytest.skip("case of the other world size")
-    case, results = world[name]
+@pytest.mark.parametrize("world_size,name", [
+    (2, "no-drop-skewed"), (2, "no-drop-uneven-empty-rank"), (4, "no-drop-skewed-uneven")])
+def test_no_drop_capacity_is_fullest_expert_of_the_group(request, world_size, name):
+    case, results = _case(request, world_size, name)
     refs = check_case(case, results)
     loads = [int(ref["count"].max()) for _, ref in refs.values()]
     assert _capacities(results) == [max(loads)] * case.world_size
@@ -86,15 +101,19 @@ def test_no_drop_capacity_is_fullest_expert_of_the_group(world, name):
     assert max(loads) > even, "the skew did not overload an expert; the case would not need it"
 
 
-def test_eval_mode_uses_eval_capacity_factor_on_every_rank(world):
-    case, results = world["eval-capacity"]
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_eval_mode_uses_eval_capacity_factor_on_every_rank(request, world_size):
+    case, results = _case(request, world_size, "eval-capacity")
     check_case(case, results)
     cfg = case.config()
     largest = max(case.num_tokens(r) for r in range(case.world_size))
     expected = capacity_formula(largest, cfg, cfg.eval_capacity_factor)
     assert expected != capacity_formula(largest, cfg, cfg.capacity_factor)
     assert _capacities(results) == [expected] * case.world_size
-    if "train-capacity" in world:
-        train_case, train_results = world["train-capacity"]
-        check_case(train_case, train_results)
-        assert _capacities(train_results) == [capacity_formula(largest, cfg, cfg.capacity_factor)] * 2
+
+
+def test_train_mode_uses_capacity_factor_for_the_same_batch(world2):
+    case, results = world2["train-capacity"]
+    check_case(case, results)
+    cfg = case.config()
+    assert _capacities(results) == [capacity_formula(10, cfg, cfg.capacity_factor)] * 2

@@ -87,6 +87,11 @@ def test_gshard_ties_pick_the_lowest_expert_ids():
     assert routing.expert_SK.tolist() == [[0, 1]] * 3
 
 
+def test_switch_ties_pick_the_lowest_expert_id():
+    cfg = MoEConfig(d_model=8, d_ff=16, num_experts=6, router="switch", top_k=1)
+    assert switch_top1(torch.zeros(3, 6), cfg).expert_SK.tolist() == [[0]] * 3
+
+
 def test_gshard_computes_in_fp32_for_bf16_logits():
     logits = _logits().bfloat16()
     routing = gshard_top2(logits, CFG.replace(second_policy="all"))

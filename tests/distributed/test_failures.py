@@ -1,0 +1,116 @@
+"""Bad configs and non-finite inputs fail on every rank that must fail, and nothing hangs.
+
+Each attempt is followed by a world barrier: a rank stuck in a collective would make the spawn
+time out. After all the failures a healthy forward/backward must still match the reference, so
+no collective was left half-done.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from expert_parallel import MoEConfig, MoELayer
+from tests.harness import run_ranks
+
+from .reference import Case
+from .scenarios import check_case, run_case
+
+WORLD = 4
+NAN_RANK = 1  # in EP group (0, 1); group (2, 3) is clean
+CHECK_FINITE = {
+    "capacity-factor": dict(capacity_factor=1.0),
+    "fixed-capacity": dict(capacity=2),
+    "no-drop": dict(drop_tokens=False),
+}
+# check_finite=False: NaN is counted, and the NaN rank's peers still get correct outputs
+NAN_COUNTED = Case("nan-counted-not-raised", 2, ((6,),) * WORLD, nan_rank=NAN_RANK,
+                   backward=False, options=dict(second_policy="all", capacity_factor=2.0), seed=51)
+# after every failure above, the same processes still compute correctly
+HEALTHY = Case("healthy-after-failures", 2, ((6,), (3,), (6,), (0,)),
+               options=dict(second_policy="all", check_finite=True), seed=52)
+
+
+def _cfg(**changes) -> MoEConfig:
+    fields = dict(d_model=8, d_ff=12, num_experts=4, ep_size=2, second_policy="all")
+    fields.update(changes)
+    return MoEConfig(**fields)
+
+
+def _attempt(fn: Callable[[], object]) -> tuple[str, str]:
+    """``("ok", "")`` or ``(exception type, message)``; then a barrier so no rank is left behind."""
+    try:
+        fn()
+        outcome = ("ok", "")
+    except (ValueError, RuntimeError) as error:
+        outcome = (type(error).__name__, str(error))
+    dist.barrier()
+    return outcome
+
+
+def _nonfinite_forward(rank: int, value: float, **changes) -> Callable[[], object]:
+    torch.manual_seed(0)
+    layer = MoELayer(_cfg(check_finite=True, **changes))
+    x = torch.randn(6, 8)
+    if rank == NAN_RANK:
+        x[3, 5] = value
+    return lambda: layer(x)
+
+
+def misconfigure(rank: int, world_size: int) -> dict:
+    """Spawned worker: every failure, in the same order on every rank."""
+    torch.manual_seed(rank)
+    outcomes = {
+        "experts-not-divisible": _attempt(lambda: MoELayer(_cfg(num_experts=6, ep_size=4))),
+        "ep-size-not-dividing-world": _attempt(lambda: MoELayer(_cfg(num_experts=6, ep_size=3))),
+        "world-group-for-ep-size-2": _attempt(lambda: MoELayer(_cfg(), ep_group=dist.group.WORLD)),
+    }
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # collective: every rank makes both
+    outcomes["pair-group-for-ep-size-4"] = _attempt(
+        lambda: MoELayer(_cfg(ep_size=4), ep_group=pairs[rank // 2]))
+    outcomes["wrong-d-model-on-every-rank"] = _attempt(lambda: MoELayer(_cfg())(torch.randn(3, 5)))
+    for name, changes in CHECK_FINITE.items():
+        outcomes[f"nan-{name}"] = _attempt(_nonfinite_forward(rank, float("nan"), **changes))
+    outcomes["inf"] = _attempt(_nonfinite_forward(rank, float("inf")))
+    return {"outcomes": outcomes, "nan_counted": run_case(rank, NAN_COUNTED),
+            "healthy": run_case(rank, HEALTHY)}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(misconfigure, WORLD, timeout=120)
+
+
+@pytest.mark.parametrize("attempt,message", [
+    ("experts-not-divisible", "num_experts=6 is invalid: it is not divisible by ep_size=4"),
+    ("ep-size-not-dividing-world", "ep_size=3 does not divide the world size 4"),
+    ("world-group-for-ep-size-2", "ep_size=2 does not match the size 4 of ep_group"),
+    ("pair-group-for-ep-size-4", "ep_size=4 does not match the size 2 of ep_group"),
+    ("wrong-d-model-on-every-rank", "must be d_model=8"),
+])
+def test_bad_config_raises_value_error_on_every_rank(results, attempt, message):
+    for rank, res in enumerate(results):
+        kind, text = res["outcomes"][attempt]
+        assert kind == "ValueError", f"rank {rank}: {kind} {text}"
+        assert message in text, f"rank {rank}: {text}"
+
+
+@pytest.mark.parametrize("attempt", [f"nan-{name}" for name in CHECK_FINITE] + ["inf"])
+def test_nonfinite_input_on_one_rank_raises_on_its_whole_ep_group(results, attempt):
+    outcomes = [res["outcomes"][attempt] for res in results]
+    for rank in (0, 1):  # the NaN rank and its EP peer
+        kind, text = outcomes[rank]
+        assert kind == "ValueError", f"rank {rank}: {kind} {text}"
+        assert "1 token(s)" in text and "check_finite" in text, f"rank {rank}: {text}"
+    assert outcomes[2] == outcomes[3] == ("ok", ""), "the other EP group has finite input"
+
+
+def test_nonfinite_tokens_are_counted_and_spare_other_ranks_when_not_checked(results):
+    check_case(NAN_COUNTED, [res["nan_counted"] for res in results])
+
+
+def test_layers_still_match_reference_after_the_failures(results):
+    check_case(HEALTHY, [res["healthy"] for res in results])

@@ -1,0 +1,105 @@
+"""MoEConfig validation and MoELayer input / process-group errors: messages name field and value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from expert_parallel import MoEConfig, MoELayer
+from tests.unit.layer_helpers import D_MODEL, make_input, make_layer
+
+BASE = dict(d_model=8, d_ff=16, num_experts=4)
+
+
+def _config(**overrides) -> MoEConfig:
+    return MoEConfig(**{**BASE, **overrides})
+
+
+@pytest.mark.parametrize(("overrides", "pattern"), [
+    (dict(num_experts=6, ep_size=4), r"num_experts=6 .*not divisible by ep_size=4"),
+    (dict(top_k=0), r"top_k=0 .*between 1 and num_experts=4"),
+    (dict(top_k=5, router="switch"), r"top_k=5 .*between 1 and num_experts=4"),
+    (dict(top_k=1), r"top_k=1 .*router='gshard' routes top-2; set top_k=2"),
+    (dict(top_k=3), r"top_k=3 .*router='gshard' routes top-2"),
+    (dict(router="switch"), r"top_k=2 .*router='switch' routes top-1; set top_k=1"),
+    (dict(d_model=0), r"d_model=0 .*integer >= 1"),
+    (dict(d_ff=-3), r"d_ff=-3 .*integer >= 1"),
+    (dict(num_experts=0), r"num_experts=0 .*integer >= 1"),
+    (dict(ep_size=0), r"ep_size=0 .*integer >= 1"),
+    (dict(capacity_factor=0.0), r"capacity_factor=0.0 .*> 0"),
+    (dict(capacity_factor=-1.0), r"capacity_factor=-1.0 .*> 0"),
+    (dict(capacity_factor=float("nan")), r"capacity_factor=nan .*> 0"),
+    (dict(eval_capacity_factor=0.0), r"eval_capacity_factor=0.0 .*> 0"),
+    (dict(router="hash"), r"router='hash' .*choose one of"),
+    (dict(expert="moe"), r"expert='moe' .*choose one of"),
+    (dict(activation="tanh"), r"activation='tanh' .*choose one of"),
+    (dict(second_policy="sometimes"), r"second_policy='sometimes' .*choose one of"),
+    (dict(capacity=8, drop_tokens=False), r"capacity=8 .*drop_tokens=False"),
+    (dict(capacity=0), r"capacity=0 .*integer >= 1"),
+    (dict(min_capacity=-1), r"min_capacity=-1 .*>= 0"),
+    (dict(second_threshold=0.7), r"second_threshold=0.7 .*\[0, 0.5\]"),
+    (dict(aux_loss_weight=-0.1), r"aux_loss_weight=-0.1 .*>= 0"),
+])
+def test_invalid_config_raises_value_error_naming_field_and_value(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _config(**overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(router="switch", top_k=1),
+    dict(num_experts=8, ep_size=4),
+    dict(capacity=1),
+    dict(drop_tokens=False),
+    dict(second_policy="threshold", second_threshold=0.5),
+    dict(expert="swiglu", expert_bias=True),
+    dict(min_capacity=0, aux_loss_weight=0.0),
+])
+def test_valid_configs_are_accepted(overrides):
+    cfg = _config(**overrides)
+    for name, value in overrides.items():
+        assert getattr(cfg, name) == value
+
+
+def test_replace_validates_again():
+    with pytest.raises(ValueError, match="capacity_factor=0"):
+        _config().replace(capacity_factor=0)
+
+
+def test_num_local_experts_splits_experts_over_ep_ranks():
+    assert _config(num_experts=8, ep_size=4).num_local_experts == 2
+
+
+def test_layer_input_of_wrong_width_names_d_model():
+    with pytest.raises(ValueError, match=rf"shape \(4, {D_MODEL + 1}\).*d_model={D_MODEL}"):
+        make_layer()(torch.randn(4, D_MODEL + 1))
+
+
+def test_layer_rejects_scalar_input():
+    with pytest.raises(ValueError, match=f"d_model={D_MODEL}"):
+        make_layer()(torch.tensor(1.0))
+
+
+def test_layer_rejects_integer_input():
+    with pytest.raises(ValueError, match=r"floating-point tensor, got torch.int64"):
+        make_layer()(torch.ones(4, D_MODEL, dtype=torch.long))
+
+
+def test_layer_rejects_input_dtype_different_from_weights():
+    with pytest.raises(ValueError, match=r"torch.float64 differs .*torch.float32"):
+        make_layer()(make_input(4).double())
+
+
+def test_ep_size_above_one_without_process_group_raises_runtime_error():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match=r"ep_size=2 .*init_process_group"):
+        MoELayer(_config(ep_size=2))
+
+
+def test_layer_holds_one_expert_set_per_local_rank():
+    layer = MoELayer(_config(expert="swiglu", expert_bias=True))
+    assert layer.router.weight.shape == (4, 8)
+    assert layer.experts.w1.shape == (4, 8, 16) and layer.experts.w3.shape == (4, 8, 16)
+    assert layer.experts.w2.shape == (4, 16, 8)
+    assert layer.experts.b1.shape == (4, 16) and layer.experts.b2.shape == (4, 8)
