@@ -53,6 +53,12 @@ class StackedExperts(nn.Module):
             bound = 1.0 / math.sqrt(fan_in[name])
             nn.init.uniform_(param, -bound, bound)
 
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy rebuilds every Parameter without its attributes: mark them again
+        super().__setstate__(state)
+        for param in self.parameters():
+            param.expert_parallel = True
+
     def forward(self, x_END: Tensor) -> Tensor:
         """Apply expert ``e`` to row block ``e``: ``[E, N, D] -> [E, N, D]``."""
         hidden_ENF = torch.bmm(x_END, self.w1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -19,5 +20,6 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     Returns:
         The capacity, at least 1 so buffers never have a zero dimension.
     """
-    even_split = math.ceil(top_k * num_tokens * capacity_factor / num_experts)
+    # exact arithmetic on the decimal the user wrote: 100 * 1.1 / 11 is 10, not 10.000000000000002
+    even_split = math.ceil(top_k * num_tokens * Fraction(repr(float(capacity_factor))) / num_experts)
     return max(min_capacity, even_split, 1)

@@ -42,9 +42,10 @@ def kept_weights(weight_SK: Tensor, plan: DispatchPlan, renormalize: bool) -> Te
 def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor:
     """Weighted sum of each token's expert outputs: ``y_s = sum_k w_sk * out[slot_sk]``.
 
-    Dropped and undispatched choices get weight 0 (the caller's residual connection carries a
-    token whose every choice was dropped). The mask is applied to the small ``[K, S]`` weights,
-    not to the ``[K, S, D]`` rows: a ``where`` over the rows made combine 2.3x slower on CPU.
+    Dropped and undispatched choices contribute exactly 0, even where the buffer holds NaN or
+    inf (the caller's residual connection carries a token whose every choice was dropped). The
+    mask is an in-place fill of the freshly gathered rows: an out-of-place ``where`` over
+    ``[K, S, D]`` made combine 2.3x slower on CPU.
 
     Args:
         buffer_ECD: expert outputs ``[E, C, D]`` in the slots of ``plan``.
@@ -56,8 +57,10 @@ def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor
     """
     dim = buffer_ECD.shape[-1]
     flat = buffer_ECD.reshape(-1, dim)
-    # not-kept entries point one past the end; any real row will do, its weight is 0
+    # not-kept entries point one past the end; any real row will do, it is zeroed below
     index_KS = plan.flat_index_KS.clamp_max(flat.shape[0] - 1)
     gathered_KSD = flat.index_select(0, index_KS.reshape(-1)).view(*index_KS.shape, dim)
-    weight_KS = torch.where(plan.kept_KS, weight_SK.t(), 0.0).to(buffer_ECD.dtype)
-    return (gathered_KSD * weight_KS.unsqueeze(-1)).sum(dim=0)
+    # that row may hold NaN/inf (0 * NaN = NaN): zero the not-kept rows, not just their weights
+    gathered_KSD.masked_fill_(~plan.kept_KS.unsqueeze(-1), 0.0)
+    weight_KS1 = weight_SK.t().unsqueeze(-1).to(buffer_ECD.dtype)
+    return (gathered_KSD * weight_KS1).sum(dim=0)

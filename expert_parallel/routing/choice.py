@@ -1,6 +1,6 @@
 """Token-choice routers: logits -> chosen experts, combine weights, dispatch mask.
 
-Each router is a pure function ``(logits_SE, cfg, uniform_S) -> Routing``; adding one is a
+Each router is a pure function ``(logits_SE, cfg, uniform_S, training) -> Routing``; adding one is a
 function here plus an entry in ``routing.ROUTERS`` and ``config.ROUTER_TOP_K``.
 """
 
@@ -16,13 +16,15 @@ from .losses import load_balance_loss
 from .types import Routing
 
 
-def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None) -> Routing:
+def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
+                training: bool = True) -> Routing:
     """Switch Transformer top-1: the combine weight is the router probability of the choice.
 
     Args:
         logits_SE: router logits ``[S, E]``.
         cfg: the layer config (unused knobs ignored).
         uniform_S: unused (top-1 draws nothing).
+        training: unused (the same routing in training and eval).
 
     Returns:
         ``Routing`` with ``K = 1``.
@@ -34,7 +36,8 @@ def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
     return Routing(expert_S1, weight_S1, active_S1, probs_SE, aux)
 
 
-def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None) -> Routing:
+def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
+                training: bool = True) -> Routing:
     """GShard top-2 with the second-expert policy of ``cfg`` (GShard Algorithm 1).
 
     ``g1, g2 = p1 / (p1 + p2), p2 / (p1 + p2)``. Policy ``random`` dispatches the second choice
@@ -45,12 +48,17 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
         logits_SE: router logits ``[S, E]``.
         cfg: supplies ``second_policy`` and ``second_threshold``.
         uniform_S: ``U(0, 1)`` draws ``[S]`` for the ``random`` policy; drawn if ``None``.
+        training: unused (the policy draws in training and eval alike).
 
     Returns:
         ``Routing`` with ``K = 2``: column 0 the first choice, column 1 the second.
     """
     probs_SE = torch.softmax(logits_SE.float(), dim=-1)
-    top_p_S2, expert_S2 = probs_SE.topk(2, dim=-1)
+    # argmax (first index on ties, documented), not topk (tie order unspecified, device-dependent)
+    first_S = probs_SE.argmax(dim=-1)
+    runner_up_S = probs_SE.scatter(-1, first_S.unsqueeze(-1), float("-inf")).argmax(dim=-1)
+    expert_S2 = torch.stack([first_S, runner_up_S], dim=-1)
+    top_p_S2 = probs_SE.gather(-1, expert_S2)
     # clamp: with underflowing probabilities p1 + p2 can be 0; avoid 0/0
     weight_S2 = top_p_S2 / top_p_S2.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     g2_S = weight_S2[:, 1]

@@ -1,0 +1,116 @@
+"""End-to-end launches of the demo job on CPU: plain spawn, torchrun (1 node x 2, 2 nodes x 1),
+resume, bad flags, a dying rank. Each checks metrics.jsonl and that the loss falls."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from expert_parallel.spawn import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = ["--steps", "30", "--log-every", "10"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _run(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_trained(out: Path, steps: int = 30) -> list[dict]:
+    records = _metrics(out)
+    assert [r["step"] for r in records] == list(range(10, steps + 1, 10))
+    for record in records:
+        assert set(record) >= {"step", "loss", "aux_loss", "drop_fraction", "k_eff", "load_cv",
+                               "tokens_per_s", "step_ms"}
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"], records
+    assert json.loads((out / "summary.json").read_text())["steps"] == steps
+    return records
+
+
+def test_plain_launch_spawns_two_ranks_and_the_loss_falls(tmp_path: Path) -> None:
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), *STEPS])
+    assert result.returncode == 0, result.stderr
+    _assert_trained(tmp_path)
+    assert "summary:" in result.stdout
+
+
+def test_torchrun_single_node_two_ranks_matches_the_plain_launch(tmp_path: Path) -> None:
+    plain, launched = tmp_path / "plain", tmp_path / "torchrun"
+    assert _run([sys.executable, "-m", "launch.train", "--out", str(plain), *STEPS]).returncode == 0
+    result = _run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
+                   "-m", "launch.train", "--out", str(launched), *STEPS])
+    assert result.returncode == 0, result.stderr
+    # the same job, launched two ways, computes the same losses
+    assert [r["loss"] for r in _assert_trained(launched)] == [r["loss"] for r in _metrics(plain)]
+
+
+def test_torchrun_two_nodes_on_localhost_train_together(tmp_path: Path) -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "test",
+               "-m", "launch.train", "--out", str(tmp_path), *STEPS]
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    nodes = [node(0), node(1)]
+    try:
+        outputs = [proc.communicate(timeout=180) for proc in nodes]
+    finally:
+        for proc in nodes:
+            proc.kill()
+    assert [proc.returncode for proc in nodes] == [0, 0], outputs
+    records = _assert_trained(tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    assert records[0]["k_eff"] > 1.0
+
+
+def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["--log-every", "10", "--ckpt-every", "20"]
+    assert _run([sys.executable, "-m", "launch.train", "--out", str(full), "--steps", "40", *args]).returncode == 0
+    assert _run([sys.executable, "-m", "launch.train", "--out", str(resumed), "--steps", "20", *args]).returncode == 0
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(resumed), "--steps", "40", "--resume", *args])
+    assert result.returncode == 0, result.stderr
+    assert _metrics(resumed) == [
+        {**r, "tokens_per_s": m["tokens_per_s"], "step_ms": m["step_ms"]}
+        for r, m in zip(_metrics(full), _metrics(resumed))
+    ]
+    assert json.loads((resumed / "summary.json").read_text())["start_step"] == 20
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ep-size", "3"], "--ep-size 3 does not divide the world size 2"),
+    (["--experts", "5"], "num_experts=5 is invalid"),
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--simulate-failure", "x"], "expected RANK:STEP"),
+])
+def test_a_bad_flag_is_a_one_line_error_before_any_process_starts(tmp_path, flags, message) -> None:
+    start = time.perf_counter()
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), *flags], timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert time.perf_counter() - start < 30
+
+
+def test_a_dying_rank_ends_the_job_with_a_message(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), "--steps", "50",
+                   "--simulate-failure", "1:5", "--timeout-s", "30"], timeout=120)
+    assert result.returncode != 0
+    assert "rank 1 failed" in result.stderr
+    assert time.perf_counter() - start < 60
