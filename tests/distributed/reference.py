@@ -235,12 +235,12 @@ def ep1_layer_run(case: Case, rank: int, capacity: int) -> dict[str, Any]:
     x = tokens(case, rank).requires_grad_()
     torch.manual_seed(uniform_seed(case, rank))
     out = layer(x)
-    result = {"y": out.output.detach(), "aux": out.aux_loss.detach(), "grads": {}}
     if case.backward and x.numel():
         ((out.output * cotangent(case, rank)).sum() + out.aux_loss).backward()
-        result["grads"] = {reference_name(n): p.grad for n, p in layer.named_parameters()}
-        result["grads"]["x"] = x.grad
-    return result
+    grads = {reference_name(n): p.grad if p.grad is not None else torch.zeros_like(p)
+             for n, p in layer.named_parameters()}
+    grads["x"] = x.grad if x.grad is not None else torch.zeros_like(x)
+    return {"y": out.output.detach(), "aux": out.aux_loss.detach(), "grads": grads}
 
 
 def reference_name(param_name: str) -> str:

@@ -70,6 +70,27 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
                  msg=lambda m: f"{what}: {m}")
 
 
+def _check_grads(case: Case, rank: int, res: dict[str, Any], refs: dict[int, dict], against: str) -> None:
+    """``res``'s gradients against the reference gradients of the ranks that feed them."""
+    where, world = f"{case.name} rank {rank} vs {against}", case.world_size
+    local = case.config().num_local_experts
+    group = case.ep_groups()[rank // case.ep_size]
+    grads = res["grads"]
+    _close(grads["x"], refs[rank]["grads"]["x"], f"{where}: x.grad")
+    # after reduce_gradients: the gradient of the mean loss over the world
+    contributors, scale = (range(world), 1.0 / world) if case.reduce else (group, 1.0)
+    router = (sum(refs[r]["grads"]["router"] for r in contributors) if case.reduce
+              else refs[rank]["grads"]["router"])
+    _close(grads["router"], router * scale, f"{where}: router grad")
+    part = slice(res["ep_rank"] * local, (res["ep_rank"] + 1) * local)
+    for name in ("w1", "w2", "w3", "b1", "b2"):
+        if name not in refs[rank]["grads"]:
+            assert name not in grads, f"{where}: unexpected {name}"
+            continue
+        expected = sum(refs[r]["grads"][name][part] for r in contributors) * scale
+        _close(grads[name], expected, f"{where}: {name} grad")
+
+
 def check_case(case: Case, results: list[dict[str, Any]], compare_ep1_layer: bool = True) -> dict:
     """Assert every rank's output, stats and gradients against the single-process references.
 
@@ -80,10 +101,9 @@ def check_case(case: Case, results: list[dict[str, Any]], compare_ep1_layer: boo
     Returns ``{rank: (capacity, reference)}`` for extra checks.
     """
     world = case.world_size
-    cfg = case.config()
-    local = cfg.num_local_experts
     capacity_of = {r: expected_capacity(case, g) for g in case.ep_groups() for r in g}
     refs = {r: reference_rank(case, r, capacity_of[r], backward=case.backward) for r in range(world)}
+    ep1 = {r: ep1_layer_run(case, r, capacity_of[r]) for r in range(world)} if compare_ep1_layer else {}
     for rank, (res, ref) in enumerate(zip(results, refs.values())):
         where = f"{case.name} rank {rank}"
         group = case.ep_groups()[rank // case.ep_size]
@@ -101,25 +121,9 @@ def check_case(case: Case, results: list[dict[str, Any]], compare_ep1_layer: boo
         dropped = ref["dropped"] / max(ref["dispatched"], 1)
         assert abs(float(stats["dropped_fraction"]) - dropped) < 1e-6, f"{where}: dropped_fraction"
         if compare_ep1_layer:
-            ep1 = ep1_layer_run(case, rank, capacity_of[rank])
-            _close(res["y"], ep1["y"], f"{where}: output vs EP=1 layer")
-            if case.backward and case.num_tokens(rank) and not case.reduce:
-                _close(res["grads"]["x"], ep1["grads"]["x"], f"{where}: x.grad vs EP=1 layer")
-                _close(res["grads"]["router"], ep1["grads"]["router"], f"{where}: router grad vs EP=1")
-        if not case.backward:
-            continue
-        grads = res["grads"]
-        _close(grads["x"], ref["grads"]["x"], f"{where}: x.grad")
-        contributors = range(world) if case.reduce else group
-        scale = 1.0 / world if case.reduce else 1.0
-        router = ref["grads"]["router"] if not case.reduce else sum(refs[r]["grads"]["router"]
-                                                                      for r in contributors)
-        _close(grads["router"], router * scale, f"{where}: router grad")
-        part = slice(res["ep_rank"] * local, (res["ep_rank"] + 1) * local)
-        for name in ("w1", "w2", "w3", "b1", "b2"):
-            if name not in ref["grads"]:
-                assert name not in grads, f"{where}: unexpected {name}"
-                continue
-            expected = sum(refs[r]["grads"][name][part] for r in contributors) * scale
-            _close(grads[name], expected, f"{where}: {name} grad")
+            _close(res["y"], ep1[rank]["y"], f"{where}: output vs EP=1 layer")
+        if case.backward:
+            _check_grads(case, rank, res, refs, "float64 loop")
+            if compare_ep1_layer:
+                _check_grads(case, rank, res, ep1, "EP=1 layer")
     return {r: (capacity_of[r], refs[r]) for r in range(world)}

@@ -55,12 +55,12 @@ def _expect_drops(case: Case, refs: dict) -> None:
 
 @pytest.fixture(scope="module")
 def ep2_results():
-    return run_ranks(run_cases, 2, EP2_CASES, timeout=150)
+    return run_ranks(run_cases, 2, EP2_CASES, timeout=90)
 
 
 @pytest.fixture(scope="module")
 def ep4_results():
-    return run_ranks(run_cases, 4, EP4_CASES, timeout=200)
+    return run_ranks(run_cases, 4, EP4_CASES, timeout=90)
 
 
 @pytest.mark.parametrize("index", range(len(EP2_CASES)), ids=[c.name for c in EP2_CASES])

@@ -24,7 +24,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(run_cases, 4, CASES, timeout=200)
+    return run_ranks(run_cases, 4, CASES, timeout=90)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c.name for c in CASES])

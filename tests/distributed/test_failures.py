@@ -81,7 +81,7 @@ def misconfigure(rank: int, world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(misconfigure, WORLD, timeout=120)
+    return run_ranks(misconfigure, WORLD, timeout=90)
 
 
 @pytest.mark.parametrize("attempt,message", [

@@ -49,7 +49,7 @@ CASES = {2: EP2_CASES, 4: EP4_CASES}
 def _spawn(world_size: int) -> dict:
     """``{name: (case, per-rank results)}``, one spawn per world size (EP = world)."""
     cases = CASES[world_size]
-    results = run_ranks(run_cases, world_size, cases, timeout=200)
+    results = run_ranks(run_cases, world_size, cases, timeout=90)
     return {case.name: (case, [per_rank[i] for per_rank in results]) for i, case in enumerate(cases)}
 
 
