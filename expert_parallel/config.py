@@ -8,9 +8,9 @@ from typing import Optional
 
 EXPERT_KINDS = ("ffn", "swiglu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-SECOND_POLICIES = ("random", "all", "threshold")
+SECOND_POLICIES = ("random", "all", "threshold", "gumbel")
 # router name -> the top_k it requires (None: any 1 <= top_k <= num_experts)
-ROUTER_TOP_K = {"gshard": 2, "switch": 1}
+ROUTER_TOP_K = {"gshard": 2, "switch": 1, "deepspeed": None}
 
 
 def _fail(field: str, value: object, fix: str) -> None:
@@ -25,11 +25,14 @@ class MoEConfig:
         d_model: model width D; the layer maps ``[..., D] -> [..., D]``.
         d_ff: hidden width F of every expert.
         num_experts: global number of experts E (all ranks together).
-        top_k: choices per token K (``gshard`` needs 2, ``switch`` needs 1).
-        router: routing algorithm name (``"gshard"`` or ``"switch"``).
-        second_policy: GShard second-expert policy: ``"random"`` dispatches the 2nd choice iff
+        top_k: choices per token K (``gshard`` needs 2, ``switch`` needs 1, ``deepspeed`` any).
+        router: routing algorithm name: ``"gshard"``, ``"switch"``, or ``"deepspeed"``
+            (DeepSpeed's ``TopKGate``: its top-1, top-2 and top-k gating, capacity formula and
+            renormalisation; see ``routing/deepspeed_gating.py``).
+        second_policy: second-expert policy: ``"random"`` (GShard) dispatches the 2nd choice iff
             ``2 * g2 > u`` with ``u ~ U(0, 1)``; ``"all"`` always; ``"threshold"`` iff
-            ``g2 > second_threshold``.
+            ``g2 > second_threshold``; ``"gumbel"`` (``deepspeed`` top-2 only) samples the 2nd
+            expert by Gumbel-max over the logits and always dispatches it.
         second_threshold: threshold of the ``"threshold"`` policy, in ``[0, 0.5]``.
         capacity_factor: slots per expert relative to an even split, in training.
         eval_capacity_factor: the same in eval mode.
@@ -43,6 +46,12 @@ class MoEConfig:
         aux_loss_weight: weight of the load-balancing loss in ``MoEOutput.aux_loss``.
         ep_size: expert-parallel group size; ``num_experts`` must be a multiple of it.
         check_finite: raise ``ValueError`` on NaN/inf router logits (costs a host sync).
+        router_jitter: in training, multiply the router input by ``U(1 - eps, 1 + eps)`` noise
+            (Switch Transformer; DeepSpeed's ``noisy_gate_policy="Jitter"`` is ``0.01``).
+        router_gumbel: in training, pick the first choice by ``argmax(logits + Gumbel)``
+            (DeepSpeed's ``noisy_gate_policy="RSample"``; ``deepspeed`` router, top_k=1 only).
+        random_token_selection: when an expert overflows, keep a uniformly random subset of its
+            tokens instead of the first ones (DeepSpeed's ``use_rts``; ``deepspeed`` top-1 only).
 
     Raises:
         ValueError: naming the field, its value and the fix, for any invalid combination.
@@ -66,6 +75,9 @@ class MoEConfig:
     aux_loss_weight: float = 0.01
     ep_size: int = 1
     check_finite: bool = False
+    router_jitter: float = 0.0
+    router_gumbel: bool = False
+    random_token_selection: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size"):
@@ -106,6 +118,28 @@ class MoEConfig:
             _fail("activation", self.activation, f"choose one of {list(ACTIVATIONS)}")
         if self.aux_loss_weight < 0:
             _fail("aux_loss_weight", self.aux_loss_weight, "it must be >= 0")
+        if not 0.0 <= self.router_jitter < 1.0:
+            _fail("router_jitter", self.router_jitter, "it must lie in [0, 1) (0 disables jitter)")
+        self._check_router_variants()
+
+    def _check_router_variants(self) -> None:
+        """Knobs that only some routers implement."""
+        deepspeed_top1 = self.router == "deepspeed" and self.top_k == 1
+        for name in ("router_gumbel", "random_token_selection"):
+            if getattr(self, name) and not deepspeed_top1:
+                _fail(name, True, f"it is implemented by router='deepspeed' with top_k=1 only (got "
+                      f"router={self.router!r}, top_k={self.top_k}); set {name}=False")
+        if self.second_policy == "gumbel" and self.router != "deepspeed":
+            _fail("second_policy", "gumbel", "it is implemented by router='deepspeed' (top_k=2) only; "
+                  f"choose one of {list(SECOND_POLICIES[:3])} for router={self.router!r}")
+        if self.router != "deepspeed":
+            return
+        if self.top_k == 2 and self.second_policy not in ("all", "gumbel"):
+            _fail("second_policy", self.second_policy, "router='deepspeed' with top_k=2 takes 'all' "
+                  "(deterministic top-2) or 'gumbel' (DeepSpeed's top2_2nd_expert_sampling=True)")
+        if self.capacity is not None:
+            _fail("capacity", self.capacity, "router='deepspeed' derives the capacity per batch as "
+                  "DeepSpeed does; set capacity=None")
 
     @property
     def num_local_experts(self) -> int:

@@ -68,7 +68,7 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         # ranks, not the group: the module stays deep-copyable and picklable
         self.ep_ranks = _resolve_ep_ranks(cfg, ep_group)
-        self.router = Router(cfg.d_model, cfg.num_experts)
+        self.router = Router(cfg.d_model, cfg.num_experts, jitter=cfg.router_jitter)
         self.experts = StackedExperts(cfg.num_local_experts, cfg.d_model, cfg.d_ff,
                                       gated=cfg.expert == "swiglu", activation=cfg.activation,
                                       bias=cfg.expert_bias)
@@ -79,10 +79,10 @@ class MoELayer(nn.Module):
         cfg, group = self.cfg, lookup(self.ep_ranks)
         x_SD = x.reshape(-1, cfg.d_model)
         logits_SE = self.router(x_SD)
-        routing = route(logits_SE, cfg)
+        routing = route(logits_SE, cfg, training=self.training)
         nonfinite = (~torch.isfinite(logits_SE)).any(dim=-1).sum()
         slots = assign_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, routing.priority_SK)
-        plan = slots.plan(self._capacity(x_SD.shape[0], slots.count_E, nonfinite, group))
+        plan = slots.plan(self._capacity(x_SD.shape[0], slots.count_E, nonfinite, group, routing.capacity))
         buffer_ECD = pack(x_SD, plan)
         expert_in = dispatch(buffer_ECD, cfg.ep_size, group)
         expert_out = self.experts(expert_in)
@@ -93,10 +93,11 @@ class MoELayer(nn.Module):
         return MoEOutput(y_SD.view(x.shape).to(x.dtype), aux_loss, stats)
 
     def _capacity(self, num_tokens: int, count_E: Tensor, nonfinite: Tensor,
-                  group: Optional[ProcessGroup]) -> int:
+                  group: Optional[ProcessGroup], proposed: Optional[int] = None) -> int:
         """The capacity every EP rank uses; one all-reduce unless ``cfg.capacity`` is fixed.
 
-        ``drop_tokens=False`` agrees on the fullest expert's count instead of the token count.
+        ``drop_tokens=False`` agrees on the fullest expert's count instead of the token count; a
+        capacity ``proposed`` by the router (``Routing.capacity``) is agreed on as it is.
 
         With ``check_finite`` the non-finite count rides on the same all-reduce, so every rank
         raises together instead of leaving the others hanging in the all-to-all.
@@ -105,7 +106,7 @@ class MoELayer(nn.Module):
         if cfg.capacity is not None:
             wanted = []
         elif cfg.drop_tokens:
-            wanted = [num_tokens]
+            wanted = [num_tokens if proposed is None else proposed]
         else:
             wanted = [int(count_E.max()) if count_E.numel() else 0]
         if cfg.check_finite:
@@ -119,7 +120,7 @@ class MoELayer(nn.Module):
             )
         if cfg.capacity is not None:
             return cfg.capacity
-        if not cfg.drop_tokens:
+        if not cfg.drop_tokens or proposed is not None:
             return max(agreed[0], 1)
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         return expert_capacity(agreed[0], cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
@@ -133,7 +134,7 @@ class MoELayer(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer input has shape {tuple(x.shape)}, but its last dimension must "
                              f"be d_model={self.cfg.d_model}; reshape the input or fix MoEConfig.d_model")
-        weight_dtype = self.experts.w1.dtype
+        weight_dtype = next(self.experts.parameters()).dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"MoELayer input dtype {x.dtype} differs from the expert weights' "
                              f"{weight_dtype}; cast the layer (layer.to({x.dtype})) or use autocast")

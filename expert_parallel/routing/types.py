@@ -22,6 +22,9 @@ class Routing:
             means choice-major, then token order.
         renormalize_kept: divide each token's weights by their sum over the choices that
             survive capacity (DeepSpeed's top-2/top-k); GShard and Switch keep them as they are.
+        capacity: optional capacity the router derived for this batch (DeepSpeed's formula from
+            the local token count); the layer agrees on its maximum over the EP group and uses it
+            instead of its own formula. ``None``: the layer's formula.
     """
 
     expert_SK: Tensor
@@ -31,3 +34,4 @@ class Routing:
     aux_loss: Tensor
     priority_SK: Optional[Tensor] = None
     renormalize_kept: bool = False
+    capacity: Optional[int] = None

@@ -15,7 +15,9 @@ import pytest
 from expert_parallel.spawn import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["--steps", "30", "--log-every", "10"]
+# a smaller model than the demo's default: these tests check launching, not learning speed
+SMALL = ["--d-model", "32", "--d-ff", "64", "--seq-len", "32", "--batch-size", "8"]
+STEPS = ["--steps", "30", "--log-every", "10", *SMALL]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -39,21 +41,25 @@ def _assert_trained(out: Path, steps: int = 30) -> list[dict]:
     return records
 
 
-def test_plain_launch_spawns_two_ranks_and_the_loss_falls(tmp_path: Path) -> None:
-    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), *STEPS])
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("plain")
+    return out, _run([sys.executable, "-m", "launch.train", "--out", str(out), *STEPS])
+
+
+def test_plain_launch_spawns_two_ranks_and_the_loss_falls(plain_run) -> None:
+    out, result = plain_run
     assert result.returncode == 0, result.stderr
-    _assert_trained(tmp_path)
+    _assert_trained(out)
     assert "summary:" in result.stdout
 
 
-def test_torchrun_single_node_two_ranks_matches_the_plain_launch(tmp_path: Path) -> None:
-    plain, launched = tmp_path / "plain", tmp_path / "torchrun"
-    assert _run([sys.executable, "-m", "launch.train", "--out", str(plain), *STEPS]).returncode == 0
+def test_torchrun_single_node_two_ranks_matches_the_plain_launch(tmp_path: Path, plain_run) -> None:
     result = _run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
-                   "-m", "launch.train", "--out", str(launched), *STEPS])
+                   "-m", "launch.train", "--out", str(tmp_path), *STEPS])
     assert result.returncode == 0, result.stderr
     # the same job, launched two ways, computes the same losses
-    assert [r["loss"] for r in _assert_trained(launched)] == [r["loss"] for r in _metrics(plain)]
+    assert [r["loss"] for r in _assert_trained(tmp_path)] == [r["loss"] for r in _metrics(plain_run[0])]
 
 
 def test_torchrun_two_nodes_on_localhost_train_together(tmp_path: Path) -> None:
@@ -80,7 +86,7 @@ def test_torchrun_two_nodes_on_localhost_train_together(tmp_path: Path) -> None:
 
 def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ["--log-every", "10", "--ckpt-every", "20"]
+    args = ["--log-every", "10", "--ckpt-every", "20", *SMALL]
     assert _run([sys.executable, "-m", "launch.train", "--out", str(full), "--steps", "40", *args]).returncode == 0
     assert _run([sys.executable, "-m", "launch.train", "--out", str(resumed), "--steps", "20", *args]).returncode == 0
     result = _run([sys.executable, "-m", "launch.train", "--out", str(resumed), "--steps", "40", "--resume", *args])
@@ -109,7 +115,7 @@ def test_a_bad_flag_is_a_one_line_error_before_any_process_starts(tmp_path, flag
 
 def test_a_dying_rank_ends_the_job_with_a_message(tmp_path: Path) -> None:
     start = time.perf_counter()
-    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), "--steps", "50",
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), "--steps", "50", *SMALL,
                    "--simulate-failure", "1:5", "--timeout-s", "30"], timeout=120)
     assert result.returncode != 0
     assert "rank 1 failed" in result.stderr

@@ -1,0 +1,244 @@
+"""``MoE``: a drop-in subclass of ``deepspeed.moe.layer.MoE`` running our expert-parallel layer.
+
+Switch an existing model by changing one import::
+
+    # from deepspeed.moe.layer import MoE
+    from expert_parallel.integrations.deepspeed import MoE
+
+The DeepSpeed engine recognises the layer (``isinstance``), creates its groups through
+``set_deepspeed_parallelism``, reduces expert gradients over the expert-data-parallel group
+(``allreduce=False``, ``group_name``), and saves / loads per-expert checkpoint files, all with
+DeepSpeed's state-dict keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import deepspeed
+import deepspeed.comm
+import deepspeed.moe.layer
+import torch
+import torch.distributed as dist
+from deepspeed.utils import groups
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ...comm import register
+from ...config import MoEConfig
+from ...layer import MoELayer
+from ...routing import Router
+from .experts import (
+    GenericExperts,
+    add_deepspeed_keys,
+    detect_expert,
+    load_template,
+    mark_expert_params,
+    stacked_experts,
+)
+
+logger = logging.getLogger(__name__)
+
+NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
+JITTER_EPSILON = 0.01  # DeepSpeed's multiplicative_jitter default
+EXPERT_IMPLS = ("auto", "stacked", "generic")
+
+
+class DeepSpeedMoELayer(MoELayer):
+    """``MoELayer`` whose EP group comes from DeepSpeed and whose experts are given.
+
+    Its state dict uses DeepSpeed's names: ``gate.wg.weight`` for the router, and the experts'
+    own (``experts.deepspeed_experts.<i>.<...>``). The EP ranks stay ``None`` until
+    ``bind_group`` (DeepSpeed creates groups after the model is built).
+    """
+
+    def __init__(self, cfg: MoEConfig, experts: nn.Module) -> None:
+        nn.Module.__init__(self)  # not MoELayer.__init__: it would build groups and random experts
+        self.cfg = cfg
+        self.ep_ranks: Optional[tuple[int, ...]] = None
+        with torch.random.fork_rng(devices=[]):
+            self.router = Router(cfg.d_model, cfg.num_experts, jitter=cfg.router_jitter)
+        self.experts = experts
+        self.register_state_dict_post_hook(_router_to_gate)
+        self.register_load_state_dict_pre_hook(_gate_to_router)
+
+    def bind_group(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Use ``group`` (DeepSpeed's EP group of this rank; ``None``: this rank alone)."""
+        self.ep_ranks = register(group)
+
+
+def _router_to_gate(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+    state[prefix + "gate.wg.weight"] = state.pop(prefix + "router.weight")
+
+
+def _gate_to_router(module: nn.Module, state: dict, prefix: str, *args: object) -> None:
+    if prefix + "gate.wg.weight" in state:
+        state[prefix + "router.weight"] = state.pop(prefix + "gate.wg.weight")
+
+
+def _fail(option: str, value: object, fix: str) -> None:
+    raise ValueError(f"MoE({option}={value!r}) is not supported: {fix}")
+
+
+class MoE(deepspeed.moe.layer.MoE):
+    """DeepSpeed's ``MoE`` layer, computed by ``expert_parallel``. Same constructor, same output.
+
+    Args (DeepSpeed's, same defaults and meaning):
+        hidden_size: ``D``.
+        expert: the expert module; a plain MLP or SwiGLU block runs as stacked batched experts,
+            anything else through copies of the module (slower, but any expert works).
+        num_experts, ep_size, k, capacity_factor, eval_capacity_factor, min_capacity,
+        use_residual, noisy_gate_policy, drop_tokens: as in DeepSpeed.
+        use_rts: random token selection (top-1); ``None`` means DeepSpeed's default (True).
+        use_tutel, enable_expert_tensor_parallelism: must stay False (raise otherwise).
+        top2_2nd_expert_sampling: Gumbel-sampled second expert (top-2); ``None``: default True.
+
+    Keyword-only extras:
+        router: ``"deepspeed"`` (default: DeepSpeed's gating, same math), or one of the core's
+            routers (``"gshard"``, ``"switch"``).
+        second_policy, second_threshold: GShard's second-expert policy (``router="gshard"``).
+        check_finite: see ``MoEConfig``.
+        expert_impl: ``"auto"`` (stacked when the expert is recognised), ``"stacked"`` (raise
+            if it is not) or ``"generic"``.
+
+    ``forward(hidden_states, used_token=None)`` returns ``(output, l_aux, exp_counts)``.
+
+    Raises:
+        ValueError: for an option we do not support or an invalid combination, naming the fix.
+    """
+
+    def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int = 1, ep_size: int = 1,
+                 k: int = 1, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0,
+                 min_capacity: int = 4, use_residual: bool = False, noisy_gate_policy: Optional[str] = None,
+                 drop_tokens: bool = True, use_rts: Optional[bool] = None, use_tutel: bool = False,
+                 enable_expert_tensor_parallelism: bool = False,
+                 top2_2nd_expert_sampling: Optional[bool] = None, *, router: str = "deepspeed",
+                 second_policy: Optional[str] = None, second_threshold: float = 0.0,
+                 check_finite: bool = False, expert_impl: str = "auto") -> None:
+        nn.Module.__init__(self)  # DeepSpeed's __init__ would build its own gate and experts
+        if use_tutel:
+            _fail("use_tutel", use_tutel, "our dispatch does not use Tutel kernels; remove use_tutel")
+        if enable_expert_tensor_parallelism:
+            _fail("enable_expert_tensor_parallelism", True, "experts are not tensor-parallel here; "
+                  "remove the option (or keep deepspeed.moe.layer.MoE for this layer)")
+        if noisy_gate_policy not in NOISY_GATE_POLICIES:
+            _fail("noisy_gate_policy", noisy_gate_policy, f"choose one of {list(NOISY_GATE_POLICIES)}")
+        if expert_impl not in EXPERT_IMPLS:
+            _fail("expert_impl", expert_impl, f"choose one of {list(EXPERT_IMPLS)}")
+        self.use_residual = use_residual
+        self.enable_expert_tensor_parallelism = False
+        self.ep_size = ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_experts = num_experts
+        spec = detect_expert(expert, hidden_size) if expert_impl != "generic" else None
+        if expert_impl == "stacked" and spec is None:
+            _fail("expert_impl", "stacked", f"{type(expert).__name__} is not a plain Linear-activation-"
+                  "Linear MLP or a bias-free SwiGLU block; use expert_impl='auto' or 'generic'")
+        cfg = MoEConfig(
+            d_model=hidden_size, d_ff=spec.d_ff if spec else hidden_size, num_experts=num_experts,
+            top_k=k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+            min_capacity=min_capacity, drop_tokens=drop_tokens, aux_loss_weight=1.0, ep_size=ep_size,
+            expert=spec.kind if spec else "ffn", activation=spec.activation if spec else "gelu",
+            expert_bias=spec.bias if spec else False, check_finite=check_finite,
+            router_jitter=JITTER_EPSILON if noisy_gate_policy == "Jitter" else 0.0,
+            **_router_options(router, k, noisy_gate_policy, use_rts, top2_2nd_expert_sampling,
+                              second_policy, second_threshold),
+        )
+        self.num_local_experts = cfg.num_local_experts
+        log_rank0(f"Creating expert_parallel MoE layer: num_experts={num_experts}, num_local_experts="
+                  f"{self.num_local_experts}, ep_size={ep_size}, router={router!r}, experts="
+                  f"{'stacked ' + spec.kind if spec else 'generic'}")
+        self.deepspeed_moe = DeepSpeedMoELayer(cfg, self._build_experts(expert, spec, cfg))
+        # the random draws of DeepSpeed's constructor, in its order: the gate, then the coefficient
+        nn.init.kaiming_uniform_(self.deepspeed_moe.router.weight, a=math.sqrt(5))
+        if use_residual:
+            self.mlp = expert
+            self.coefficient = nn.Linear(hidden_size, 2)
+
+    def _build_experts(self, expert: nn.Module, spec, cfg: MoEConfig) -> nn.Module:
+        if spec is None:
+            return GenericExperts(expert, cfg.num_local_experts, cfg.ep_size, self.expert_group_name)
+        experts = stacked_experts(spec, cfg.num_local_experts, cfg.d_model)
+        load_template(experts, spec, expert)
+        add_deepspeed_keys(experts, spec)
+        mark_expert_params(experts, self.expert_group_name)
+        return experts
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the DeepSpeed engine: create (once) and bind the expert groups."""
+        self._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+
+    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's expert / expert-data-parallel groups, from its own helpers."""
+        if not dist.is_initialized():
+            if self.ep_size > 1:
+                raise RuntimeError(f"MoE(ep_size={self.ep_size}) needs torch.distributed; call "
+                                   "deepspeed.init_distributed() (or deepspeed.initialize) first")
+            self.deepspeed_moe.bind_group(None)
+            return
+        if dist.get_world_size() % self.ep_size:
+            raise ValueError(f"MoE(ep_size={self.ep_size}) does not divide the world size "
+                             f"{dist.get_world_size()}; choose an ep_size that divides it")
+        if not deepspeed.comm.is_initialized():  # torch.distributed is: wrap it, as the engine does
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            log_rank0(f"creating expert groups {self.expert_group_name}")
+            groups._create_expert_and_data_parallel(
+                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self.deepspeed_moe.bind_group(groups._get_expert_parallel_group(self.expert_group_name))
+
+    def forward(self, hidden_states: Tensor,
+                used_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``hidden_states [..., D] -> (output [..., D], l_aux scalar, exp_counts [E] long)``.
+
+        ``exp_counts`` counts this rank's dispatched choices per expert before capacity, as
+        DeepSpeed's does. Groups are created on first use if the engine has not done it.
+        """
+        if used_token is not None:
+            _fail("used_token", "<tensor>", "token masks are not implemented; route only the tokens "
+                  "you want (e.g. select them before the layer)")
+        if self.deepspeed_moe.ep_ranks is None:
+            self._create_process_groups()
+        output, l_aux, stats = self.deepspeed_moe(hidden_states)
+        if self.use_residual:  # Residual MoE (PR-MoE), as DeepSpeed computes it
+            output_mlp = self.mlp(hidden_states)
+            if isinstance(output_mlp, tuple):
+                output_mlp = output_mlp[0]
+            coef = F.softmax(self.coefficient(hidden_states), dim=-1)
+            output = output * coef[..., 0:1] + output_mlp * coef[..., 1:]
+        return output, l_aux, stats.tokens_per_expert
+
+
+def _router_options(router: str, k: int, noisy_gate_policy: Optional[str], use_rts: Optional[bool],
+                    sampling: Optional[bool], second_policy: Optional[str],
+                    second_threshold: float) -> dict:
+    """``MoEConfig`` routing fields for DeepSpeed's options, or ValueError where they conflict."""
+    if router != "deepspeed":
+        for option, value, ok in (("use_rts", use_rts, (None, False)),
+                                  ("top2_2nd_expert_sampling", sampling, (None,)),
+                                  ("noisy_gate_policy", noisy_gate_policy, (None, "None", "Jitter"))):
+            if value not in ok:
+                _fail(option, value, f"it configures DeepSpeed's gating, not router={router!r}; "
+                      "remove it (use second_policy for GShard's second expert)")
+        return {"router": router, "second_policy": second_policy or "random",
+                "second_threshold": second_threshold}
+    if second_policy is not None:
+        _fail("second_policy", second_policy, "router='deepspeed' takes top2_2nd_expert_sampling "
+              "instead; or pass router='gshard'")
+    if noisy_gate_policy == "RSample" and k != 1:
+        logger.warning("noisy_gate_policy='RSample' only affects top-1 gating; ignored for k=%d, as "
+                       "DeepSpeed ignores it", k)
+    options = {"router": "deepspeed",
+               "router_gumbel": noisy_gate_policy == "RSample" and k == 1,
+               "random_token_selection": (use_rts is None or use_rts) and k == 1}
+    if k == 2:
+        options["second_policy"] = "all" if sampling is False else "gumbel"
+    return options
+
+
+def log_rank0(message: str) -> None:
+    """``logger.info`` on global rank 0 only (or without a process group)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.info(message)

@@ -1,0 +1,120 @@
+"""The drop-in ``MoE``: state-dict keys, parameter tags, options and errors (single process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+deepspeed = pytest.importorskip("deepspeed")
+
+from deepspeed.moe.layer import MoE as DeepSpeedMoE  # noqa: E402
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer  # noqa: E402
+
+from expert_parallel.experts import StackedExperts  # noqa: E402
+from expert_parallel.integrations.deepspeed import GenericExperts, MoE  # noqa: E402
+from tests.integration.deepspeed_helpers import D_MODEL, make_expert  # noqa: E402
+
+
+def _pair(expert_kind: str = "mlp", **kwargs):
+    torch.manual_seed(0)
+    reference = DeepSpeedMoE(D_MODEL, make_expert(expert_kind), num_experts=4, **kwargs)
+    torch.manual_seed(0)
+    ours = MoE(D_MODEL, make_expert(expert_kind), num_experts=4, **kwargs)
+    return reference, ours
+
+
+def test_is_a_deepspeed_moe_so_the_engine_recognises_it():
+    _, ours = _pair()
+    assert isinstance(ours, DeepSpeedMoE)
+    assert deepspeed.moe.utils.has_moe_layers(torch.nn.Sequential(ours)) == (True, 4)
+
+
+@pytest.mark.parametrize("expert_kind,impl", [("mlp", StackedExperts), ("mlp_nobias_relu", StackedExperts),
+                                              ("swiglu", StackedExperts), ("residual", GenericExperts)])
+def test_state_dict_keys_and_shapes_are_deepspeeds(expert_kind, impl):
+    reference, ours = _pair(expert_kind, k=2, use_residual=True)
+    assert isinstance(ours.deepspeed_moe.experts, impl)
+    want = {key: value.shape for key, value in reference.state_dict().items()}
+    assert {key: value.shape for key, value in ours.state_dict().items()} == want
+    assert "deepspeed_moe.gate.wg.weight" in want
+
+
+@pytest.mark.parametrize("expert_kind", ["mlp", "swiglu", "residual"])
+def test_checkpoints_move_both_ways_between_deepspeed_and_ours(expert_kind):
+    reference, ours = _pair(expert_kind, k=2)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(torch.randn_like(param))
+    ours.load_state_dict(reference.state_dict())  # strict
+    back = _pair(expert_kind, k=2)[0]
+    back.load_state_dict(ours.state_dict())  # strict
+    for key, value in reference.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_same_seed_builds_the_same_weights_and_leaves_the_same_rng_state_as_deepspeed():
+    draws = {}
+    for cls in (DeepSpeedMoE, MoE):
+        torch.manual_seed(0)
+        layer = cls(D_MODEL, make_expert("mlp"), num_experts=4, k=2, use_residual=True)
+        draws[cls] = (layer.state_dict(), torch.rand(3))
+    (want, want_draw), (got, got_draw) = draws[DeepSpeedMoE], draws[MoE]
+    assert torch.equal(got_draw, want_draw)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_expert_parameters_carry_deepspeeds_tags_and_split_into_moe_groups():
+    ours = MoE(D_MODEL, make_expert("mlp"), num_experts=4, ep_size=2, k=2)
+    experts = list(ours.deepspeed_moe.experts.parameters())
+    assert all(p.allreduce is False and p.group_name == "ep_size_2" for p in experts)
+    assert not any(is_moe_param(p) for p in ours.deepspeed_moe.router.parameters())
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(ours.parameters()), "name": "all", "lr": 0.1})
+    moe_groups = [g for g in groups if g.get("moe")]
+    assert [g["name"] for g in moe_groups] == ["ep_size_2"]
+    assert {id(p) for p in moe_groups[0]["params"]} == {id(p) for p in experts}
+
+
+def test_opt_in_core_routers_via_keyword():
+    layer = MoE(D_MODEL, make_expert("mlp"), num_experts=4, k=2, router="gshard", second_policy="all")
+    assert layer.deepspeed_moe.cfg.router == "gshard" and layer.deepspeed_moe.cfg.second_policy == "all"
+    y, l_aux, counts = layer(torch.randn(3, 5, D_MODEL))
+    assert y.shape == (3, 5, D_MODEL) and l_aux.dim() == 0 and counts.shape == (4,)
+
+
+def test_deepspeed_options_map_onto_the_config():
+    cfg = MoE(D_MODEL, make_expert("mlp"), num_experts=4, k=1, noisy_gate_policy="RSample").deepspeed_moe.cfg
+    assert cfg.router == "deepspeed" and cfg.router_gumbel and cfg.random_token_selection
+    cfg = MoE(D_MODEL, make_expert("mlp"), num_experts=4, k=2, noisy_gate_policy="Jitter",
+              top2_2nd_expert_sampling=False, drop_tokens=False).deepspeed_moe.cfg
+    assert (cfg.second_policy, cfg.router_jitter, cfg.drop_tokens, cfg.aux_loss_weight) == ("all", 0.01, False, 1.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(use_tutel=True), r"use_tutel=True\) is not supported"),
+    (dict(enable_expert_tensor_parallelism=True), r"enable_expert_tensor_parallelism"),
+    (dict(noisy_gate_policy="Gaussian"), r"noisy_gate_policy='Gaussian'.*choose one of"),
+    (dict(router="gshard", k=2, use_rts=True), r"use_rts=True.*not router='gshard'"),
+    (dict(router="gshard", k=2, top2_2nd_expert_sampling=False), r"top2_2nd_expert_sampling"),
+    (dict(router="gshard", k=1), r"MoEConfig.top_k=1 is invalid: router='gshard' routes top-2"),
+    (dict(k=2, second_policy="random"), r"second_policy='random'.*top2_2nd_expert_sampling"),
+    (dict(ep_size=3), r"num_experts=4 is invalid: it is not divisible by ep_size=3"),
+    (dict(expert_impl="stacked", expert=make_expert("residual")), r"expert_impl='stacked'.*ResidualExpert"),
+])
+def test_unsupported_options_raise_a_clear_error(kwargs, match):
+    expert = kwargs.pop("expert", make_expert("mlp"))
+    with pytest.raises(ValueError, match=match):
+        MoE(D_MODEL, expert, num_experts=4, **kwargs)
+
+
+def test_used_token_masks_raise_instead_of_being_ignored():
+    layer = MoE(D_MODEL, make_expert("mlp"), num_experts=4)
+    with pytest.raises(ValueError, match="used_token"):
+        layer(torch.randn(8, D_MODEL), used_token=torch.ones(8))
+
+
+def test_ep_size_above_one_without_process_group_says_how_to_fix():
+    layer = MoE(D_MODEL, make_expert("mlp"), num_experts=4, ep_size=2)
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        layer(torch.randn(8, D_MODEL))
