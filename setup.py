@@ -6,10 +6,11 @@ setup(
     description="Expert-parallel Mixture-of-Experts runtime for PyTorch, DeepSpeed-compatible",
     packages=find_packages(include=["expert_parallel", "expert_parallel.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy"],
+    install_requires=["torch>=2.1", "numpy", "tqdm"],
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
         "telemetry": ["nvidia-ml-py"],
+        "bench": ["matplotlib"],
         "dev": ["pytest", "pytest-timeout", "ruff"],
     },
 )

@@ -1,99 +1,208 @@
-"""Forward+backward of MoELayer on N gloo ranks next to its floor, measured in the same run.
+"""One configuration, measured side by side in one run: MoELayer forward+backward, its phase
+breakdown, the floor (the expert matmuls alone at full capacity + raw ``all_to_all_single`` of
+the same bytes) and DeepSpeed's MoE on the same shape. Steps alternate round by round, so all
+see the same machine state.
 
-Floor = the batched expert matmuls at full capacity (forward+backward, the same
-``StackedExperts`` on a ``[E_local, ep*C, D]`` buffer) + the raw ``all_to_all_single`` calls of
-the same bytes (dispatch and return, forward and backward: 4 calls). Iterations of the layer and
-of the floor alternate, so both see the same machine state.
-
-    python -m benchmarks.layer --ranks 2 --tokens 4096 --d-model 256 --d-ff 1024 --experts 8
+    python -m benchmarks layer --preset mixtral-small --ranks 2
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
+import copy
 import time
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from expert_parallel import MoEConfig, MoELayer
-from expert_parallel.experts import StackedExperts
-from expert_parallel.layout import expert_capacity
-from expert_parallel.spawn import run_ranks
+from expert_parallel import MoELayer
+from expert_parallel.comm import lookup
+from expert_parallel.telemetry import PowerSampler
+
+from . import gpu_checks
+from .baselines import autoep_status, deepspeed_moe
+from .phases import PhaseMirror, check_against_layer
+from .runtime import bench_device
+from .shapes import RunSpec
+from .timing import Clock, Step, alternate, slowest_rank, summarize
 
 
-def _timed(fn) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - start
+def _layer_step(layer: torch.nn.Module, x: torch.Tensor, device: torch.device) -> Step:
+    """Forward and backward of a layer returning ``(y, aux_loss, ...)``; loss ``y.sum() + aux``."""
+    def step() -> dict[str, float]:
+        clock = Clock(device)
+        clock.start()
+        y, aux_loss = layer(x)[:2]
+        clock.mark("forward")
+        (y.sum() + aux_loss).backward()
+        clock.mark("backward")
+        return clock.read()
+    return step
 
 
-def _bench(rank: int, world: int, args: argparse.Namespace) -> dict:
-    torch.manual_seed(rank)
-    cfg = MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, top_k=args.top_k,
-                    router="gshard" if args.top_k == 2 else "switch", second_policy=args.second_policy,
-                    capacity_factor=args.capacity_factor, ep_size=world,
-                    capacity=None if args.agree_capacity else expert_capacity(
-                        args.tokens, args.experts, args.top_k, args.capacity_factor, 4))
-    layer = MoELayer(cfg)
-    capacity = expert_capacity(args.tokens, args.experts, args.top_k, args.capacity_factor, 4)
-    x = torch.randn(args.tokens, args.d_model, requires_grad=True)
-    experts = StackedExperts(cfg.num_local_experts, args.d_model, args.d_ff)
-    expert_in = torch.randn(cfg.num_local_experts, world * capacity, args.d_model, requires_grad=True)
-    a2a_in = torch.randn(args.experts * capacity * args.d_model)
-    a2a_out = torch.empty_like(a2a_in)
+def _floor_step(spec: RunSpec, world: int, experts: torch.nn.Module, group: Any,
+                device: torch.device) -> Step:
+    """The floor: the batched expert matmuls (forward+backward) on a full ``[E_local, ep*C, D]``
+    buffer, then 4 raw ``all_to_all_single`` of one ``[E, C, D]`` buffer (dispatch and return,
+    forward and backward); no all-to-all when the EP group is one rank."""
+    shape, ep = spec.shape, spec.ep_size or world
+    rows = ep * spec.capacity()
+    expert_in = torch.randn(shape.experts // ep, rows, shape.d_model, device=device, dtype=spec.torch_dtype,
+                            requires_grad=True)
+    send = torch.randn(shape.experts * spec.capacity() * shape.d_model, device=device, dtype=spec.torch_dtype)
+    receive = torch.empty_like(send)
 
-    def layer_step() -> None:
-        out = layer(x)
-        (out.output.sum() + out.aux_loss).backward()
-
-    def matmul_step() -> None:
+    def step() -> dict[str, float]:
+        clock = Clock(device)
+        clock.start()
         experts(expert_in).sum().backward()
-
-    def a2a_step() -> None:
-        for _ in range(4):
-            dist.all_to_all_single(a2a_out, a2a_in)
-
-    times: dict[str, list[float]] = {"layer": [], "matmuls": [], "all_to_all": []}
-    for step in range(args.warmup + args.repeat):
-        sample = {"layer": _timed(layer_step), "matmuls": _timed(matmul_step),
-                  "all_to_all": _timed(a2a_step)}
-        if step >= args.warmup:
-            for name, seconds in sample.items():
-                times[name].append(seconds)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        clock.mark("matmuls")
+        if ep > 1:
+            for _ in range(4):
+                dist.all_to_all_single(receive, send, group=group)
+        clock.mark("all_to_all")
+        return clock.read()
+    return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=2, help="gloo ranks = ep size (default 2)")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (default 4096)")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2, choices=(1, 2))
-    parser.add_argument("--second-policy", default="all", help="gshard policy (default all: fixed load)")
-    parser.add_argument("--capacity-factor", type=float, default=1.25)
-    parser.add_argument("--agree-capacity", action="store_true",
-                        help="derive the capacity per batch (one all-reduce) instead of fixing it")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=10)
-    args = parser.parse_args()
-    per_rank = run_ranks(_bench, args.ranks, args, timeout=600)
-    worst = {name: max(r[name] for r in per_rank) for name in per_rank[0]}
-    floor = worst["matmuls"] + worst["all_to_all"]
-    print(f"MoELayer fwd+bwd, {args.ranks} gloo ranks, {args.tokens} tokens/rank, d_model={args.d_model}, "
-          f"d_ff={args.d_ff}, experts={args.experts}, top_k={args.top_k}, cf={args.capacity_factor}")
-    print(f"{'':24}{'ms (median, slowest rank)':>28}")
-    print(f"{'expert matmuls (floor)':24}{worst['matmuls']:28.2f}")
-    print(f"{'raw all-to-alls (floor)':24}{worst['all_to_all']:28.2f}")
-    print(f"{'floor total':24}{floor:28.2f}")
-    print(f"{'MoELayer':24}{worst['layer']:28.2f}")
-    print(f"{'ratio layer / floor':24}{worst['layer'] / floor:28.3f}")
+def _copy_gbps(device: torch.device) -> float:
+    """Memory bandwidth of a plain copy (GB/s read+write), for the cost model's calibration."""
+    src = torch.empty(16 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        clock = Clock(device, sync_ranks=False)
+        clock.start()
+        dst.copy_(src)
+        clock.mark("copy")
+        best = min(best, clock.read()["copy"])
+    return 2 * src.numel() * src.element_size() / (best * 1e-3) / 1e9
 
 
-if __name__ == "__main__":
-    main()
+def measure(rank: int, world: int, spec: RunSpec, progress: bool = True) -> dict[str, Any]:
+    """Build and time every step of ``spec`` on this rank; raw per-round samples come back."""
+    device = bench_device()
+    torch.manual_seed(spec.seed + rank)
+    cfg = spec.config(world)
+    layer = MoELayer(cfg).to(device, spec.torch_dtype)
+    x = torch.randn(spec.shape.tokens, spec.shape.d_model, device=device, dtype=spec.torch_dtype,
+                    requires_grad=True)
+    modules: list[torch.nn.Module] = [layer]
+    steps: dict[str, Step] = {"layer": _layer_step(layer, x, device)}
+    if spec.phases:
+        check_against_layer(layer, x)
+        mirror = PhaseMirror(layer, x)
+
+        def phase_step() -> dict[str, float]:
+            clock = Clock(device)
+            clock.start()
+            mirror.step(clock)
+            return clock.read()
+        steps["phases"] = phase_step
+    floor_experts = copy.deepcopy(layer.experts)
+    modules.append(floor_experts)
+    steps["floor"] = _floor_step(spec, world, floor_experts, lookup(layer.ep_ranks), device)
+    deepspeed_note = "disabled (--no-deepspeed)"
+    if spec.deepspeed:
+        reference, deepspeed_note = deepspeed_moe(spec, world, device)
+        if reference is not None:
+            modules.append(reference)
+            steps["deepspeed"] = _layer_step(reference, x, device)
+
+    def drop_grads() -> None:
+        for module in modules:
+            module.zero_grad(set_to_none=True)
+        x.grad = None
+
+    rounds = tqdm(range(spec.warmup + spec.repeat), desc=f"{spec.preset} x{world}", leave=False,
+                  disable=not progress or rank != 0)
+    samples = alternate(steps, spec.warmup, spec.repeat, before_each=drop_grads, progress=rounds)
+    telemetry = _energy(layer, x, spec, device, drop_grads)
+    checks = {}
+    if spec.gpu_checks:
+        checks = {"sync_free_forward": gpu_checks.sync_free_forward(layer, x),
+                  "cuda_graph_forward": gpu_checks.graph_capturable_forward(layer, x)}
+    return {"samples": samples, "telemetry": telemetry, "gpu_checks": checks, "device": str(device),
+            "deepspeed": deepspeed_note or "measured", "autoep": autoep_status(device) or "not run here",
+            "copy_gbps": _copy_gbps(device), "backend": dist.get_backend() if dist.is_initialized() else None}
+
+
+def _energy(layer: MoELayer, x: torch.Tensor, spec: RunSpec, device: torch.device, drop_grads) -> dict:
+    """The layer alone, ``repeat`` steps back to back, under the power sampler."""
+    sampler = PowerSampler(device.index if device.type == "cuda" else None)
+    if not sampler.available:
+        return sampler.summary().to_dict()
+    step = _layer_step(layer, x, device)
+    start = time.perf_counter()
+    with sampler:
+        for _ in range(spec.repeat):
+            drop_grads()
+            step()
+    summary = sampler.summary(tokens=spec.repeat * spec.shape.tokens).to_dict()
+    summary["steps"], summary["wall_s"] = spec.repeat, time.perf_counter() - start
+    summary["joules_per_step"] = summary["energy_j"] / spec.repeat
+    return summary
+
+
+def reduce_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per step and phase: the slowest rank per round, then median and spread over rounds;
+    ``total`` per step is the slowest rank's sum of phases."""
+    timings: dict[str, dict[str, dict[str, float]]] = {}
+    for step in per_rank[0]["samples"]:
+        phases = per_rank[0]["samples"][step]
+        timings[step] = {phase: summarize(slowest_rank([r["samples"][step][phase] for r in per_rank]))
+                         for phase in phases}
+        sums = [[sum(values) for values in zip(*r["samples"][step].values())] for r in per_rank]
+        timings[step]["total"] = summarize(slowest_rank(sums))
+    return timings
+
+
+def ratios(timings: dict[str, dict[str, dict[str, float]]]) -> dict[str, Optional[float]]:
+    """Ours / floor, ours / DeepSpeed and the phase mirror's overhead, from medians."""
+    med = {step: phases["total"]["median"] for step, phases in timings.items()}
+    out = {"ours_over_floor": med["layer"] / med["floor"],
+           "ours_over_deepspeed": med["layer"] / med["deepspeed"] if "deepspeed" in med else None,
+           "phases_over_layer": med["phases"] / med["layer"] if "phases" in med else None}
+    return out
+
+
+def excess_over_floor(timings: dict[str, dict[str, dict[str, float]]]) -> Optional[dict[str, float]]:
+    """Where the time above the floor goes (medians, ms): local work, experts, all-to-alls."""
+    if "phases" not in timings:
+        return None
+    phases = {name: value["median"] for name, value in timings["phases"].items()}
+    floor = {name: value["median"] for name, value in timings["floor"].items()}
+
+    def both(name: str) -> float:
+        return phases.get(f"fwd/{name}", 0.0) + phases.get(f"bwd/{name}", 0.0)
+    return {"route+plan+pack+combine": sum(both(n) for n in ("route", "plan", "pack", "combine")),
+            "experts - floor matmuls": both("experts") - floor["matmuls"],
+            "all-to-alls - raw all_to_all_single": both("dispatch") + both("return") - floor["all_to_all"]}
+
+
+def targets(spec: RunSpec, world: int, device: str, found: dict[str, Optional[float]]) -> list[dict]:
+    """The issue's performance targets that apply to this run, met or missed and by how much."""
+    wanted = []
+    if device == "cpu" and world == 2 and spec.dtype == "fp32" and spec.preset.endswith("-small"):
+        wanted = [("ours <= 1.05 x floor (CPU, 2 gloo ranks, fp32)", "ours_over_floor", 1.05),
+                  ("ours no slower than DeepSpeed MoE", "ours_over_deepspeed", 1.0)]
+    elif device.startswith("cuda") and (spec.ep_size or world) == 1 and spec.dtype == "bf16":
+        limit = {"mixtral": 1.08, "fine-grained": 1.5}.get(spec.preset)
+        if limit is not None:
+            wanted = [(f"fwd+bwd <= {limit} x floor ({spec.preset}, EP=1, bf16)", "ours_over_floor", limit)]
+    out = []
+    for text, key, limit in wanted:
+        value = found.get(key)
+        out.append({"target": text, "limit": limit, "measured": value,
+                    "met": None if value is None else value <= limit,
+                    "missed_by": None if value is None or value <= limit else value / limit - 1})
+    return out
+
+
+if __name__ == "__main__":  # ``python -m benchmarks.layer ...`` = ``python -m benchmarks layer ...``
+    import sys
+
+    from .cli import main
+    main(["layer", *sys.argv[1:]])

@@ -3,26 +3,77 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from expert_parallel import MoEConfig, MoELayer, RoutingStats
+from expert_parallel import MoEConfig, MoELayer, MoEOutput, RoutingStats
+
+FFNFactory = Callable[[MoEConfig], nn.Module]
+
+
+ACTIVATION_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``: the expert module of SwiGLU presets on the DeepSpeed path."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., D] -> [..., D]``."""
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def expert_module(cfg: MoEConfig) -> nn.Module:
+    """One expert as a plain module (DeepSpeed's ``expert`` argument) matching ``cfg``."""
+    if cfg.expert == "swiglu":
+        return SwiGLU(cfg.d_model, cfg.d_ff)
+    return nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.expert_bias), ACTIVATION_MODULES[cfg.activation](),
+                         nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.expert_bias))
+
+
+class DeepSpeedMoEFFN(nn.Module):
+    """The feed-forward as ``expert_parallel.integrations.deepspeed.MoE`` (what the DeepSpeed
+    engine recognises as an MoE layer), returning ``MoEOutput`` like ``MoELayer``."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        from expert_parallel.integrations.deepspeed import MoE
+
+        self.moe = MoE(hidden_size=cfg.d_model, expert=expert_module(cfg), num_experts=cfg.num_experts,
+                       ep_size=cfg.ep_size, k=cfg.top_k, capacity_factor=cfg.capacity_factor,
+                       eval_capacity_factor=cfg.eval_capacity_factor, min_capacity=cfg.min_capacity,
+                       drop_tokens=cfg.drop_tokens, router=cfg.router,
+                       second_policy=cfg.second_policy if cfg.router == "gshard" else None)
+        self.aux_loss_weight = cfg.aux_loss_weight
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        """``[..., D] -> MoEOutput``; the inner layer's stats, which DeepSpeed's tuple drops."""
+        y, l_aux, stats = self.moe.deepspeed_moe(x)
+        return MoEOutput(y, l_aux * self.aux_loss_weight, stats)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the feed-forward is an ``MoELayer`` when ``moe`` is given."""
+    """Pre-norm transformer block; the feed-forward is ``moe_ffn(moe)`` when ``moe`` is given."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, moe: Optional[MoEConfig]) -> None:
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, moe: Optional[MoEConfig],
+                 moe_ffn: FFNFactory = MoELayer) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.norm1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = MoELayer(moe) if moe is not None else nn.Sequential(
+        self.is_moe = moe is not None
+        self.ffn = moe_ffn(moe) if moe is not None else nn.Sequential(
             nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[RoutingStats]]:
@@ -33,7 +84,7 @@ class Block(nn.Module):
                                               is_causal=True)
         x_BTD = x_BTD + self.proj(attn.transpose(1, 2).reshape(batch, seq, dim))
         hidden = self.norm2(x_BTD)
-        if isinstance(self.ffn, MoELayer):
+        if self.is_moe:
             y, aux_loss, stats = self.ffn(hidden)
             return x_BTD + y, aux_loss, stats  # the residual carries dropped tokens
         return x_BTD + self.ffn(hidden), None, None
@@ -48,15 +99,17 @@ class MoETransformerLM(nn.Module):
         n_layers: transformer blocks.
         n_heads: attention heads.
         max_seq_len: longest sequence (learned positions).
+        moe_ffn: builds each MoE feed-forward from ``moe`` (``MoELayer``, or ``DeepSpeedMoEFFN``
+            under the DeepSpeed engine).
     """
 
     def __init__(self, vocab_size: int, moe: MoEConfig, n_layers: int = 4, n_heads: int = 4,
-                 max_seq_len: int = 256) -> None:
+                 max_seq_len: int = 256, moe_ffn: FFNFactory = MoELayer) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, moe.d_model)
         self.position = nn.Embedding(max_seq_len, moe.d_model)
         self.blocks = nn.ModuleList(
-            Block(moe.d_model, n_heads, moe.d_ff, moe if i % 2 == 1 else None) for i in range(n_layers))
+            Block(moe.d_model, n_heads, moe.d_ff, moe if i % 2 == 1 else None, moe_ffn) for i in range(n_layers))
         self.norm = nn.LayerNorm(moe.d_model)
 
     def forward(self, ids_BT: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:

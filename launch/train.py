@@ -22,19 +22,22 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
+from tqdm import tqdm
 
 from expert_parallel import MoEConfig, MoELayer
-from expert_parallel.comm import expert_groups, reduce_gradients
+from expert_parallel.comm import expert_groups
+from expert_parallel.experts import StackedExperts
 from expert_parallel.presets import PRESETS, preset
 from expert_parallel.spawn import free_port
+from launch.backends import DeepSpeedBackend, TorchBackend
 from launch.corpus import CharCorpus
-from launch.model import MoETransformerLM
+from launch.model import DeepSpeedMoEFFN, MoETransformerLM
 
 METRIC_KEYS = ("loss", "aux_loss", "drop_fraction", "k_eff", "load_cv")
 
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
     parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--deepspeed-config", default=None, metavar="JSON",
+                        help="train with the DeepSpeed engine and this config (e.g. launch/ds_zero2_bf16.json)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; the job reads LOCAL_RANK from the environment")
     parser.add_argument("--simulate-failure", default=None, metavar="RANK:STEP",
                         help="testing aid: rank RANK exits abruptly before step STEP")
     parser.add_argument("--timeout-s", type=float, default=120.0,
@@ -78,16 +85,6 @@ def moe_config(args: argparse.Namespace, world_size: int) -> MoEConfig:
     return preset(args.preset, args.d_model, args.d_ff, args.experts, ep_size=ep_size)
 
 
-def _log(metrics_file: Optional[Any], record: dict) -> None:
-    if metrics_file is not None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-
-
-def _checkpoint_path(out: Path, rank: int) -> Path:
-    return out / "checkpoint" / f"rank{rank}.pt"
-
-
 def train(args: argparse.Namespace) -> None:
     """One rank of the job; the process group is initialised from the environment."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -97,30 +94,29 @@ def train(args: argparse.Namespace) -> None:
     groups = expert_groups(cfg.ep_size)
     corpus = CharCorpus()
     torch.manual_seed(args.seed)  # dense weights identical on every rank
-    model = MoETransformerLM(corpus.vocab_size, cfg, args.layers, args.heads, args.seq_len)
+    model = MoETransformerLM(corpus.vocab_size, cfg, args.layers, args.heads, args.seq_len,
+                             moe_ffn=DeepSpeedMoEFFN if args.deepspeed_config else MoELayer)
     torch.manual_seed(args.seed + 1 + rank % cfg.ep_size)  # each EP rank its own experts
     for module in model.modules():
-        if isinstance(module, MoELayer):
-            module.experts.reset_parameters()
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    out = Path(args.out)
-    start_step = 0
-    if args.resume:
-        start_step = _load_checkpoint(_checkpoint_path(out, rank), model, optimizer, world, cfg.ep_size)
+        if isinstance(module, StackedExperts):
+            module.reset_parameters()
+    if args.deepspeed_config:
+        backend = DeepSpeedBackend(model, args, world)
+        device = backend.device
     else:
+        backend = TorchBackend(model.to(device), args, groups, rank, world, cfg.ep_size)
+    start_step = backend.load() if args.resume else 0
+    if not args.resume:
         torch.manual_seed(args.seed + 7919 * rank)  # routing noise differs per rank
     fail_rank, fail_step = map(int, args.simulate_failure.split(":")) if args.simulate_failure else (-1, -1)
 
+    out = Path(args.out)
     metrics_file = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         metrics_file = open(out / "metrics.jsonl", "a" if args.resume else "w")
-    from tqdm import tqdm
-
-    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps,
-                    disable=rank != 0, desc=f"train {args.preset} ep{cfg.ep_size}x{world // cfg.ep_size}",
-                    dynamic_ncols=True)
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
+                    desc=f"train {args.preset} ep{cfg.ep_size}x{world // cfg.ep_size}", dynamic_ncols=True)
     tokens_per_step = args.batch_size * args.seq_len * world
     first_loss, last, logged_step = None, {}, start_step
     wall_start = window_start = time.perf_counter()
@@ -128,18 +124,12 @@ def train(args: argparse.Namespace) -> None:
         if (rank, step) == (fail_rank, fail_step):
             os._exit(3)  # abrupt, like a crashed node: no cleanup, no goodbye to the peers
         inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len))
-        logits, aux_loss, stats = model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        (loss + aux_loss).backward()
-        reduce_gradients(model, groups)
-        optimizer.step()
+        loss, aux_loss, stats = backend.step(inputs, targets)
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
-            values = torch.stack([loss.detach(), aux_loss.detach(),
-                                  torch.stack([s.dropped_fraction for s in stats]).mean(),
-                                  torch.stack([s.k_eff for s in stats]).mean(),
-                                  torch.stack([s.load_cv for s in stats]).mean()]).float().to(device)
+            values = torch.stack([loss, aux_loss, *(torch.stack([getattr(s, name) for s in stats]).float().mean()
+                                                    for name in ("dropped_fraction", "k_eff", "load_cv"))])
+            values = values.float().to(device)
             dist.all_reduce(values)
             values = (values / world).tolist()
             elapsed = time.perf_counter() - window_start
@@ -150,15 +140,18 @@ def train(args: argparse.Namespace) -> None:
             window_start = time.perf_counter()
             first_loss = record["loss"] if first_loss is None else first_loss
             last = record
-            _log(metrics_file, record)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
             progress.set_postfix(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.4f}",
                                  drop=f"{record['drop_fraction']:.1%}", tok_s=f"{record['tokens_per_s']:.0f}")
         if done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0):
-            _save_checkpoint(_checkpoint_path(out, rank), model, optimizer, done, world, cfg.ep_size)
+            backend.save(done)
     progress.close()
     if rank == 0 and last:
         summary = {"preset": args.preset, "world_size": world, "ep_size": cfg.ep_size, "steps": args.steps,
-                   "start_step": start_step, "first_logged_loss": first_loss, "final_loss": last["loss"],
+                   "start_step": start_step, "deepspeed": bool(args.deepspeed_config),
+                   "first_logged_loss": first_loss, "final_loss": last["loss"],
                    "final_drop_fraction": last["drop_fraction"], "wall_s": time.perf_counter() - wall_start,
                    "tokens_per_s": last["tokens_per_s"]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -166,30 +159,6 @@ def train(args: argparse.Namespace) -> None:
                                       for k, v in summary.items()), flush=True)
     if metrics_file is not None:
         metrics_file.close()
-
-
-def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                     world: int, ep_size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "world_size": world, "ep_size": ep_size, "rng": torch.get_rng_state()}
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # a crash mid-save never leaves a torn file
-
-
-def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int,
-                     ep_size: int) -> int:
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if (state["world_size"], state["ep_size"]) != (world, ep_size):
-        raise ValueError(f"--resume: checkpoint was written with world size {state['world_size']} and "
-                         f"ep size {state['ep_size']}, this job has {world} and {ep_size}; resume with "
-                         "the same layout")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])  # the routing noise continues where it stopped
-    return state["step"]
 
 
 def _backend(args: argparse.Namespace) -> str:
@@ -212,7 +181,12 @@ def _run_rank(args: argparse.Namespace) -> None:
     backend = _backend(args)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
+    if args.deepspeed_config:  # DeepSpeed's comm wraps the torch process group it creates
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=args.timeout_s))
+    else:
+        dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
     try:
         train(args)
     finally:
@@ -231,6 +205,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.simulate_failure and not re.fullmatch(r"\d+:\d+", args.simulate_failure):
             raise ValueError(f"--simulate-failure {args.simulate_failure!r}: expected RANK:STEP, e.g. 1:5")
         moe_config(args, world)
+        if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
+            raise ValueError(f"--deepspeed-config {args.deepspeed_config}: no such file")
     except ValueError as error:
         parser.error(str(error))
     if under_launcher:

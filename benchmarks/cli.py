@@ -1,0 +1,181 @@
+"""``python -m benchmarks {layer,scaling,model,plot,presets}``: the benchmark suite's CLI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from expert_parallel import MoELayer
+
+from . import layer as layer_bench
+from . import results
+from .runtime import launch, under_torchrun, world_sizes
+from .shapes import DTYPES, SHAPES, RunSpec, spec_from_args, weight_bytes
+
+SMALL = [name for name in SHAPES if name.endswith("-small")]
+
+
+def _common(parser: argparse.ArgumentParser, presets_default: list[str]) -> None:
+    parser.add_argument("--preset", nargs="+", default=presets_default, choices=sorted(SHAPES),
+                        help=f"shape presets (default {' '.join(presets_default)})")
+    parser.add_argument("--tokens", type=int, help="tokens per rank (default: the preset's)")
+    parser.add_argument("--ep-size", type=int, help="expert-parallel size (default: all ranks)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--second-policy", default="all", help="GShard 2nd-expert policy (all: fixed load)")
+    parser.add_argument("--agree-capacity", action="store_true",
+                        help="derive the capacity per batch (one all-reduce) instead of fixing it")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per spawned rank")
+    parser.add_argument("--no-phases", action="store_true", help="skip the phase breakdown")
+    parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's MoE")
+    parser.add_argument("--no-gpu-checks", action="store_true", help="skip the host-sync / CUDA graph checks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="results folder (default benchmarks/results)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the configs (and the layer on the meta device) without running")
+
+
+def _dry_run(spec: RunSpec, world: int) -> None:
+    cfg = spec.config(world) if world > 1 else replace(spec, ep_size=1).config(1)
+    with torch.device("meta"):
+        layer = MoELayer(cfg.replace(ep_size=1)) if cfg.ep_size == 1 else None
+    print(f"{spec.preset}: {cfg.num_experts} experts (k={cfg.top_k}, {cfg.expert}), d_model={cfg.d_model}, "
+          f"d_ff={cfg.d_ff}, {spec.shape.tokens} tokens/rank, capacity={spec.capacity()}, ep_size={cfg.ep_size}; "
+          f"per rank: expert weights {weight_bytes(spec, world) / 2**30:.2f} GiB, all-to-all "
+          f"{spec.a2a_bytes() / 2**20:.1f} MiB, expert fwd+bwd {spec.expert_flops(world) / 1e12:.2f} TFLOP"
+          + ("; layer built on meta" if layer is not None else ""))
+
+
+def _run_layer(spec: RunSpec, ranks: int, threads: int, progress: bool = True) -> Optional[dict[str, Any]]:
+    """Measure one spec on ``ranks`` ranks; the JSON-ready record (on rank 0) or None."""
+    per_rank = launch(layer_bench.measure, ranks, spec, progress, threads_per_rank=threads)
+    if per_rank is None:
+        return None
+    world = len(per_rank)
+    timings = layer_bench.reduce_ranks(per_rank)
+    found = layer_bench.ratios(timings)
+    first = per_rank[0]
+    return {"config": {**spec.describe(), "ranks": world, "threads_per_rank": threads,
+                       "backend": first["backend"], "device": first["device"]},
+            "timings_ms": timings, "ratios": found, "excess_over_floor_ms": layer_bench.excess_over_floor(timings),
+            "targets": layer_bench.targets(spec, world, first["device"], found),
+            "deepspeed": first["deepspeed"], "autoep": first["autoep"], "gpu_checks": first["gpu_checks"],
+            "telemetry": [r["telemetry"] for r in per_rank], "copy_gbps": first["copy_gbps"]}
+
+
+def _print_layer(record: dict[str, Any]) -> None:
+    cfg, timings, found = record["config"], record["timings_ms"], record["ratios"]
+    print(f"\n{cfg['preset']}: {cfg['ranks']} rank(s) ({cfg['backend']}, {cfg['device']}), {cfg['dtype']}, "
+          f"{cfg['shape']['tokens']} tokens/rank, capacity {cfg['capacity']}")
+    for step, phases in timings.items():
+        parts = "  ".join(f"{name} {value['median']:.2f}" for name, value in phases.items() if name != "total")
+        total = phases["total"]
+        print(f"  {step:10} {total['median']:9.2f} ms  [p25 {total['p25']:.2f}, p75 {total['p75']:.2f}]  {parts}")
+    print("  " + "  ".join(f"{k} {v:.3f}" for k, v in found.items() if v is not None))
+    if record["excess_over_floor_ms"]:
+        print("  above the floor (ms): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in record["excess_over_floor_ms"].items()))
+    for target in record["targets"]:
+        verdict = "met" if target["met"] else f"MISSED by {100 * (target['missed_by'] or 0):.1f}%"
+        print(f"  target {target['target']}: {target['measured']:.3f} -> {verdict}")
+    print(f"  deepspeed: {record['deepspeed']}; autoep: {record['autoep']}")
+
+
+def cmd_layer(args: argparse.Namespace) -> None:
+    for name in args.preset:
+        spec = spec_from_args(args, name)
+        if args.dry_run:
+            _dry_run(spec, args.ranks)
+            continue
+        record = _run_layer(spec, args.ranks, args.threads_per_rank)
+        if record is not None:
+            _print_layer(record)
+            tag = f"{name}-r{record['config']['ranks']}-{spec.dtype}-{record['config']['device'].split(':')[0]}"
+            print(f"  -> {results.write('layer', tag, record, args.out)}")
+
+
+def cmd_scaling(args: argparse.Namespace) -> None:
+    """Weak (tokens per rank fixed) or strong (global tokens fixed) scaling over rank counts."""
+    for name in args.preset:
+        base = spec_from_args(args, name)
+        tag = f"{args.mode}-{name}-{base.dtype}"
+        previous = results.load_dir("scaling", args.out)
+        points = [p for r in previous if r["name"] == tag and under_torchrun() for p in r["points"]]
+        global_tokens = args.global_tokens or base.shape.tokens * max(args.ranks_list)
+        sizes = world_sizes(args.ranks_list)
+        for ranks in tqdm(sizes, desc=f"{args.mode} scaling {name}", disable=len(sizes) == 1):
+            tokens = base.shape.tokens if args.mode == "weak" else global_tokens // ranks
+            spec = replace(base, shape=replace(base.shape, tokens=tokens), ep_size=None)
+            if args.dry_run:
+                _dry_run(spec, ranks)
+                continue
+            record = _run_layer(spec, ranks, args.threads_per_rank, progress=False)
+            if record is not None:
+                points = [p for p in points if p["config"]["ranks"] != record["config"]["ranks"]] + [record]
+        if points and not args.dry_run:
+            points.sort(key=lambda p: p["config"]["ranks"])
+            path = results.write("scaling", tag, {"mode": args.mode, "global_tokens": global_tokens,
+                                                  "points": points}, args.out)
+            for p in points:
+                print(f"  {p['config']['ranks']} rank(s), {p['config']['shape']['tokens']} tokens/rank: "
+                      f"layer {p['timings_ms']['layer']['total']['median']:.2f} ms, floor "
+                      f"{p['timings_ms']['floor']['total']['median']:.2f} ms, "
+                      f"ours/floor {p['ratios']['ours_over_floor']:.3f}")
+            print(f"  -> {path}")
+
+
+def cmd_model(args: argparse.Namespace) -> None:
+    from . import costmodel
+    costmodel.main(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from . import plots
+    for path in plots.plot_all(args.out, args.figures):
+        print(path)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    for name, shape in SHAPES.items():
+        print(f"{name:20} d_model={shape.d_model} d_ff={shape.d_ff} experts={shape.experts} "
+              f"k={shape.top_k} expert={shape.expert} tokens/rank={shape.tokens}")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The CLI's parser (subcommands ``layer``, ``scaling``, ``model``, ``plot``, ``presets``)."""
+    root = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+    layer = sub.add_parser("layer", help="ours vs floor vs DeepSpeed, with the phase breakdown")
+    _common(layer, SMALL)
+    layer.add_argument("--ranks", type=int, default=2, help="spawned gloo ranks (ignored under torchrun)")
+    layer.set_defaults(fn=cmd_layer)
+    scaling = sub.add_parser("scaling", help="weak or strong scaling over rank counts")
+    _common(scaling, ["mixtral-small"])
+    scaling.add_argument("--mode", choices=("weak", "strong"), default="weak")
+    scaling.add_argument("--ranks-list", type=int, nargs="+", default=[1, 2, 4])
+    scaling.add_argument("--global-tokens", type=int, help="strong scaling: tokens over all ranks")
+    scaling.set_defaults(fn=cmd_scaling, no_phases=True)
+    model = sub.add_parser("model", help="alpha-beta cost model: calibrate on results, predict 8-1024 GPUs")
+    from .costmodel import add_arguments
+    add_arguments(model)
+    model.set_defaults(fn=cmd_model)
+    plot = sub.add_parser("plot", help="PNG plots of the results")
+    plot.add_argument("--out", help="results folder (default benchmarks/results)")
+    plot.add_argument("--figures", nargs="+", default=["phases", "compare", "scaling", "model"])
+    plot.set_defaults(fn=cmd_plot)
+    presets = sub.add_parser("presets", help="list the shape presets")
+    presets.set_defaults(fn=cmd_presets)
+    return root
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    args.fn(args)

@@ -1,0 +1,118 @@
+"""How the demo job steps and checkpoints: plain torch (AdamW, gradient all-reduce, per-rank
+checkpoint files) or the DeepSpeed engine (ZeRO, bf16, engine checkpoints)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from expert_parallel import RoutingStats
+from expert_parallel.comm import ExpertGroups, reduce_gradients
+
+
+def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
+    """Next-token cross-entropy (fp32), the summed aux loss and every MoE layer's stats."""
+    logits, aux_loss, stats = model(inputs)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return loss, aux_loss.float(), stats
+
+
+class TorchBackend:
+    """AdamW; dense gradients averaged over the world, expert gradients over their replicas.
+
+    Checkpoints are ``OUT/checkpoint/rank<R>.pt`` (model, optimizer, step, RNG state).
+    """
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, groups: ExpertGroups, rank: int,
+                 world: int, ep_size: int) -> None:
+        self.model, self.groups = model, groups
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        self.path = Path(args.out) / "checkpoint" / f"rank{rank}.pt"
+        self.layout = {"world_size": world, "ep_size": ep_size}
+
+    def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
+        """One optimizer step; returns the (detached) loss, aux loss and stats."""
+        loss, aux_loss, stats = lm_loss(self.model, inputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss + aux_loss).backward()
+        reduce_gradients(self.model, self.groups)
+        self.optimizer.step()
+        return loss.detach(), aux_loss.detach(), stats
+
+    def save(self, step: int) -> None:
+        """Write this rank's checkpoint atomically (a crash mid-save never leaves a torn file)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
+                 "rng": torch.get_rng_state(), **self.layout}
+        torch.save(state, self.path.with_suffix(".tmp"))
+        os.replace(self.path.with_suffix(".tmp"), self.path)
+
+    def load(self) -> int:
+        """Restore this rank's checkpoint; returns the step to continue from."""
+        if not self.path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.path}; train without --resume first")
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        saved = {key: state[key] for key in self.layout}
+        if saved != self.layout:
+            raise ValueError(f"--resume: checkpoint was written with {saved}, this job has {self.layout}; "
+                             "resume with the same world size and ep size")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])  # the routing noise continues where it stopped
+        return state["step"]
+
+
+class DeepSpeedBackend:
+    """``deepspeed.initialize`` with the JSON config of ``--deepspeed-config``; the client AdamW
+    runs on DeepSpeed's MoE parameter groups. Checkpoints are engine checkpoints in
+    ``OUT/checkpoint`` (per-expert files), resumed from the latest tag."""
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, world: int) -> None:
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        config = json.loads(Path(args.deepspeed_config).read_text())
+        config["train_micro_batch_size_per_gpu"] = args.batch_size
+        config["gradient_accumulation_steps"] = 1
+        config.pop("train_batch_size", None)
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(model.parameters()), "name": "parameters"})
+        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.directory = Path(args.out) / "checkpoint"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the engine keeps the model."""
+        return self.engine.device
+
+    def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
+        """One engine step (ZeRO reduces and clips as configured)."""
+        loss, aux_loss, stats = lm_loss(self.engine, inputs, targets)
+        self.engine.backward(loss + aux_loss)
+        self.engine.step()
+        return loss.detach(), aux_loss.detach(), stats
+
+    def save(self, step: int) -> None:
+        """Engine checkpoint tagged ``step<N>``, with every rank's RNG state as client state."""
+        # the engine writes client state from rank 0 only: gather the other ranks' RNG into it
+        rng_states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(rng_states, torch.get_rng_state())
+        self.engine.save_checkpoint(str(self.directory), tag=f"step{step}",
+                                    client_state={"step": step, "rng": rng_states})
+
+    def load(self) -> int:
+        """Load the latest engine checkpoint; returns the step to continue from."""
+        if not (self.directory / "latest").exists():
+            raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {self.directory}; train without "
+                                    "--resume first")
+        _, client_state = self.engine.load_checkpoint(str(self.directory))
+        torch.set_rng_state(client_state["rng"][dist.get_rank()])
+        return client_state["step"]
