@@ -120,3 +120,24 @@ def test_a_dying_rank_ends_the_job_with_a_message(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "rank 1 failed" in result.stderr
     assert time.perf_counter() - start < 60
+
+
+def test_deepspeed_launcher_zero2_bf16_trains_and_resumes(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+
+    def deepspeed(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+        return _run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), "--module",
+                     "launch.train", "--out", str(out), "--steps", str(steps), "--log-every", "10",
+                     "--ckpt-every", "20", "--deepspeed-config", "launch/ds_zero2_bf16.json", *SMALL, *extra])
+
+    result = deepspeed(full, 30)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _assert_trained(full)
+    assert json.loads((full / "summary.json").read_text())["deepspeed"] is True
+    assert (full / "checkpoint" / "step30").is_dir()  # an engine checkpoint, per-expert files
+    assert list((full / "checkpoint" / "step30").glob("layer_*_expert_*_model_states.pt"))
+    assert deepspeed(resumed, 20).returncode == 0
+    result = deepspeed(resumed, 30, "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [r["loss"] for r in _metrics(resumed)] == [r["loss"] for r in _metrics(full)]
