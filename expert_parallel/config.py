@@ -9,8 +9,15 @@ from typing import Optional
 EXPERT_KINDS = ("ffn", "swiglu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 SECOND_POLICIES = ("random", "all", "threshold", "gumbel")
-# router name -> the top_k it requires (None: any 1 <= top_k <= num_experts)
-ROUTER_TOP_K = {"gshard": 2, "switch": 1, "deepspeed": None}
+NO_TOP_K = 0
+# router name -> the top_k it requires: a number, None (any 1 <= top_k <= num_experts; unset means
+# min(2, num_experts)), or NO_TOP_K (the router takes none: its K columns are the E experts)
+ROUTER_TOP_K = {"gshard": 2, "switch": 1, "deepspeed": None, "topk": None, "noisy_topk": None,
+                "soft": NO_TOP_K, "expert_choice": NO_TOP_K}
+DEFAULT_TOP_K = 2
+# losses a router may report (Routing.losses) -> the config field that weighs them
+LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
+                "importance": "importance_loss_weight", "load": "load_loss_weight"}
 
 
 def _fail(field: str, value: object, fix: str) -> None:
@@ -21,20 +28,27 @@ def _fail(field: str, value: object, fix: str) -> None:
 class MoEConfig:
     """Configuration of one MoE layer; validated once in ``__post_init__``.
 
+    See docs/routers.md for every router, its paper, formula and cost.
+
     Args:
         d_model: model width D; the layer maps ``[..., D] -> [..., D]``.
-        d_ff: hidden width F of every expert.
-        num_experts: global number of experts E (all ranks together).
-        top_k: choices per token K (``gshard`` needs 2, ``switch`` needs 1, ``deepspeed`` any).
-        router: routing algorithm name: ``"gshard"``, ``"switch"``, or ``"deepspeed"``
-            (DeepSpeed's ``TopKGate``: its top-1, top-2 and top-k gating, capacity formula and
-            renormalisation; see ``routing/deepspeed_gating.py``).
+        d_ff: hidden width F of every routed expert.
+        num_experts: global number of routed experts E (all ranks together).
+        top_k: choices per token K. ``None`` (default) means the router's own: ``switch`` 1,
+            ``gshard`` 2, ``topk`` / ``noisy_topk`` / ``deepspeed`` ``min(2, num_experts)``;
+            ``soft`` and ``expert_choice`` take no ``top_k`` (it stays ``None``).
+        router: ``"gshard"`` (GShard top-2), ``"switch"`` (Switch top-1), ``"topk"`` (softmax,
+            top-k; Mixtral, DeepSeekMoE, ST-MoE), ``"noisy_topk"`` (Shazeer et al. 2017),
+            ``"soft"`` (every token to every expert, Jacobs et al. 1991), ``"expert_choice"``
+            (each expert picks its tokens, Zhou et al. 2022) or ``"deepspeed"`` (DeepSpeed's
+            ``TopKGate``; see ``routing/deepspeed_gating.py``).
         second_policy: second-expert policy: ``"random"`` (GShard) dispatches the 2nd choice iff
             ``2 * g2 > u`` with ``u ~ U(0, 1)``; ``"all"`` always; ``"threshold"`` iff
             ``g2 > second_threshold``; ``"gumbel"`` (``deepspeed`` top-2 only) samples the 2nd
             expert by Gumbel-max over the logits and always dispatches it.
         second_threshold: threshold of the ``"threshold"`` policy, in ``[0, 0.5]``.
-        capacity_factor: slots per expert relative to an even split, in training.
+        capacity_factor: slots per expert relative to an even split, in training (for
+            ``expert_choice``: each expert picks ``ceil(S * capacity_factor / E)`` tokens).
         eval_capacity_factor: the same in eval mode.
         min_capacity: lower bound on the capacity.
         capacity: a fixed capacity C; removes the capacity all-reduce and every host sync.
@@ -43,15 +57,25 @@ class MoEConfig:
         expert: ``"ffn"`` (Linear-act-Linear) or ``"swiglu"``.
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"`` (ffn experts only).
         expert_bias: give experts biases ``b1 [E_local, F]``, ``b2 [E_local, D]``.
-        aux_loss_weight: weight of the load-balancing loss in ``MoEOutput.aux_loss``.
+        aux_loss_weight: weight of the load-balancing loss in ``MoEOutput.aux_loss`` (routers
+            that have one: switch, gshard, topk, deepspeed).
         ep_size: expert-parallel group size; ``num_experts`` must be a multiple of it.
         check_finite: raise ``ValueError`` on NaN/inf router logits (costs a host sync).
-        router_jitter: in training, multiply the router input by ``U(1 - eps, 1 + eps)`` noise
-            (Switch Transformer; DeepSpeed's ``noisy_gate_policy="Jitter"`` is ``0.01``).
+        jitter_eps: in training, multiply the router input by ``U(1 - eps, 1 + eps)`` noise
+            (Switch Transformer; DeepSpeed's ``noisy_gate_policy="Jitter"`` is ``0.01``); any router.
         router_gumbel: in training, pick the first choice by ``argmax(logits + Gumbel)``
             (DeepSpeed's ``noisy_gate_policy="RSample"``; ``deepspeed`` router, top_k=1 only).
         random_token_selection: when an expert overflows, keep a uniformly random subset of its
             tokens instead of the first ones (DeepSpeed's ``use_rts``; ``deepspeed`` top-1 only).
+        gate_after_topk: ``topk`` only: combine weights are the softmax over the k kept logits
+            (Mixtral) instead of the probabilities of a softmax over all experts.
+        normalize_topk: ``topk`` only: divide the k kept probabilities by their sum.
+        z_loss_weight: weight of ST-MoE's router z-loss ``mean(logsumexp(logits)^2)``; any router.
+        importance_loss_weight: ``noisy_topk`` only: weight of ``CV(sum of gates per expert)^2``.
+        load_loss_weight: ``noisy_topk`` only: weight of the smooth load loss ``CV(load)^2``.
+        num_shared_experts: experts every token passes through (DeepSeekMoE), computed densely on
+            every rank and added to the output; 0 disables them.
+        d_ff_shared: hidden width of each shared expert; ``None`` means ``d_ff``.
 
     Raises:
         ValueError: naming the field, its value and the fix, for any invalid combination.
@@ -60,7 +84,7 @@ class MoEConfig:
     d_model: int
     d_ff: int
     num_experts: int
-    top_k: int = 2
+    top_k: Optional[int] = None
     router: str = "gshard"
     second_policy: str = "random"
     second_threshold: float = 0.0
@@ -75,15 +99,20 @@ class MoEConfig:
     aux_loss_weight: float = 0.01
     ep_size: int = 1
     check_finite: bool = False
-    router_jitter: float = 0.0
+    jitter_eps: float = 0.0
     router_gumbel: bool = False
     random_token_selection: bool = False
+    gate_after_topk: bool = False
+    normalize_topk: bool = False
+    z_loss_weight: float = 0.0
+    importance_loss_weight: float = 0.0
+    load_loss_weight: float = 0.0
+    num_shared_experts: int = 0
+    d_ff_shared: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(name, value, "it must be an integer >= 1")
+            _check_int(name, getattr(self, name), 1)
         if self.num_experts % self.ep_size:
             _fail(
                 "num_experts", self.num_experts,
@@ -92,12 +121,7 @@ class MoEConfig:
             )
         if self.router not in ROUTER_TOP_K:
             _fail("router", self.router, f"choose one of {sorted(ROUTER_TOP_K)}")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
-            _fail("top_k", self.top_k, f"it must be between 1 and num_experts={self.num_experts}")
-        required_k = ROUTER_TOP_K[self.router]
-        if required_k is not None and self.top_k != required_k:
-            _fail("top_k", self.top_k, f"router={self.router!r} routes top-{required_k}; "
-                  f"set top_k={required_k}")
+        self._resolve_top_k()
         if self.second_policy not in SECOND_POLICIES:
             _fail("second_policy", self.second_policy, f"choose one of {list(SECOND_POLICIES)}")
         if not 0.0 <= self.second_threshold <= 0.5:
@@ -116,11 +140,36 @@ class MoEConfig:
             _fail("expert", self.expert, f"choose one of {list(EXPERT_KINDS)}")
         if self.activation not in ACTIVATIONS:
             _fail("activation", self.activation, f"choose one of {list(ACTIVATIONS)}")
-        if self.aux_loss_weight < 0:
-            _fail("aux_loss_weight", self.aux_loss_weight, "it must be >= 0")
-        if not 0.0 <= self.router_jitter < 1.0:
-            _fail("router_jitter", self.router_jitter, "it must lie in [0, 1) (0 disables jitter)")
+        for name in LOSS_WEIGHTS.values():
+            if not getattr(self, name) >= 0:  # also rejects NaN
+                _fail(name, getattr(self, name), "it must be >= 0 (0 disables the loss)")
+        if not 0.0 <= self.jitter_eps < 1.0:
+            _fail("jitter_eps", self.jitter_eps, "it must lie in [0, 1) (0 disables jitter)")
+        _check_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.d_ff_shared is not None:
+            _check_int("d_ff_shared", self.d_ff_shared, 1)
+            if not self.num_shared_experts:
+                _fail("d_ff_shared", self.d_ff_shared, "it sizes shared experts, and "
+                      "num_shared_experts=0; set num_shared_experts >= 1 or d_ff_shared=None")
         self._check_router_variants()
+
+    def _resolve_top_k(self) -> None:
+        """Fill in the router's own ``top_k`` when it is unset; check one that is set."""
+        required_k = ROUTER_TOP_K[self.router]
+        if required_k == NO_TOP_K:
+            if self.top_k is not None:
+                _fail("top_k", self.top_k, f"router={self.router!r} takes no top_k (its choices are "
+                      "the experts themselves; capacity_factor sets how many tokens an expert "
+                      "takes); leave top_k unset (None)")
+            return
+        if self.top_k is None:  # frozen dataclass: the one place we set a field
+            object.__setattr__(self, "top_k", required_k or min(DEFAULT_TOP_K, self.num_experts))
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) \
+                or not 1 <= self.top_k <= self.num_experts:
+            _fail("top_k", self.top_k, f"it must be between 1 and num_experts={self.num_experts}")
+        if required_k is not None and self.top_k != required_k:
+            _fail("top_k", self.top_k, f"router={self.router!r} routes top-{required_k}; "
+                  f"set top_k={required_k}")
 
     def _check_router_variants(self) -> None:
         """Knobs that only some routers implement."""
@@ -132,6 +181,15 @@ class MoEConfig:
         if self.second_policy == "gumbel" and self.router != "deepspeed":
             _fail("second_policy", "gumbel", "it is implemented by router='deepspeed' (top_k=2) only; "
                   f"choose one of {list(SECOND_POLICIES[:3])} for router={self.router!r}")
+        for name, router in (("gate_after_topk", "topk"), ("normalize_topk", "topk"),
+                             ("importance_loss_weight", "noisy_topk"), ("load_loss_weight", "noisy_topk")):
+            value = getattr(self, name)
+            if value and self.router != router:
+                _fail(name, value, f"it is implemented by router={router!r} only (got "
+                      f"router={self.router!r}); leave it at its default or set router={router!r}")
+        if self.router == "soft" and self.capacity is not None:
+            _fail("capacity", self.capacity, "router='soft' sends every token to every expert and "
+                  "never drops one (its capacity is the token count); set capacity=None")
         if self.router != "deepspeed":
             return
         if self.top_k == 2 and self.second_policy not in ("all", "gumbel"):
@@ -146,6 +204,22 @@ class MoEConfig:
         """Experts held by each EP rank: ``num_experts // ep_size``."""
         return self.num_experts // self.ep_size
 
+    @property
+    def num_choices(self) -> int:
+        """Columns K of the router's ``[S, K]`` decision: ``top_k``, or ``num_experts`` for the
+        routers that take none (``soft``, ``expert_choice``: one column per expert)."""
+        return self.num_experts if self.top_k is None else self.top_k
+
+    @property
+    def shared_d_ff(self) -> int:
+        """Hidden width of each shared expert: ``d_ff_shared``, else ``d_ff``."""
+        return self.d_ff if self.d_ff_shared is None else self.d_ff_shared
+
     def replace(self, **changes: object) -> MoEConfig:
         """A copy with ``changes`` applied, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(name, value, f"it must be an integer >= {minimum}")

@@ -13,7 +13,7 @@ from .comm import agree_max, dispatch, expert_groups, lookup, register, undispat
 from .config import MoEConfig
 from .experts import StackedExperts
 from .layout import assign_slots, combine, expert_capacity, kept_weights, pack
-from .routing import Router, route
+from .routing import Router, route, weighted_aux_loss
 from .stats import RoutingStats, routing_stats
 
 
@@ -22,7 +22,8 @@ class MoEOutput(NamedTuple):
 
     Attributes:
         output: ``[..., d_model]``, the input's shape and dtype; dropped tokens give 0.
-        aux_loss: scalar, already multiplied by ``aux_loss_weight``; differentiable.
+        aux_loss: scalar, the router's losses weighted by the config (``aux_loss_weight`` times
+            the load-balancing loss, ``z_loss_weight`` times the z-loss, ...); differentiable.
         stats: ``RoutingStats`` of this batch (detached).
     """
 
@@ -50,7 +51,13 @@ class MoELayer(nn.Module):
 
     Global expert ``e`` is local expert ``e % E_local`` on EP rank ``e // E_local``. Call it with
     ``x [..., d_model]``; it returns ``MoEOutput``. The output of dropped tokens is 0, so wrap it
-    in a residual connection.
+    in a residual connection. Shared experts (``num_shared_experts``) are replicated on every rank
+    and see every token; their sum is added to the routed output.
+
+    Attributes:
+        router: ``Router`` (``router.weight [E, D]``; ``router.noise_weight`` for noisy top-k).
+        experts: this rank's routed experts, ``StackedExperts`` with ``E_local`` experts.
+        shared_experts: ``StackedExperts`` ``[num_shared_experts, D, d_ff_shared]`` or ``None``.
 
     Args:
         cfg: the validated configuration.
@@ -68,18 +75,22 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         # ranks, not the group: the module stays deep-copyable and picklable
         self.ep_ranks = _resolve_ep_ranks(cfg, ep_group)
-        self.router = Router(cfg.d_model, cfg.num_experts, jitter=cfg.router_jitter)
+        self.router = Router.from_config(cfg)
         self.experts = StackedExperts(cfg.num_local_experts, cfg.d_model, cfg.d_ff,
                                       gated=cfg.expert == "swiglu", activation=cfg.activation,
                                       bias=cfg.expert_bias)
+        self.shared_experts = StackedExperts(
+            cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, gated=cfg.expert == "swiglu",
+            activation=cfg.activation, bias=cfg.expert_bias, expert_parallel=False,
+        ) if cfg.num_shared_experts else None
 
     def forward(self, x: Tensor) -> MoEOutput:
         """``x [..., d_model] -> MoEOutput`` (see the class docstring)."""
         self._check_input(x)
         cfg, group = self.cfg, lookup(self.ep_ranks)
         x_SD = x.reshape(-1, cfg.d_model)
-        logits_SE = self.router(x_SD)
-        routing = route(logits_SE, cfg, training=self.training)
+        logits_SE, noise_std_SE = self.router.gate(x_SD)
+        routing = route(logits_SE, cfg, training=self.training, noise_std_SE=noise_std_SE)
         nonfinite = (~torch.isfinite(logits_SE)).any(dim=-1).sum()
         slots = assign_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, routing.priority_SK)
         plan = slots.plan(self._capacity(x_SD.shape[0], slots.count_E, nonfinite, group, routing.capacity))
@@ -88,8 +99,10 @@ class MoELayer(nn.Module):
         expert_out = self.experts(expert_in)
         buffer_ECD = undispatch(expert_out, cfg.ep_size, group)
         y_SD = combine(buffer_ECD, plan, kept_weights(routing.weight_SK, plan, routing.renormalize_kept))
+        if self.shared_experts is not None:
+            y_SD = y_SD + self.shared_experts.dense(x_SD)
         stats = routing_stats(routing, plan, nonfinite)
-        aux_loss = routing.aux_loss * cfg.aux_loss_weight
+        aux_loss = weighted_aux_loss(routing.losses, cfg, routing.probs_SE)
         return MoEOutput(y_SD.view(x.shape).to(x.dtype), aux_loss, stats)
 
     def _capacity(self, num_tokens: int, count_E: Tensor, nonfinite: Tensor,
@@ -123,7 +136,7 @@ class MoELayer(nn.Module):
         if not cfg.drop_tokens or proposed is not None:
             return max(agreed[0], 1)
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        return expert_capacity(agreed[0], cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
+        return expert_capacity(agreed[0], cfg.num_experts, cfg.num_choices, factor, cfg.min_capacity)
 
     def _check_input(self, x: Tensor) -> None:
         """ValueError for input the layer cannot route, before any collective."""

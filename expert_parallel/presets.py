@@ -1,6 +1,11 @@
 """Named configurations from the MoE literature: ``presets.NAME(d_model, d_ff, num_experts,
 **overrides) -> MoEConfig``. A preset is a config, nothing more; every option stays reachable
-through ``MoEConfig`` directly."""
+through ``MoEConfig`` directly, and ``overrides`` win over the preset's values. docs/routers.md
+describes each router and cites the papers.
+
+Placement is the model builder's business, not the layer's: GLaM (and GShard, Switch, ST-MoE)
+put an MoE layer in every other Transformer block and a dense FFN in the others.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,82 @@ from typing import Any, Callable
 from .config import MoEConfig
 
 
+def _config(d_model: int, d_ff: int, num_experts: int, base: dict, overrides: dict) -> MoEConfig:
+    return MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, **{**base, **overrides})
+
+
 def switch(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:
     """Switch Transformer (Fedus et al. 2021): top-1, capacity factor 1.25, aux weight 0.01."""
     base = dict(top_k=1, router="switch", capacity_factor=1.25, eval_capacity_factor=2.0,
                 expert="ffn", activation="relu", aux_loss_weight=0.01)
-    return MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, **{**base, **overrides})
+    return _config(d_model, d_ff, num_experts, base, overrides)
 
 
 def gshard(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:
     """GShard (Lepikhin et al. 2020): top-2 with random second-expert dispatch (``2*g2 > u``)."""
     base = dict(top_k=2, router="gshard", second_policy="random", capacity_factor=1.25,
                 eval_capacity_factor=2.0, expert="ffn", activation="gelu", aux_loss_weight=0.01)
-    return MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, **{**base, **overrides})
+    return _config(d_model, d_ff, num_experts, base, overrides)
 
 
-PRESETS: dict[str, Callable[..., MoEConfig]] = {"switch": switch, "gshard": gshard}
+def shazeer(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:
+    """Sparsely-gated MoE (Shazeer et al. 2017): noisy top-4, ReLU experts, importance and load
+    losses weighted 0.1 each, no capacity drops (the paper has no capacity)."""
+    base = dict(router="noisy_topk", top_k=min(4, num_experts), expert="ffn", activation="relu",
+                drop_tokens=False, aux_loss_weight=0.0, importance_loss_weight=0.1, load_loss_weight=0.1)
+    return _config(d_model, d_ff, num_experts, base, overrides)
+
+
+def glam(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:
+    """GLaM (Du et al. 2022): GShard top-2 gating; the MoE layer goes in every other block (the
+    model builder places it). GLaM's experts are gated-GELU; ``expert="ffn"`` with GELU here."""
+    return gshard(d_model, d_ff, num_experts, **overrides)
+
+
+def st_moe(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:
+    """ST-MoE (Zoph et al. 2022): top-2 on the full softmax, load-balancing loss 1e-2, router
+    z-loss 1e-3, capacity factor 1.25 (2.0 in eval)."""
+    base = dict(router="topk", top_k=2, capacity_factor=1.25, eval_capacity_factor=2.0, expert="ffn",
+                activation="gelu", aux_loss_weight=1e-2, z_loss_weight=1e-3)
+    return _config(d_model, d_ff, num_experts, base, overrides)
+
+
+def mixtral(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:
+    """Mixtral (Jiang et al. 2024): top-2, softmax over the two kept logits, SwiGLU experts, no
+    capacity drops (buffers sized to the fullest expert), load-balancing loss 1e-3 (HF's default)."""
+    base = dict(router="topk", top_k=2, gate_after_topk=True, expert="swiglu", drop_tokens=False,
+                aux_loss_weight=1e-3)
+    return _config(d_model, d_ff, num_experts, base, overrides)
+
+
+def deepseek(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:
+    """DeepSeekMoE (Dai et al. 2024): fine-grained experts (many, small ``d_ff``), top-6 (of 64),
+    2 shared experts of the same width, SwiGLU, unnormalised gates, expert-balance loss 1e-3, no
+    capacity drops. DeepSeekMoE 16B: ``deepseek(2048, 1408, 64)``."""
+    base = dict(router="topk", top_k=min(6, num_experts), num_shared_experts=2, expert="swiglu",
+                drop_tokens=False, aux_loss_weight=1e-3)
+    return _config(d_model, d_ff, num_experts, base, overrides)
+
+
+def expert_choice(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:
+    """Expert-choice routing (Zhou et al. 2022), EC-CF2: each expert picks ``2 * S / E`` tokens;
+    no balancing loss."""
+    base = dict(router="expert_choice", capacity_factor=2.0, eval_capacity_factor=2.0, expert="ffn",
+                activation="gelu", aux_loss_weight=0.0)
+    return _config(d_model, d_ff, num_experts, base, overrides)
+
+
+def soft(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:
+    """Dense soft mixture of experts (Jacobs et al. 1991): every token to every expert, weighted
+    by the softmax gate; no capacity, no drops, no balancing loss."""
+    base = dict(router="soft", expert="ffn", activation="gelu", aux_loss_weight=0.0)
+    return _config(d_model, d_ff, num_experts, base, overrides)
+
+
+PRESETS: dict[str, Callable[..., MoEConfig]] = {
+    "switch": switch, "gshard": gshard, "shazeer": shazeer, "glam": glam, "st_moe": st_moe,
+    "mixtral": mixtral, "deepseek": deepseek, "expert_choice": expert_choice, "soft": soft,
+}
 
 
 def preset(name: str, d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:

@@ -25,6 +25,12 @@ class RoutingStats(NamedTuple):
         load_cv: coefficient of variation (std / mean) of ``tokens_per_expert``.
         capacity: slots per expert (long scalar).
         nonfinite_tokens: tokens whose router logits hold NaN or inf (long scalar).
+
+    For ``soft`` and ``expert_choice`` the K = E columns are the experts, not choice ranks:
+    ``k_eff`` is the mean number of experts per token (E for soft, ``E * C / S`` for expert
+    choice), ``tokens_per_expert`` is S (soft) or C (expert choice) for every expert, nothing is
+    dropped, and ``dropped_fraction_by_choice`` / ``second_dispatched_fraction`` refer to experts
+    0 and 1.
     """
 
     tokens_per_expert: Tensor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,10 @@ class StackedExperts(nn.Module):
     """``num_experts`` independent FFN (or SwiGLU) experts held as stacked tensors.
 
     Weights: ``w1 [E, D, F]``, ``w2 [E, F, D]``, ``w3 [E, D, F]`` (SwiGLU only), optional
-    biases ``b1 [E, F]``, ``b2 [E, D]``. Every parameter is marked ``expert_parallel = True`` so a
-    data-parallel wrapper reduces it over the expert-data-parallel group only.
+    biases ``b1 [E, F]``, ``b2 [E, D]``. With ``expert_parallel`` (routed experts, sharded over
+    the EP group) every parameter is marked ``expert_parallel = True`` so a data-parallel wrapper
+    reduces it over the expert-data-parallel group only; shared experts (replicated on every rank,
+    ``expert_parallel=False``) stay unmarked and are reduced over the whole world.
 
     Args:
         num_experts: experts held here (``E_local`` inside a layer).
@@ -30,20 +33,21 @@ class StackedExperts(nn.Module):
         gated: SwiGLU (``silu(x w1) * (x w3)``) instead of ``act(x w1)``.
         activation: name in ``ACTIVATION_FNS`` (ignored when ``gated``).
         bias: add ``b1`` and ``b2``.
+        expert_parallel: mark the parameters as sharded expert weights (see above).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool = False,
-                 activation: str = "gelu", bias: bool = False) -> None:
+                 activation: str = "gelu", bias: bool = False, expert_parallel: bool = True) -> None:
         super().__init__()
         self.activation = "silu" if gated else activation
+        self.sharded = expert_parallel
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if gated else None
         self.b1 = nn.Parameter(torch.empty(num_experts, d_ff)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self.reset_parameters()
-        for param in self.parameters():
-            param.expert_parallel = True
+        self._mark()
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s default init, expert by expert: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
@@ -53,21 +57,46 @@ class StackedExperts(nn.Module):
             bound = 1.0 / math.sqrt(fan_in[name])
             nn.init.uniform_(param, -bound, bound)
 
+    def _mark(self) -> None:
+        if getattr(self, "sharded", True):
+            for param in self.parameters():
+                param.expert_parallel = True
+
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy rebuilds every Parameter without its attributes: mark them again
         super().__setstate__(state)
-        for param in self.parameters():
-            param.expert_parallel = True
+        self._mark()
 
     def forward(self, x_END: Tensor) -> Tensor:
-        """Apply expert ``e`` to row block ``e``: ``[E, N, D] -> [E, N, D]``."""
-        hidden_ENF = torch.bmm(x_END, self.w1)
-        if self.b1 is not None:
-            hidden_ENF = hidden_ENF + self.b1.unsqueeze(1)
-        hidden_ENF = ACTIVATION_FNS[self.activation](hidden_ENF)
-        if self.w3 is not None:
-            hidden_ENF = hidden_ENF * torch.bmm(x_END, self.w3)
-        out_END = torch.bmm(hidden_ENF, self.w2)
-        if self.b2 is not None:
-            out_END = out_END + self.b2.unsqueeze(1)
-        return out_END
+        """Apply expert ``e`` to row block ``e``: ``[E, N, D] -> [E, N, D]`` (batched matmuls)."""
+        b1 = None if self.b1 is None else self.b1.unsqueeze(1)
+        b2 = None if self.b2 is None else self.b2.unsqueeze(1)
+        return self._ffn(x_END, self.w1, self.w3, self.w2, b1, b2)
+
+    def dense(self, x_SD: Tensor) -> Tensor:
+        """Every token through every expert, summed: ``[S, D] -> [S, D]``, ``sum_e expert_e(x)``.
+
+        Computed as one wide FFN of hidden width ``E * F`` (the activation is element-wise, so
+        ``sum_e act(x w1_e) w2_e = act(x [w1_0 .. w1_E]) [w2_0; ..; w2_E]``): two or three plain
+        matmuls, no ``[E, S, D]`` intermediate. This is how shared experts run.
+        """
+        num_experts, d_model, d_ff = self.w1.shape
+        w1_DH = self.w1.transpose(0, 1).reshape(d_model, num_experts * d_ff)
+        w3_DH = None if self.w3 is None else self.w3.transpose(0, 1).reshape(d_model, num_experts * d_ff)
+        b1 = None if self.b1 is None else self.b1.reshape(-1)
+        b2 = None if self.b2 is None else self.b2.sum(dim=0)
+        return self._ffn(x_SD, w1_DH, w3_DH, self.w2.reshape(num_experts * d_ff, d_model), b1, b2)
+
+    def _ffn(self, x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, b1: Optional[Tensor],
+             b2: Optional[Tensor]) -> Tensor:
+        """``act(x @ w1 + b1) [* (x @ w3)] @ w2 + b2`` for matching (batched or plain) shapes."""
+        hidden = x @ w1
+        if b1 is not None:
+            hidden = hidden + b1
+        hidden = ACTIVATION_FNS[self.activation](hidden)
+        if w3 is not None:
+            hidden = hidden * (x @ w3)
+        out = hidden @ w2
+        if b2 is not None:
+            out = out + b2
+        return out

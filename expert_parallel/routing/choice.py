@@ -1,7 +1,7 @@
 """Token-choice routers: logits -> chosen experts, combine weights, dispatch mask.
 
-Each router is a pure function ``(logits_SE, cfg, uniform_S, training) -> Routing``; adding one is a
-function here plus an entry in ``routing.ROUTERS`` and ``config.ROUTER_TOP_K``.
+Each router is a pure function ``(logits_SE, cfg, uniform_S, training, noise_std_SE) -> Routing``;
+adding one is a function plus an entry in ``routing.ROUTERS`` and ``config.ROUTER_TOP_K``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .types import Routing
 
 
 def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-                training: bool = True) -> Routing:
+                training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
     """Switch Transformer top-1: the combine weight is the router probability of the choice.
 
     Args:
@@ -25,6 +25,7 @@ def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
         cfg: the layer config (unused knobs ignored).
         uniform_S: unused (top-1 draws nothing).
         training: unused (the same routing in training and eval).
+        noise_std_SE: unused (only ``noisy_topk`` adds logit noise).
 
     Returns:
         ``Routing`` with ``K = 1``.
@@ -33,11 +34,11 @@ def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
     weight_S1, expert_S1 = probs_SE.max(dim=-1, keepdim=True)
     active_S1 = torch.ones_like(expert_S1, dtype=torch.bool)
     aux = load_balance_loss(probs_SE, expert_S1[:, 0])
-    return Routing(expert_S1, weight_S1, active_S1, probs_SE, aux)
+    return Routing(expert_S1, weight_S1, active_S1, probs_SE, {"load_balance": aux})
 
 
 def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-                training: bool = True) -> Routing:
+                training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
     """GShard top-2 with the second-expert policy of ``cfg`` (GShard Algorithm 1).
 
     ``g1, g2 = p1 / (p1 + p2), p2 / (p1 + p2)``. Policy ``random`` dispatches the second choice
@@ -49,6 +50,7 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
         cfg: supplies ``second_policy`` and ``second_threshold``.
         uniform_S: ``U(0, 1)`` draws ``[S]`` for the ``random`` policy; drawn if ``None``.
         training: unused (the policy draws in training and eval alike).
+        noise_std_SE: unused (only ``noisy_topk`` adds logit noise).
 
     Returns:
         ``Routing`` with ``K = 2``: column 0 the first choice, column 1 the second.
@@ -72,4 +74,36 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
         second_S = torch.ones_like(g2_S, dtype=torch.bool)
     active_S2 = torch.stack([torch.ones_like(second_S), second_S], dim=1)
     aux = load_balance_loss(probs_SE, expert_S2[:, 0])
-    return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, aux)
+    return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, {"load_balance": aux})
+
+
+def topk(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
+         training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
+    """Softmax top-k (Mixtral, DeepSeekMoE, ST-MoE): every one of the k choices is dispatched.
+
+    ``probs = softmax(logits)`` over all experts; the k largest are kept (``torch.topk``, in
+    descending order). Combine weights: the kept probabilities; with ``cfg.normalize_topk``
+    divided by their sum; with ``cfg.gate_after_topk`` the softmax over the k kept logits
+    (Mixtral; mathematically equal to the normalised probabilities). Load-balancing loss
+    ``E * sum_e(f_e * P_e)`` with ``f_e`` the share of all ``S * k`` choices that went to ``e``.
+
+    Args:
+        logits_SE: router logits ``[S, E]``.
+        cfg: supplies ``top_k``, ``normalize_topk``, ``gate_after_topk``.
+        uniform_S, training, noise_std_SE: unused (deterministic).
+
+    Returns:
+        ``Routing`` with ``K = top_k``, column k the (k+1)-th largest probability.
+    """
+    logits_SE = logits_SE.float()
+    probs_SE = torch.softmax(logits_SE, dim=-1)
+    prob_SK, expert_SK = probs_SE.topk(cfg.top_k, dim=-1)
+    if cfg.gate_after_topk:
+        weight_SK = torch.softmax(logits_SE.gather(-1, expert_SK), dim=-1)
+    elif cfg.normalize_topk:
+        weight_SK = prob_SK / prob_SK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    else:
+        weight_SK = prob_SK
+    active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
+    losses = {"load_balance": load_balance_loss(probs_SE, expert_SK)}
+    return Routing(expert_SK, weight_SK, active_SK, probs_SE, losses)

@@ -86,7 +86,7 @@ def deepspeed_top1(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
         priority_S1 = _kept_first(kept_S1)
     expert_S1 = expert_S.unsqueeze(1)
     return Routing(expert_S1, gates_SE.gather(1, expert_S1), torch.ones_like(expert_S1, dtype=torch.bool),
-                   gates_SE, aux_loss, priority_S1, renormalize_kept=False, capacity=capacity)
+                   gates_SE, {"load_balance": aux_loss}, priority_S1, renormalize_kept=False, capacity=capacity)
 
 
 def deepspeed_top2(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> Routing:
@@ -111,7 +111,7 @@ def deepspeed_top2(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
         capacity = deepspeed_capacity(num_tokens, num_experts, 2, factor, cfg.min_capacity)
     expert_S2 = torch.stack([first_S, second_S], dim=1)
     return Routing(expert_S2, gates_SE.gather(1, expert_S2), torch.ones_like(expert_S2, dtype=torch.bool),
-                   gates_SE, aux_loss, None, renormalize_kept=True, capacity=capacity)
+                   gates_SE, {"load_balance": aux_loss}, None, renormalize_kept=True, capacity=capacity)
 
 
 def deepspeed_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> Routing:
@@ -135,12 +135,12 @@ def deepspeed_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
         chosen_CE = torch.topk(masked_gates_SE, k=min(capacity, num_tokens), dim=0, sorted=False)[1]
         selected_SE = torch.zeros_like(gates_SE, dtype=torch.bool).scatter_(0, chosen_CE, True)
         priority_SK = _kept_first(selected_SE.gather(1, expert_SK))
-    return Routing(expert_SK, gate_SK, torch.ones_like(expert_SK, dtype=torch.bool), gates_SE, aux_loss,
-                   priority_SK, renormalize_kept=True, capacity=capacity)
+    return Routing(expert_SK, gate_SK, torch.ones_like(expert_SK, dtype=torch.bool), gates_SE,
+                   {"load_balance": aux_loss}, priority_SK, renormalize_kept=True, capacity=capacity)
 
 
 def deepspeed_gating(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-                     training: bool = True) -> Routing:
+                     training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
     """DeepSpeed's ``TopKGate``: top-1 for ``k = 1``, top-2 for ``k = 2``, top-k otherwise.
 
     Args:
@@ -151,6 +151,7 @@ def deepspeed_gating(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tens
             seeded runs of both libraries sample alike.
         training: picks ``capacity_factor`` or ``eval_capacity_factor``; ``router_gumbel`` noise
             applies in training only.
+        noise_std_SE: unused (DeepSpeed's noise is Gumbel or jitter).
 
     Returns:
         ``Routing`` with ``K = top_k``.

@@ -1,11 +1,15 @@
-"""The router's learned projection."""
+"""The router's learned projections."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..config import MoEConfig
 
 
 class Router(nn.Module):
@@ -15,25 +19,45 @@ class Router(nn.Module):
         d_model: ``D``.
         num_experts: ``E``.
         jitter: in training, multiply the input by ``U(1 - jitter, 1 + jitter)`` noise first
-            (0 disables it).
+            (Switch Transformer's input jitter; 0 disables it).
+        noisy: add ``noise_weight`` for noisy top-k gating (Shazeer et al. 2017).
 
     Attributes:
         weight: ``[num_experts, d_model]``, replicated on every rank (dense parameter).
+        noise_weight: ``[num_experts, d_model]`` or ``None``; the noise scale is
+            ``softplus(x @ noise_weight.T)``. Initialised to zero, as in the paper.
     """
 
-    def __init__(self, d_model: int, num_experts: int, jitter: float = 0.0) -> None:
+    def __init__(self, d_model: int, num_experts: int, jitter: float = 0.0, noisy: bool = False) -> None:
         super().__init__()
         self.jitter = jitter
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         bound = 1.0 / math.sqrt(d_model)
         nn.init.uniform_(self.weight, -bound, bound)
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model)) if noisy else None
+
+    @classmethod
+    def from_config(cls, cfg: MoEConfig) -> Router:
+        """The router ``cfg`` asks for (jitter, and a noise projection for ``noisy_topk``)."""
+        return cls(cfg.d_model, cfg.num_experts, jitter=cfg.jitter_eps, noisy=cfg.router == "noisy_topk")
 
     def forward(self, x_SD: Tensor) -> Tensor:
         """``[S, D] -> [S, E]`` fp32 logits (fp32 so softmax and top-k are stable in bf16 runs)."""
+        return self.gate(x_SD)[0]
+
+    def gate(self, x_SD: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """``[S, D] -> (logits [S, E], noise std [S, E] or None)``, both fp32.
+
+        The noise std ``softplus(x @ noise_weight.T)`` is computed in training only (and only
+        with a ``noise_weight``); the jittered input feeds both projections.
+        """
         x_SD = x_SD.float()
         if self.jitter and self.training:
             # the draw DeepSpeed's multiplicative_jitter makes: low + U(0, 1) * (high - low), in fp32
             low, high = torch.tensor(1.0 - self.jitter), torch.tensor(1.0 + self.jitter)
             uniform_SD = torch.rand(x_SD.shape, device=x_SD.device)
             x_SD = x_SD * (low.to(x_SD.device) + uniform_SD * (high - low).to(x_SD.device))
-        return x_SD @ self.weight.float().t()
+        logits_SE = x_SD @ self.weight.float().t()
+        if self.noise_weight is None or not self.training:
+            return logits_SE, None
+        return logits_SE, F.softplus(x_SD @ self.noise_weight.float().t())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 from torch import Tensor
 
@@ -13,17 +13,21 @@ class Routing:
     """What a router decided for ``S`` tokens and ``K`` choices per token.
 
     Attributes:
-        expert_SK: chosen global expert ids ``[S, K]`` (long); column k is the k-th choice.
+        expert_SK: chosen global expert ids ``[S, K]`` (long); column k is the k-th choice (for
+            ``soft`` and ``expert_choice``, K = E and column k is expert k).
         weight_SK: combine weights ``[S, K]`` (fp32); 0 where a choice is not dispatched.
         active_SK: ``[S, K]`` bool, the choice is dispatched (before capacity is applied).
         probs_SE: router probabilities ``[S, E]`` (fp32).
-        aux_loss: unweighted load-balancing loss, scalar.
+        losses: the router's unweighted auxiliary losses (scalars) by name: ``"load_balance"``,
+            ``"z"``, ``"importance"``, ``"load"``; ``losses.weighted_aux_loss`` applies the
+            config's weights (``config.LOSS_WEIGHTS``).
         priority_SK: optional ``[S, K]`` slot priority (smaller first inside an expert); ``None``
             means choice-major, then token order.
         renormalize_kept: divide each token's weights by their sum over the choices that
             survive capacity (DeepSpeed's top-2/top-k); GShard and Switch keep them as they are.
         capacity: optional capacity the router derived for this batch (DeepSpeed's formula from
-            the local token count); the layer agrees on its maximum over the EP group and uses it
+            the local token count; the local token count for ``soft``; the tokens each expert
+            picked for ``expert_choice``); the layer agrees on its maximum over the EP group and uses it
             instead of its own formula. ``None``: the layer's formula.
     """
 
@@ -31,7 +35,13 @@ class Routing:
     weight_SK: Tensor
     active_SK: Tensor
     probs_SE: Tensor
-    aux_loss: Tensor
+    losses: Mapping[str, Tensor]
     priority_SK: Optional[Tensor] = None
     renormalize_kept: bool = False
     capacity: Optional[int] = None
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """The unweighted load-balancing loss (0 for routers without one)."""
+        loss = self.losses.get("load_balance")
+        return self.probs_SE.new_zeros(()) if loss is None else loss

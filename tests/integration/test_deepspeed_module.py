@@ -88,7 +88,7 @@ def test_deepspeed_options_map_onto_the_config():
     assert cfg.router == "deepspeed" and cfg.router_gumbel and cfg.random_token_selection
     cfg = MoE(D_MODEL, make_expert("mlp"), num_experts=4, k=2, noisy_gate_policy="Jitter",
               top2_2nd_expert_sampling=False, drop_tokens=False).deepspeed_moe.cfg
-    assert (cfg.second_policy, cfg.router_jitter, cfg.drop_tokens, cfg.aux_loss_weight) == ("all", 0.01, False, 1.0)
+    assert (cfg.second_policy, cfg.jitter_eps, cfg.drop_tokens, cfg.aux_loss_weight) == ("all", 0.01, False, 1.0)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -22,7 +22,7 @@ def _config(**overrides) -> MoEConfig:
     (dict(top_k=5, router="switch"), r"top_k=5 .*between 1 and num_experts=4"),
     (dict(top_k=1), r"top_k=1 .*router='gshard' routes top-2; set top_k=2"),
     (dict(top_k=3), r"top_k=3 .*router='gshard' routes top-2"),
-    (dict(router="switch"), r"top_k=2 .*router='switch' routes top-1; set top_k=1"),
+    (dict(router="switch", top_k=2), r"top_k=2 .*router='switch' routes top-1; set top_k=1"),
     (dict(d_model=0), r"d_model=0 .*integer >= 1"),
     (dict(d_ff=-3), r"d_ff=-3 .*integer >= 1"),
     (dict(num_experts=0), r"num_experts=0 .*integer >= 1"),

@@ -59,8 +59,9 @@ class DeepSpeedMoELayer(MoELayer):
         self.cfg = cfg
         self.ep_ranks: Optional[tuple[int, ...]] = None
         with torch.random.fork_rng(devices=[]):
-            self.router = Router(cfg.d_model, cfg.num_experts, jitter=cfg.router_jitter)
+            self.router = Router.from_config(cfg)
         self.experts = experts
+        self.shared_experts = None  # DeepSpeed's MoE has none (its use_residual is separate)
         self.register_state_dict_post_hook(_router_to_gate)
         self.register_load_state_dict_pre_hook(_gate_to_router)
 
@@ -97,7 +98,8 @@ class MoE(deepspeed.moe.layer.MoE):
 
     Keyword-only extras:
         router: ``"deepspeed"`` (default: DeepSpeed's gating, same math), or one of the core's
-            routers (``"gshard"``, ``"switch"``).
+            token-choice routers (``"gshard"``, ``"switch"``, ``"topk"``, ``"noisy_topk"``; see
+            docs/routers.md).
         second_policy, second_threshold: GShard's second-expert policy (``router="gshard"``).
         check_finite: see ``MoEConfig``.
         expert_impl: ``"auto"`` (stacked when the expert is recognised), ``"stacked"`` (raise
@@ -142,7 +144,7 @@ class MoE(deepspeed.moe.layer.MoE):
             min_capacity=min_capacity, drop_tokens=drop_tokens, aux_loss_weight=1.0, ep_size=ep_size,
             expert=spec.kind if spec else "ffn", activation=spec.activation if spec else "gelu",
             expert_bias=spec.bias if spec else False, check_finite=check_finite,
-            router_jitter=JITTER_EPSILON if noisy_gate_policy == "Jitter" else 0.0,
+            jitter_eps=JITTER_EPSILON if noisy_gate_policy == "Jitter" else 0.0,
             **_router_options(router, k, noisy_gate_policy, use_rts, top2_2nd_expert_sampling,
                               second_policy, second_threshold),
         )
