@@ -13,32 +13,11 @@ import importlib.util
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
+
+from expert_parallel.experts import plain_expert
 
 from .shapes import RunSpec
-
-
-class SwiGLU(nn.Module):
-    """``w2(silu(w1 x) * w3 x)``, bias-free: one expert as DeepSpeed's MoE expects it."""
-
-    def __init__(self, d_model: int, d_ff: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(d_model, d_ff, bias=False)
-        self.w3 = nn.Linear(d_model, d_ff, bias=False)
-        self.w2 = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-def _expert(spec: RunSpec) -> nn.Module:
-    shape = spec.shape
-    if shape.expert == "swiglu":
-        return SwiGLU(shape.d_model, shape.d_ff)
-    activation = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}[shape.activation]
-    return nn.Sequential(nn.Linear(shape.d_model, shape.d_ff, bias=False), activation,
-                         nn.Linear(shape.d_ff, shape.d_model, bias=False))
 
 
 def deepspeed_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Optional[nn.Module], str]:
@@ -51,7 +30,8 @@ def deepspeed_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Opti
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     shape = spec.shape
-    layer = MoE(shape.d_model, _expert(spec), num_experts=shape.experts, ep_size=spec.ep_size or world,
+    expert = plain_expert(shape.expert, shape.activation, shape.d_model, shape.d_ff)
+    layer = MoE(shape.d_model, expert, num_experts=shape.experts, ep_size=spec.ep_size or world,
                 k=shape.top_k, capacity_factor=spec.capacity_factor,
                 eval_capacity_factor=spec.capacity_factor, min_capacity=4, drop_tokens=True,
                 use_rts=False, top2_2nd_expert_sampling=False)

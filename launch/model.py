@@ -10,34 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expert_parallel import MoEConfig, MoELayer, MoEOutput, RoutingStats
+from expert_parallel.experts import plain_expert
 
 FFNFactory = Callable[[MoEConfig], nn.Module]
-
-
-ACTIVATION_MODULES: dict[str, Callable[[], nn.Module]] = {
-    "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU}
-
-
-class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``: the expert module of SwiGLU presets on the DeepSpeed path."""
-
-    def __init__(self, d_model: int, d_ff: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d_model, d_ff, bias=False)
-        self.up = nn.Linear(d_model, d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[..., D] -> [..., D]``."""
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-def expert_module(cfg: MoEConfig) -> nn.Module:
-    """One expert as a plain module (DeepSpeed's ``expert`` argument) matching ``cfg``."""
-    if cfg.expert == "swiglu":
-        return SwiGLU(cfg.d_model, cfg.d_ff)
-    return nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.expert_bias), ACTIVATION_MODULES[cfg.activation](),
-                         nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.expert_bias))
 
 
 class DeepSpeedMoEFFN(nn.Module):
@@ -47,18 +22,23 @@ class DeepSpeedMoEFFN(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         from expert_parallel.integrations.deepspeed import MoE
+        from expert_parallel.integrations.deepspeed.moe import ROUTER_EXTRAS
 
-        self.moe = MoE(hidden_size=cfg.d_model, expert=expert_module(cfg), num_experts=cfg.num_experts,
-                       ep_size=cfg.ep_size, k=cfg.top_k, capacity_factor=cfg.capacity_factor,
+        expert = plain_expert(cfg.expert, cfg.activation, cfg.d_model, cfg.d_ff, cfg.expert_bias)
+        self.moe = MoE(hidden_size=cfg.d_model, expert=expert, num_experts=cfg.num_experts, ep_size=cfg.ep_size,
+                       k=cfg.top_k, capacity_factor=cfg.capacity_factor,
                        eval_capacity_factor=cfg.eval_capacity_factor, min_capacity=cfg.min_capacity,
-                       drop_tokens=cfg.drop_tokens, router=cfg.router,
-                       second_policy=cfg.second_policy if cfg.router == "gshard" else None)
-        self.aux_loss_weight = cfg.aux_loss_weight
+                       drop_tokens=cfg.drop_tokens, router=cfg.router, check_finite=cfg.check_finite,
+                       second_policy=cfg.second_policy if cfg.router == "gshard" else None,
+                       second_threshold=cfg.second_threshold,
+                       **{name: getattr(cfg, name) for name in ROUTER_EXTRAS})
+        # DeepSpeed's l_aux is the unweighted loss; this model wants the preset's weighted sum
+        inner = self.moe.deepspeed_moe
+        inner.cfg = inner.cfg.replace(aux_loss_weight=cfg.aux_loss_weight)
 
     def forward(self, x: Tensor) -> MoEOutput:
         """``[..., D] -> MoEOutput``; the inner layer's stats, which DeepSpeed's tuple drops."""
-        y, l_aux, stats = self.moe.deepspeed_moe(x)
-        return MoEOutput(y, l_aux * self.aux_loss_weight, stats)
+        return self.moe.deepspeed_moe(x)
 
 
 class Block(nn.Module):

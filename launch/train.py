@@ -82,7 +82,11 @@ def moe_config(args: argparse.Namespace, world_size: int) -> MoEConfig:
     if world_size % ep_size:
         raise ValueError(f"--ep-size {ep_size} does not divide the world size {world_size}; "
                          "choose an ep size that divides it")
-    return preset(args.preset, args.d_model, args.d_ff, args.experts, ep_size=ep_size)
+    cfg = preset(args.preset, args.d_model, args.d_ff, args.experts, ep_size=ep_size)
+    if args.deepspeed_config and (cfg.num_shared_experts or cfg.router in ("soft", "expert_choice")):
+        raise ValueError(f"--preset {args.preset} with --deepspeed-config: DeepSpeed's MoE layer has no shared "
+                         "experts and routes token-choice only; pick another preset or train without DeepSpeed")
+    return cfg
 
 
 def train(args: argparse.Namespace) -> None:

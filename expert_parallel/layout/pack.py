@@ -8,22 +8,6 @@ from torch import Tensor
 from .plan import DispatchPlan
 
 
-def _by_slot(plan: DispatchPlan, values_KS: Tensor, fill: float) -> Tensor:
-    """``[E*C]``: the value of the (token, choice) in each buffer slot; ``fill`` in empty slots.
-
-    Differentiable in ``values_KS`` (a scatter; its backward is a gather). Not-kept entries all
-    land on a scratch row past the end, which is cut off.
-    """
-    num_slots = plan.num_experts * plan.capacity
-    out = values_KS.new_full((num_slots + 1,), fill)
-    return out.scatter(0, plan.flat_index_KS.reshape(-1), values_KS.reshape(-1))[:num_slots]
-
-
-def _token_KS(plan: DispatchPlan) -> Tensor:
-    """``[K, S]``: the token index of every assignment."""
-    return torch.arange(plan.num_tokens, device=plan.flat_index_KS.device).expand_as(plan.flat_index_KS)
-
-
 def pack(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
     """Copy every kept (token, choice) into its slot of the expert buffer.
 
@@ -35,10 +19,9 @@ def pack(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
         ``buffer_ECD [E, C, D]``: empty slots are zero. Differentiable (a gather; its backward
         is an index-add).
     """
-    # source token of every slot; empty slots read the zero row S
-    source_slot = _by_slot(plan, _token_KS(plan), plan.num_tokens)
+    # empty slots read the zero row S
     x_padded = torch.cat([x_SD, x_SD.new_zeros(1, x_SD.shape[1])])
-    buffer = x_padded.index_select(0, source_slot)
+    buffer = x_padded.index_select(0, plan.token_N)
     return buffer.view(plan.num_experts, plan.capacity, x_SD.shape[1])
 
 
@@ -72,7 +55,8 @@ def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor
         ``y_SD [S, D]`` in the buffer's dtype.
     """
     flat_ND = buffer_ECD.reshape(-1, buffer_ECD.shape[-1])
-    token_N = _by_slot(plan, _token_KS(plan), plan.num_tokens)
-    weight_N1 = _by_slot(plan, weight_SK.t().to(buffer_ECD.dtype), 0.0).unsqueeze(-1)
+    # the weight of each slot's (token, choice): a scatter, whose backward is a gather
+    weight_N = weight_SK.new_zeros(flat_ND.shape[0] + 1, dtype=buffer_ECD.dtype).scatter(
+        0, plan.flat_index_KS.reshape(-1), weight_SK.t().reshape(-1).to(buffer_ECD.dtype))[:-1]
     y_SD = flat_ND.new_zeros(plan.num_tokens + 1, flat_ND.shape[1])
-    return y_SD.index_add_(0, token_N, flat_ND * weight_N1)[:plan.num_tokens]
+    return y_SD.index_add_(0, plan.token_N, flat_ND * weight_N.unsqueeze(-1))[:plan.num_tokens]

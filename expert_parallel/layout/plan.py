@@ -31,6 +31,8 @@ class DispatchPlan:
         flat_index_KS: row of the flattened ``[E*C]`` buffer ``[K, S]``; ``E*C`` (one past the
             end, a scratch row) where not kept.
         count_E: dispatched assignments per expert before capacity ``[E]`` (long).
+        token_N: the token in each of the ``E*C`` slots (long); ``S`` marks an empty slot. Pack
+            gathers by it and combine adds back by it.
     """
 
     num_experts: int
@@ -40,6 +42,7 @@ class DispatchPlan:
     kept_KS: Tensor
     flat_index_KS: Tensor
     count_E: Tensor
+    token_N: Tensor
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,14 @@ class SlotAssignment:
         """Cut every expert at ``capacity`` slots: ``slot >= capacity`` is dropped."""
         num_experts = self.count_E.numel()
         kept_KS = (self.expert_KS < num_experts) & (self.slot_KS < capacity)
-        flat_index_KS = torch.where(kept_KS, self.expert_KS * capacity + self.slot_KS,
-                                    num_experts * capacity)
-        return DispatchPlan(num_experts, capacity, self.expert_KS.shape[1], self.slot_KS, kept_KS,
-                            flat_index_KS, self.count_E)
+        num_slots, num_tokens = num_experts * capacity, self.expert_KS.shape[1]
+        flat_index_KS = torch.where(kept_KS, self.expert_KS * capacity + self.slot_KS, num_slots)
+        # not-kept entries all land on a scratch row past the end, which is cut off
+        token_KS = torch.arange(num_tokens, device=flat_index_KS.device).expand_as(flat_index_KS)
+        token_N = flat_index_KS.new_full((num_slots + 1,), num_tokens)
+        token_N = token_N.scatter_(0, flat_index_KS.reshape(-1), token_KS.reshape(-1))[:num_slots]
+        return DispatchPlan(num_experts, capacity, num_tokens, self.slot_KS, kept_KS, flat_index_KS,
+                            self.count_E, token_N)
 
 
 def assign_slots(expert_SK: Tensor, active_SK: Tensor, num_experts: int,

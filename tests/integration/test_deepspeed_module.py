@@ -118,3 +118,15 @@ def test_ep_size_above_one_without_process_group_says_how_to_fix():
     layer = MoE(D_MODEL, make_expert("mlp"), num_experts=4, ep_size=2)
     with pytest.raises(RuntimeError, match="init_distributed"):
         layer(torch.randn(8, D_MODEL))
+
+
+def test_core_router_options_pass_through_and_unknown_ones_are_named() -> None:
+    from expert_parallel.integrations.deepspeed import MoE
+
+    expert = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    moe = MoE(8, expert, num_experts=4, k=2, router="topk", gate_after_topk=True, z_loss_weight=1e-3)
+    assert moe.deepspeed_moe.cfg.gate_after_topk and moe.deepspeed_moe.cfg.z_loss_weight == 1e-3
+    with pytest.raises(ValueError, match="num_shared_experts=2"):
+        MoE(8, expert, num_experts=4, k=2, router="topk", num_shared_experts=2)
+    with pytest.raises(ValueError, match="jitter_eps=0.1"):
+        MoE(8, expert, num_experts=4, k=1, noisy_gate_policy="Jitter", jitter_eps=0.1)

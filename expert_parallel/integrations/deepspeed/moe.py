@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import deepspeed
 import deepspeed.comm
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
 JITTER_EPSILON = 0.01  # DeepSpeed's multiplicative_jitter default
 EXPERT_IMPLS = ("auto", "stacked", "generic")
+ROUTER_EXTRAS = ("gate_after_topk", "normalize_topk", "jitter_eps", "z_loss_weight", "importance_loss_weight",
+                 "load_loss_weight")
 
 
 class DeepSpeedMoELayer(MoELayer):
@@ -102,6 +104,10 @@ class MoE(deepspeed.moe.layer.MoE):
             docs/routers.md).
         second_policy, second_threshold: GShard's second-expert policy (``router="gshard"``).
         check_finite: see ``MoEConfig``.
+        **router_options: further ``MoEConfig`` routing fields for the core's routers:
+            ``gate_after_topk``, ``normalize_topk``, ``jitter_eps``, ``z_loss_weight``,
+            ``importance_loss_weight``, ``load_loss_weight``. Weighted losses other than the
+            load balance are added to ``l_aux``.
         expert_impl: ``"auto"`` (stacked when the expert is recognised), ``"stacked"`` (raise
             if it is not) or ``"generic"``.
 
@@ -118,8 +124,15 @@ class MoE(deepspeed.moe.layer.MoE):
                  enable_expert_tensor_parallelism: bool = False,
                  top2_2nd_expert_sampling: Optional[bool] = None, *, router: str = "deepspeed",
                  second_policy: Optional[str] = None, second_threshold: float = 0.0,
-                 check_finite: bool = False, expert_impl: str = "auto") -> None:
+                 check_finite: bool = False, expert_impl: str = "auto", **router_options: Any) -> None:
         nn.Module.__init__(self)  # DeepSpeed's __init__ would build its own gate and experts
+        for option in router_options:
+            if option not in ROUTER_EXTRAS:
+                _fail(option, router_options[option], f"MoE takes DeepSpeed's arguments plus {list(ROUTER_EXTRAS)}; "
+                      "shared experts and non-token-choice routers need expert_parallel.MoELayer")
+        if "jitter_eps" in router_options and noisy_gate_policy == "Jitter":
+            _fail("jitter_eps", router_options["jitter_eps"], "noisy_gate_policy='Jitter' already sets it; "
+                  "pass one of the two")
         if use_tutel:
             _fail("use_tutel", use_tutel, "our dispatch does not use Tutel kernels; remove use_tutel")
         if enable_expert_tensor_parallelism:
@@ -144,7 +157,7 @@ class MoE(deepspeed.moe.layer.MoE):
             min_capacity=min_capacity, drop_tokens=drop_tokens, aux_loss_weight=1.0, ep_size=ep_size,
             expert=spec.kind if spec else "ffn", activation=spec.activation if spec else "gelu",
             expert_bias=spec.bias if spec else False, check_finite=check_finite,
-            jitter_eps=JITTER_EPSILON if noisy_gate_policy == "Jitter" else 0.0,
+            **{"jitter_eps": JITTER_EPSILON if noisy_gate_policy == "Jitter" else 0.0, **router_options},
             **_router_options(router, k, noisy_gate_policy, use_rts, top2_2nd_expert_sampling,
                               second_policy, second_threshold),
         )
