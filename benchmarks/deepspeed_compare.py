@@ -13,15 +13,17 @@ over N gloo ranks (``ep_size = N``) and the slowest rank's time counts.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from expert_parallel.spawn import run_ranks
+
+from .timing import alternate, timed
 
 # (tokens, d_model, d_ff, experts, k)
 DEFAULT_SHAPES = [(2048, 256, 1024, 8, 1), (2048, 256, 1024, 8, 2), (4096, 512, 2048, 8, 2),
@@ -50,13 +52,9 @@ def _layers(shape: tuple[int, ...], ep_size: int, generic: bool) -> dict[str, nn
     return layers
 
 
-def _step(layer: nn.Module, x: torch.Tensor) -> float:
-    dist.barrier()
-    start = time.perf_counter()
+def _fwd_bwd(layer: nn.Module, x: torch.Tensor) -> None:
     y, l_aux, _ = layer(x)
     (y.float().pow(2).mean() + l_aux).backward()
-    dist.barrier()
-    return time.perf_counter() - start
 
 
 def _bench(rank: int, world: int, shapes: list[tuple[int, ...]], args: argparse.Namespace) -> list[dict]:
@@ -65,13 +63,10 @@ def _bench(rank: int, world: int, shapes: list[tuple[int, ...]], args: argparse.
         torch.manual_seed(0)
         layers = _layers(shape, world, args.generic)
         x = torch.randn(shape[0], shape[1], requires_grad=True)
-        times: dict[str, list[float]] = {name: [] for name in layers}
-        for i in range(args.warmup + args.iters):
-            for name, layer in layers.items():
-                elapsed = _step(layer, x)
-                if i >= args.warmup:
-                    times[name].append(elapsed)
-        rows.append({"shape": shape, **{name: statistics.median(t) * 1e3 for name, t in times.items()}})
+        steps = {name: timed(functools.partial(_fwd_bwd, layer, x), x.device) for name, layer in layers.items()}
+        # the barrier lines the ranks up before every step, so each times the same exchange
+        samples = alternate(steps, args.warmup, args.iters, before_each=dist.barrier)
+        rows.append({"shape": shape, **{name: statistics.median(s["total"]) for name, s in samples.items()}})
     return rows
 
 

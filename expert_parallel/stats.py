@@ -78,6 +78,6 @@ def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor
         second_dispatched_fraction=second,
         k_eff=dispatched_K.sum() / tokens,
         load_cv=load_cv,
-        capacity=torch.tensor(plan.capacity, device=count_E.device),
+        capacity=plan.count_E.new_full((), plan.capacity),  # a fill, not a host-to-device copy
         nonfinite_tokens=nonfinite_tokens,
     )

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..counting import count_ids
+
 
 @dataclass(frozen=True)
 class DispatchPlan:
@@ -95,7 +97,7 @@ def assign_slots(expert_SK: Tensor, active_SK: Tensor, num_experts: int,
     order_N = torch.arange(bucket_N.numel(), device=bucket_N.device)
     if priority_SK is not None:
         order_N = torch.sort(priority_SK.t().reshape(-1), stable=True).indices
-    count_with_sentinel = torch.bincount(bucket_N, minlength=num_experts + 1)
+    count_with_sentinel = count_ids(bucket_N, num_experts + 1)
     start_E = torch.cumsum(count_with_sentinel, 0) - count_with_sentinel
     sorted_bucket_N, by_bucket_N = torch.sort(bucket_N[order_N], stable=True)
     order_N = order_N[by_bucket_N]

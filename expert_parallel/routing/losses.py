@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..config import LOSS_WEIGHTS, MoEConfig
+from ..counting import count_ids
 
 
 def load_balance_loss(probs_SE: Tensor, expert_S: Tensor) -> Tensor:
@@ -24,7 +25,7 @@ def load_balance_loss(probs_SE: Tensor, expert_S: Tensor) -> Tensor:
         perfectly uniform router.
     """
     num_tokens, num_experts = probs_SE.shape
-    fraction_E = torch.bincount(expert_S.reshape(-1), minlength=num_experts).to(probs_SE.dtype)
+    fraction_E = count_ids(expert_S, num_experts).to(probs_SE.dtype)
     fraction_E = fraction_E / max(expert_S.numel(), 1)
     mean_prob_E = probs_SE.sum(dim=0) / max(num_tokens, 1)
     return num_experts * torch.dot(fraction_E, mean_prob_E)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import MoEConfig
+from ..counting import count_ids
 from .losses import cv_squared
 from .types import Routing
 
@@ -70,7 +71,7 @@ def noisy_topk(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = 
     if noisy and top_k < num_experts:
         load_E = smooth_load(clean_SE, noisy_SE, noise_std_SE.float(), top_SJ, top_k)
     else:
-        load_E = torch.bincount(expert_SK.reshape(-1), minlength=num_experts).to(clean_SE.dtype)
+        load_E = count_ids(expert_SK, num_experts).to(clean_SE.dtype)
     losses = {"importance": cv_squared(importance_E), "load": cv_squared(load_E)}
     active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
     return Routing(expert_SK, weight_SK, active_SK, torch.softmax(noisy_SE, dim=-1), losses)

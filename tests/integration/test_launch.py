@@ -141,3 +141,14 @@ def test_deepspeed_launcher_zero2_bf16_trains_and_resumes(tmp_path: Path) -> Non
     result = deepspeed(resumed, 30, "--resume")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [r["loss"] for r in _metrics(resumed)] == [r["loss"] for r in _metrics(full)]
+
+
+def test_a_rendezvous_that_never_completes_ends_within_its_join_timeout(tmp_path: Path) -> None:
+    start = time.perf_counter()  # node 1 of 2 never comes
+    result = _run([*TORCHRUN, "--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "lonely",
+                   "--rdzv-conf", "join_timeout=5", "-m", "launch.train", "--out", str(tmp_path), *STEPS], timeout=120)
+    assert result.returncode != 0
+    assert "RendezvousTimeoutError" in result.stderr
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "metrics.jsonl").exists()
