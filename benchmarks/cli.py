@@ -14,7 +14,7 @@ from expert_parallel import MoELayer
 
 from . import layer as layer_bench
 from . import results
-from .runtime import launch, under_torchrun, world_sizes
+from .runtime import launch, tune_malloc, under_torchrun, world_sizes
 from .shapes import DTYPES, SHAPES, RunSpec, spec_from_args, weight_bytes
 
 SMALL = [name for name in SHAPES if name.endswith("-small")]
@@ -38,6 +38,9 @@ def _common(parser: argparse.ArgumentParser, presets_default: list[str]) -> None
     parser.add_argument("--no-gpu-checks", action="store_true", help="skip the host-sync / CUDA graph checks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="results folder (default benchmarks/results)")
+    parser.add_argument("--malloc-tuning", action="store_true",
+                        help="keep freed memory in glibc's heap in the spawned ranks (both runtimes; see "
+                             "docs/benchmarks.md)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the configs (and the layer on the meta device) without running")
 
@@ -178,4 +181,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    if getattr(args, "malloc_tuning", False):
+        tune_malloc()
     args.fn(args)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from expert_parallel.spawn import run_ranks
 
+from .runtime import malloc_tuned, tune_malloc
 from .timing import alternate, timed
 
 # (tokens, d_model, d_ff, experts, k)
@@ -75,7 +75,7 @@ def _table(rows: list[dict], ranks: int, threads: int) -> str:
     header = f"{'tokens':>6} {'d_model':>7} {'d_ff':>5} {'E':>3} {'k':>2} | " + " ".join(
         f"{name + ' ms':>16}" for name in names) + " | " + " ".join(
         f"{name + '/ds':>16}" for name in names[1:])
-    tuned = ", glibc malloc tuned" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else ""
+    tuned = ", glibc malloc tuned" if malloc_tuned() else ""
     lines = [f"fwd+bwd, median; ranks={ranks} (ep_size={ranks}), {threads} thread(s) per rank, "
              f"torch {torch.__version__}{tuned}", header, "-" * len(header)]
     for row in rows:
@@ -102,9 +102,8 @@ def main() -> None:
                         help="keep freed memory in glibc's heap in the spawned ranks (no page faults "
                              "on large fresh buffers; see docs/deepspeed.md)")
     args = parser.parse_args()
-    if args.malloc_tuning:  # read by glibc when the spawned ranks start
-        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(2 ** 32), MALLOC_TRIM_THRESHOLD_=str(2 ** 32),
-                          MALLOC_TOP_PAD_=str(2 ** 29))
+    if args.malloc_tuning:
+        tune_malloc()
     shapes = DEFAULT_SHAPES if args.tokens is None else [
         (args.tokens, args.d_model, args.d_ff, args.experts, args.k)]
     rows_per_rank = run_ranks(_bench, args.ranks, shapes, args, timeout=1800,

@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 import torch
 
+from .runtime import malloc_tuned
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
 
@@ -54,6 +56,7 @@ def environment() -> dict[str, Any]:
                      "cuda": torch.version.cuda, "deepspeed": _version("deepspeed"),
                      "expert_parallel": _version("expert_parallel"), "git_commit": _commit()},
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "malloc_tuned": malloc_tuned(),
     }
 
 

@@ -21,6 +21,27 @@ from expert_parallel.spawn import run_ranks
 log = logging.getLogger(__name__)
 
 
+MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32),
+                 "MALLOC_TOP_PAD_": str(2 ** 29)}
+
+
+def tune_malloc() -> None:
+    """Keep freed memory in glibc's heap in the ranks spawned from now on.
+
+    glibc serves large buffers with fresh ``mmap`` pages and returns them on free, so a layer that
+    allocates large stacked activations every step page-faults them in again every step; the
+    same layer written as many small per-expert tensors does not. The variables are read by glibc
+    when a process starts, so they apply to spawned ranks, both runtimes alike. ``LD_PRELOAD`` of
+    jemalloc or tcmalloc does the same for a training job.
+    """
+    os.environ.update(MALLOC_TUNING)
+
+
+def malloc_tuned() -> bool:
+    """Whether this process started with ``tune_malloc``'s settings."""
+    return all(os.environ.get(name) == value for name, value in MALLOC_TUNING.items())
+
+
 def under_torchrun() -> bool:
     """True when torchrun (or a launcher like it) set this process's rank."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
