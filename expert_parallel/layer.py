@@ -86,8 +86,13 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor) -> MoEOutput:
         """``x [..., d_model] -> MoEOutput`` (see the class docstring)."""
-        self._check_input(x)
         cfg, group = self.cfg, lookup(self.ep_ranks)
+        error = self._input_error(x)
+        if error is not None:
+            size = self._agreement_size()
+            if size and group is not None:  # the peers are about to all-reduce: let them stop too
+                agree_max([0] * (size - 1) + [1], group)
+            raise ValueError(error)
         x_SD = x.reshape(-1, cfg.d_model)
         logits_SE, noise_std_SE = self.router.gate(x_SD)
         routing = route(logits_SE, cfg, training=self.training, noise_std_SE=noise_std_SE)
@@ -116,18 +121,21 @@ class MoELayer(nn.Module):
         raises together instead of leaving the others hanging in the all-to-all.
         """
         cfg = self.cfg
-        if cfg.capacity is not None:
-            wanted = []
-        elif cfg.drop_tokens:
-            wanted = [num_tokens if proposed is None else proposed]
-        else:
-            wanted = [int(count_E.max()) if count_E.numel() else 0]
+        wanted = []
+        if cfg.capacity is None and cfg.drop_tokens:
+            wanted.append(num_tokens if proposed is None else proposed)
+        elif cfg.capacity is None:
+            wanted.append(int(count_E.max()) if count_E.numel() else 0)
         if cfg.check_finite:
             wanted.append(int(nonfinite))
-        agreed = agree_max(wanted, group) if wanted else []
-        if cfg.check_finite and agreed[-1] > 0:
+        # last entry: set by a rank whose input was invalid (see forward)
+        agreed = agree_max(wanted + [0], group) if self._agreement_size() else []
+        if agreed and agreed[-1] > 0:
+            raise ValueError("another rank of this EP group got invalid MoELayer input (its own error names "
+                             "the problem); every rank stops instead of waiting for it in the all-to-all")
+        if cfg.check_finite and agreed[-2] > 0:
             raise ValueError(
-                f"router logits hold NaN or inf for {agreed[-1]} token(s) on a rank of this EP "
+                f"router logits hold NaN or inf for {agreed[-2]} token(s) on a rank of this EP "
                 "group (check_finite=True); check the input and the learning rate, or set "
                 "check_finite=False to count them in RoutingStats.nonfinite_tokens instead"
             )
@@ -138,16 +146,23 @@ class MoELayer(nn.Module):
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         return expert_capacity(agreed[0], cfg.num_experts, cfg.num_choices, factor, cfg.min_capacity)
 
-    def _check_input(self, x: Tensor) -> None:
-        """ValueError for input the layer cannot route, before any collective."""
+    def _agreement_size(self) -> int:
+        """Entries of the per-batch all-reduce (capacity input, non-finite count, invalid-input
+        flag); 0 when the capacity is fixed and ``check_finite`` is off: then there is none."""
+        size = (self.cfg.capacity is None) + self.cfg.check_finite
+        return size + 1 if size else 0
+
+    def _input_error(self, x: Tensor) -> Optional[str]:
+        """Why the layer cannot route ``x`` (a message naming the fix), or ``None``."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"MoELayer input must be a floating-point tensor, got {kind}; "
-                             "pass activations of shape [..., d_model]")
+            return (f"MoELayer input must be a floating-point tensor, got {kind}; pass activations of "
+                    "shape [..., d_model]")
         if x.dim() == 0 or x.shape[-1] != self.cfg.d_model:
-            raise ValueError(f"MoELayer input has shape {tuple(x.shape)}, but its last dimension must "
-                             f"be d_model={self.cfg.d_model}; reshape the input or fix MoEConfig.d_model")
+            return (f"MoELayer input has shape {tuple(x.shape)}, but its last dimension must be "
+                    f"d_model={self.cfg.d_model}; reshape the input or fix MoEConfig.d_model")
         weight_dtype = next(self.experts.parameters()).dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"MoELayer input dtype {x.dtype} differs from the expert weights' "
-                             f"{weight_dtype}; cast the layer (layer.to({x.dtype})) or use autocast")
+            return (f"MoELayer input dtype {x.dtype} differs from the expert weights' {weight_dtype}; "
+                    f"cast the layer (layer.to({x.dtype})) or use autocast")
+        return None

@@ -72,6 +72,8 @@ def misconfigure(rank: int, world_size: int) -> dict:
     outcomes["pair-group-for-ep-size-4"] = _attempt(
         lambda: MoELayer(_cfg(ep_size=4), ep_group=pairs[rank // 2]))
     outcomes["wrong-d-model-on-every-rank"] = _attempt(lambda: MoELayer(_cfg())(torch.randn(3, 5)))
+    width = 5 if rank == NAN_RANK else 8  # one rank's input is wrong, its EP peer's is fine
+    outcomes["wrong-d-model-on-one-rank"] = _attempt(lambda: MoELayer(_cfg())(torch.randn(3, width)))
     for name, changes in CHECK_FINITE.items():
         outcomes[f"nan-{name}"] = _attempt(_nonfinite_forward(rank, float("nan"), **changes))
     outcomes["inf"] = _attempt(_nonfinite_forward(rank, float("inf")))
@@ -106,6 +108,14 @@ def test_nonfinite_input_on_one_rank_raises_on_its_whole_ep_group(results, attem
         assert kind == "ValueError", f"rank {rank}: {kind} {text}"
         assert "1 token(s)" in text and "check_finite" in text, f"rank {rank}: {text}"
     assert outcomes[2] == outcomes[3] == ("ok", ""), "the other EP group has finite input"
+
+
+def test_invalid_input_on_one_rank_stops_its_ep_peer_instead_of_hanging_it(results):
+    outcomes = [res["outcomes"]["wrong-d-model-on-one-rank"] for res in results]
+    peer = 1 - NAN_RANK
+    assert outcomes[NAN_RANK][0] == "ValueError" and "must be d_model=8" in outcomes[NAN_RANK][1]
+    assert outcomes[peer][0] == "ValueError" and "another rank of this EP group" in outcomes[peer][1]
+    assert outcomes[2] == outcomes[3] == ("ok", ""), "the other EP group has valid input"
 
 
 def test_nonfinite_tokens_are_counted_and_spare_other_ranks_when_not_checked(results):
