@@ -42,26 +42,29 @@ from launch.model import DeepSpeedMoEFFN, MoETransformerLM
 METRIC_KEYS = ("loss", "aux_loss", "drop_fraction", "k_eff", "load_cv")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in ``--help``, and the module docstring's layout kept."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag with its default (``--help`` shows them)."""
-    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="metrics and checkpoints go here")
     parser.add_argument("--steps", type=int, default=300, help="total training steps")
     parser.add_argument("--preset", default="gshard", choices=sorted(PRESETS), help="MoE router preset")
-    parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: world size)")
+    parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size; None means the world size")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks to spawn when started plainly")
     parser.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
                         help="auto: nccl with CUDA, else gloo")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (global)")
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--d-ff", type=int, default=256)
+    parser.add_argument("--d-model", type=int, default=64, help="model width")
+    parser.add_argument("--d-ff", type=int, default=256, help="hidden width of every expert and dense FFN")
     parser.add_argument("--layers", type=int, default=4, help="blocks; every other one is MoE")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--seq-len", type=int, default=64, help="characters per sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="weights, data order and routing noise")
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
     parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")

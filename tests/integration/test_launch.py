@@ -152,3 +152,16 @@ def test_a_rendezvous_that_never_completes_ends_within_its_join_timeout(tmp_path
     assert "RendezvousTimeoutError" in result.stderr
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_help_lists_every_flag_with_its_default() -> None:
+    from launch.train import build_parser
+
+    result = _run([sys.executable, "-m", "launch.train", "--help"], timeout=60)
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            name = action.option_strings[0]
+            assert name in help_text
+            assert f"(default: {action.default})" in help_text, f"{name} shows no default"
