@@ -16,6 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+class RankError(RuntimeError):
+    """A spawned rank raised; the message holds every failing rank's traceback."""
+
+
 def free_port() -> int:
     """A TCP port on localhost that is free right now."""
     with socket.socket() as sock:
@@ -47,7 +51,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks.
 
     ``fn`` must be a module-level function; its return values (picklable) come back ordered by
-    rank. Raises ``AssertionError`` with every failing rank's traceback, or ``TimeoutError``
+    rank. Raises ``RankError`` with every failing rank's traceback, or ``TimeoutError``
     naming the ranks that did not finish within ``timeout`` seconds (they are killed).
     """
     ctx = mp.get_context("spawn")
@@ -74,5 +78,5 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
                 proc.kill()
     failures = {rank: value for rank, (ok, value) in outcomes.items() if not ok}
     if failures:
-        raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items())))
+        raise RankError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items())))
     return [torch.load(io.BytesIO(outcomes[rank][1]), weights_only=False) for rank in range(world_size)]
