@@ -1,0 +1,46 @@
+"""With a fixed capacity the forward never reads a tensor back to the host.
+
+On a GPU every such read (``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``) is a
+device sync that breaks CUDA-graph capture. The CPU cannot observe syncs, so this test makes
+every host read raise during the forward and backward instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expert_parallel import MoEConfig, MoELayer
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    def forbidden(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read Tensor.{name} in a fixed-capacity forward")
+        return read
+
+    def install():
+        for name in HOST_READS:
+            monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    return install
+
+
+@pytest.mark.parametrize("options", [
+    dict(router="gshard", second_policy="random"),
+    dict(router="switch"),
+    dict(router="topk", top_k=3, gate_after_topk=True, z_loss_weight=1e-3),
+    dict(router="noisy_topk", top_k=2, importance_loss_weight=0.1, load_loss_weight=0.1),
+    dict(router="expert_choice"),
+    dict(router="topk", top_k=2, num_shared_experts=1, expert="swiglu", jitter_eps=0.01),
+], ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_fixed_capacity_forward_and_backward_read_nothing_back(no_host_reads, options):
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=8, capacity=6, **options))
+    x = torch.randn(4, 10, 16, requires_grad=True)
+    no_host_reads()
+    y, aux_loss, stats = layer(x)
+    (y.sum() + aux_loss).backward()
+    assert y.shape == x.shape  # attribute reads only: shape is host metadata, not a sync
