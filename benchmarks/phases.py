@@ -18,7 +18,7 @@ from torch import Tensor
 from expert_parallel import MoELayer
 from expert_parallel.comm import dispatch, lookup, undispatch
 from expert_parallel.layout import assign_slots, combine, kept_weights, pack
-from expert_parallel.routing import route
+from expert_parallel.routing import route, weighted_aux_loss
 from expert_parallel.stats import routing_stats
 
 from .timing import Clock
@@ -52,10 +52,10 @@ class PhaseMirror:
         cfg, group = layer.cfg, lookup(layer.ep_ranks)
         tape = self._tape = []
         x_SD = x.reshape(-1, cfg.d_model)
-        logits_SE = layer.router(x_SD)
-        routing = route(logits_SE, cfg, training=layer.training)
+        logits_SE, noise_std_SE = layer.router.gate(x_SD)
+        routing = route(logits_SE, cfg, training=layer.training, noise_std_SE=noise_std_SE)
         nonfinite = (~torch.isfinite(logits_SE)).any(dim=-1).sum()
-        aux_loss = routing.aux_loss * cfg.aux_loss_weight
+        aux_loss = weighted_aux_loss(routing.losses, cfg, routing.probs_SE)
         weight_SK, tokens_SD = _cut(routing.weight_SK), _cut(x_SD)
         tape.append(("route", [routing.weight_SK, aux_loss, x_SD], [weight_SK, ONES, tokens_SD]))
         mark("fwd/route")

@@ -16,6 +16,12 @@ from .losses import load_balance_loss
 from .types import Routing
 
 
+def _normalized(prob_SK: Tensor) -> Tensor:
+    """``prob_SK`` divided by its sum over the choices (clamped: underflowing probabilities can
+    sum to 0, and 0/0 would be NaN)."""
+    return prob_SK / prob_SK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
                 training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
     """Switch Transformer top-1: the combine weight is the router probability of the choice.
@@ -61,8 +67,7 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
     runner_up_S = probs_SE.scatter(-1, first_S.unsqueeze(-1), float("-inf")).argmax(dim=-1)
     expert_S2 = torch.stack([first_S, runner_up_S], dim=-1)
     top_p_S2 = probs_SE.gather(-1, expert_S2)
-    # clamp: with underflowing probabilities p1 + p2 can be 0; avoid 0/0
-    weight_S2 = top_p_S2 / top_p_S2.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    weight_S2 = _normalized(top_p_S2)
     g2_S = weight_S2[:, 1]
     if cfg.second_policy == "random":
         if uniform_S is None:
@@ -101,7 +106,7 @@ def topk(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
     if cfg.gate_after_topk:
         weight_SK = torch.softmax(logits_SE.gather(-1, expert_SK), dim=-1)
     elif cfg.normalize_topk:
-        weight_SK = prob_SK / prob_SK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        weight_SK = _normalized(prob_SK)
     else:
         weight_SK = prob_SK
     active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
