@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -53,10 +54,13 @@ class Router(nn.Module):
         """
         x_SD = x_SD.float()
         if self.jitter and self.training:
-            # the draw DeepSpeed's multiplicative_jitter makes: low + U(0, 1) * (high - low), in fp32
-            low, high = torch.tensor(1.0 - self.jitter), torch.tensor(1.0 + self.jitter)
+            # the draw DeepSpeed's multiplicative_jitter makes: low + U(0, 1) * (high - low), with
+            # the bounds and their difference rounded to fp32 as its fp32 tensors round them; held
+            # as Python floats (exact in fp32), so no host tensor is copied to the device
+            low = np.float32(1.0 - self.jitter)
+            span = np.float32(1.0 + self.jitter) - low
             uniform_SD = torch.rand(x_SD.shape, device=x_SD.device)
-            x_SD = x_SD * (low.to(x_SD.device) + uniform_SD * (high - low).to(x_SD.device))
+            x_SD = x_SD * (uniform_SD * float(span) + float(low))
         logits_SE = x_SD @ self.weight.float().t()
         if self.noise_weight is None or not self.training:
             return logits_SE, None

@@ -1,8 +1,10 @@
 """With a fixed capacity the forward never reads a tensor back to the host.
 
 On a GPU every such read (``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``) is a
-device sync that breaks CUDA-graph capture. The CPU cannot observe syncs, so this test makes
-every host read raise during the forward and backward instead.
+device sync that breaks CUDA-graph capture, and so is every tensor built from host data
+(``torch.tensor(...)``, then copied to the device). The CPU cannot observe syncs, so this test
+makes every host read and every ``torch.tensor``/``torch.as_tensor`` raise during the forward and
+backward instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from expert_parallel import MoEConfig, MoELayer
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+HOST_BUILDS = ("tensor", "as_tensor")
 
 
 @pytest.fixture
@@ -22,9 +25,16 @@ def no_host_reads(monkeypatch):
             raise AssertionError(f"host read Tensor.{name} in a fixed-capacity forward")
         return read
 
+    def built_from_host(name):
+        def build(*args, **kwargs):
+            raise AssertionError(f"torch.{name} (a host-to-device copy on GPU) in a fixed-capacity forward")
+        return build
+
     def install():
         for name in HOST_READS:
             monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+        for name in HOST_BUILDS:
+            monkeypatch.setattr(torch, name, built_from_host(name))
     return install
 
 
