@@ -1,5 +1,5 @@
-"""The runtimes we are compared with in the same run: ``deepspeed.moe.layer.MoE`` and the
-reason DeepSpeed's AutoEP path is or is not measured here.
+"""The runtimes we are compared with in the same run: ``deepspeed.moe.layer.MoE`` and DeepSpeed's
+AutoEP (on a one-block Mixtral model), each with the reason when it cannot run.
 
 ``deepspeed_moe`` builds DeepSpeed's MoE with the same shape as our layer: the same experts
 (bias-free FFN or SwiGLU ``nn.Sequential``-style modules, which DeepSpeed runs one by one), the
@@ -10,7 +10,7 @@ and a deterministic second choice (matching our ``second_policy="all"``).
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -39,20 +39,87 @@ def deepspeed_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Opti
     return layer.to(device, spec.torch_dtype), ""
 
 
-def autoep_status(device: torch.device) -> str:
-    """Why DeepSpeed's AutoEP (the ``expert_parallel`` section of a DeepSpeed config: dropless,
-    grouped GEMM) is not measured in this run, or ``""`` where it could be.
+# DeepSpeed 0.19.8's AutoEP reads transformers' output-recorder registry as a plain dict
+# (``registry.get(key, default)``); transformers 5.23 made it a class whose ``get`` takes one
+# argument, and ``deepspeed.initialize`` fails there. 5.1-5.22 work.
+AUTOEP_TRANSFORMERS = ">=5.1,<5.23"
 
-    AutoEP replaces the MoE blocks of a Hugging Face model (``MixtralForCausalLM`` here) inside
-    ``deepspeed.initialize`` and runs its experts with ``torch._grouped_mm`` and Triton kernels,
-    so it needs CUDA and ``transformers``. ``benchmarks/autoep.py`` is the GPU path.
+
+class AutoEPBlock(nn.Module):
+    """DeepSpeed AutoEP's replacement of a Mixtral MoE block, called like our layer:
+    ``x [S, D] -> (y [S, D], aux_loss)``.
+
+    AutoEP's block returns the output alone: the Mixtral model computes its load-balancing loss
+    from the router logits outside the block, so ``aux_loss`` is a constant 0 here and the timed
+    step is the block's forward and backward. ``engine`` is kept so its process groups live on.
+    """
+
+    def __init__(self, block: nn.Module, engine: Any) -> None:
+        super().__init__()
+        self.block = block
+        self.engine = [engine]  # a list: not a submodule, not in parameters()
+
+    def forward(self, x_SD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y_SD = self.block(x_SD.unsqueeze(0)).squeeze(0)
+        return y_SD, y_SD.new_zeros(())
+
+
+def autoep_status(spec: RunSpec) -> str:
+    """Why DeepSpeed's AutoEP cannot be measured for ``spec`` here, or ``""`` where it can.
+
+    AutoEP (the ``expert_parallel`` section of a DeepSpeed config: dropless, grouped GEMM)
+    replaces the MoE blocks of a Hugging Face model inside ``deepspeed.initialize``; it is
+    measured on a one-block ``MixtralForCausalLM`` of the spec's shape, so it needs
+    ``transformers`` and SwiGLU experts. It runs on the CPU (``torch._grouped_mm`` or its
+    sequential expert loop, gloo all-to-alls) as well as on GPUs.
     """
     if importlib.util.find_spec("deepspeed") is None:
         return "deepspeed is not installed"
     if importlib.util.find_spec("deepspeed.module_inject.auto_ep") is None:
         return "this deepspeed has no AutoEP (deepspeed/module_inject/auto_ep.py)"
-    if device.type != "cuda":
-        return "AutoEP needs CUDA (grouped GEMM and Triton kernels); not run on the CPU"
     if importlib.util.find_spec("transformers") is None:
-        return "AutoEP wraps a Hugging Face Mixtral model; transformers is not installed"
+        return f"AutoEP wraps a Hugging Face Mixtral model: pip install 'transformers{AUTOEP_TRANSFORMERS}'"
+    from packaging.version import Version
+    from transformers import __version__ as transformers_version
+
+    if not Version("5.1") <= Version(transformers_version) < Version("5.23"):
+        return (f"transformers {transformers_version} does not work with this AutoEP; pip install "
+                f"'transformers{AUTOEP_TRANSFORMERS}'")
+    shape = spec.shape
+    if shape.expert != "swiglu":
+        return (f"AutoEP is measured on a Mixtral model, whose experts are SwiGLU; preset {spec.preset} "
+                f"has {shape.activation} FFN experts")
+    if spec.dtype == "fp16":
+        return "AutoEP is measured in fp32 and bf16 only (fp16 needs DeepSpeed's loss scaler)"
     return ""
+
+
+def autoep_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Optional[AutoEPBlock], str]:
+    """``(DeepSpeed AutoEP's MoE block or None, why not)`` for ``spec`` on this rank.
+
+    Builds a one-block ``MixtralForCausalLM`` with the spec's ``d_model``, ``d_ff``, experts and
+    top-k, seeded alike on every rank (AutoEP keeps each rank's slice of the full model), and
+    lets ``deepspeed.initialize`` with ``expert_parallel.autoep_size = ep`` replace its MoE block.
+    Routing: softmax top-k, renormalised over the k, no capacity (dropless).
+    """
+    why_not = autoep_status(spec)
+    if why_not:
+        return None, why_not
+    import deepspeed
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    shape, ep = spec.shape, spec.ep_size or world
+    heads = max(1, shape.d_model // 64)
+    config = MixtralConfig(hidden_size=shape.d_model, intermediate_size=shape.d_ff,
+                           num_local_experts=shape.experts, num_experts_per_tok=shape.top_k,
+                           num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=heads,
+                           vocab_size=128, max_position_embeddings=max(shape.tokens, 128))
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        model = MixtralForCausalLM(config).to(device, spec.torch_dtype)
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": spec.dtype == "bf16"},
+                 "expert_parallel": {"enabled": True, "autoep_size": ep, "preset_model": "mixtral"}}
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    return AutoEPBlock(engine.module.model.layers[0].mlp, engine), ""

@@ -1,7 +1,7 @@
 """One configuration, measured side by side in one run: MoELayer forward+backward, its phase
 breakdown, the floor (the expert matmuls alone at full capacity + raw ``all_to_all_single`` of
-the same bytes) and DeepSpeed's MoE on the same shape. Steps alternate round by round, so all
-see the same machine state.
+the same bytes), DeepSpeed's MoE on the same shape and DeepSpeed's AutoEP on a one-block Mixtral
+of that shape (SwiGLU presets). Steps alternate round by round, so all see the same machine state.
 
     python -m benchmarks layer --preset mixtral-small --ranks 2
 """
@@ -21,7 +21,7 @@ from expert_parallel.comm import lookup
 from expert_parallel.telemetry import PowerSampler
 
 from . import gpu_checks
-from .baselines import autoep_status, deepspeed_moe
+from .baselines import autoep_moe, deepspeed_moe
 from .phases import PhaseMirror, check_against_layer
 from .runtime import bench_device
 from .shapes import RunSpec
@@ -104,12 +104,14 @@ def measure(rank: int, world: int, spec: RunSpec, progress: bool = True) -> dict
     floor_experts = copy.deepcopy(layer.experts)
     modules.append(floor_experts)
     steps["floor"] = _floor_step(spec, world, floor_experts, lookup(layer.ep_ranks), device)
-    deepspeed_note = "disabled (--no-deepspeed)"
+    deepspeed_note = autoep_note = "disabled (--no-deepspeed)"
     if spec.deepspeed:
         reference, deepspeed_note = deepspeed_moe(spec, world, device)
-        if reference is not None:
-            modules.append(reference)
-            steps["deepspeed"] = _layer_step(reference, x, device)
+        autoep, autoep_note = autoep_moe(spec, world, device)
+        for name, module in (("deepspeed", reference), ("autoep", autoep)):
+            if module is not None:
+                modules.append(module)
+                steps[name] = _layer_step(module, x, device)
 
     def drop_grads() -> None:
         for module in modules:
@@ -125,7 +127,7 @@ def measure(rank: int, world: int, spec: RunSpec, progress: bool = True) -> dict
         checks = {"sync_free_forward": gpu_checks.sync_free_forward(layer, x),
                   "cuda_graph_forward": gpu_checks.graph_capturable_forward(layer, x)}
     return {"samples": samples, "telemetry": telemetry, "gpu_checks": checks, "device": str(device),
-            "deepspeed": deepspeed_note or "measured", "autoep": autoep_status(device) or "not run here",
+            "deepspeed": deepspeed_note or "measured", "autoep": autoep_note or "measured",
             "copy_gbps": _copy_gbps(device), "backend": dist.get_backend() if dist.is_initialized() else None}
 
 
@@ -160,12 +162,15 @@ def reduce_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ratios(timings: dict[str, dict[str, dict[str, float]]]) -> dict[str, Optional[float]]:
-    """Ours / floor, ours / DeepSpeed and the phase mirror's overhead, from medians."""
+    """Ours / floor, ours / DeepSpeed MoE, ours / DeepSpeed AutoEP and the phase mirror's overhead,
+    from medians (``None`` for a runtime not measured)."""
     med = {step: phases["total"]["median"] for step, phases in timings.items()}
-    out = {"ours_over_floor": med["layer"] / med["floor"],
-           "ours_over_deepspeed": med["layer"] / med["deepspeed"] if "deepspeed" in med else None,
-           "phases_over_layer": med["phases"] / med["layer"] if "phases" in med else None}
-    return out
+
+    def over(other: str) -> Optional[float]:
+        return med["layer"] / med[other] if other in med else None
+    return {"ours_over_floor": over("floor"), "ours_over_deepspeed": over("deepspeed"),
+            "ours_over_autoep": over("autoep"),
+            "phases_over_layer": med["phases"] / med["layer"] if "phases" in med else None}
 
 
 def excess_over_floor(timings: dict[str, dict[str, dict[str, float]]]) -> Optional[dict[str, float]]:

@@ -57,28 +57,32 @@ def plot_phases(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
 
 
 def plot_compare(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
-    """Ours vs floor vs DeepSpeed, median with the interquartile range."""
+    """Ours vs floor vs DeepSpeed MoE vs DeepSpeed AutoEP, median with the interquartile range."""
     if not records:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(3 + 2.2 * len(records), 4.5))
-    steps = [("layer", "ours"), ("floor", "floor"), ("deepspeed", "DeepSpeed MoE")]
+    steps = [("layer", "ours"), ("floor", "floor"), ("deepspeed", "DeepSpeed MoE"), ("autoep", "DeepSpeed AutoEP")]
+    labelled: set[str] = set()
     for i, record in enumerate(records):
         for j, (step, label) in enumerate(steps):
             total = record["timings_ms"].get(step, {}).get("total")
             if total is None:
                 continue
             err = [[total["median"] - total["p25"]], [total["p75"] - total["median"]]]
-            ax.bar(i + (j - 1) * 0.27, total["median"], 0.25, yerr=err, capsize=3,
-                   color=f"C{j}", label=label if i == 0 else None)
+            ax.bar(i + (j - 1.5) * 0.21, total["median"], 0.2, yerr=err, capsize=3,
+                   color=f"C{j}", label=None if label in labelled else label)
+            labelled.add(label)
         ratio = record["ratios"]
         text = f"ours/floor {ratio['ours_over_floor']:.2f}"
         if ratio.get("ours_over_deepspeed"):
             text += f"\nours/DS {ratio['ours_over_deepspeed']:.2f}"
-        ax.annotate(text, (i, 0), xytext=(0, -38), textcoords="offset points", ha="center", fontsize=7)
+        if ratio.get("ours_over_autoep"):
+            text += f"\nours/AutoEP {ratio['ours_over_autoep']:.2f}"
+        ax.annotate(text, (i, 0), xytext=(0, -30), textcoords="offset points", ha="center", va="top", fontsize=7)
     ax.set_xticks(range(len(records)), [_label(r) for r in records], fontsize=8)
     ax.set_ylabel("ms per forward+backward (median, IQR)")
-    ax.set_title("MoE layer: ours vs floor vs DeepSpeed, same run")
+    ax.set_title("MoE layer: ours vs floor vs DeepSpeed (MoE, AutoEP), same run")
     ax.legend(fontsize=8)
     return _save(fig, folder, "compare")
 

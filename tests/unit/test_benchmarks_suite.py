@@ -75,7 +75,8 @@ def test_a_tiny_run_writes_a_complete_json_record(tmp_path):
     loaded = json.loads(path.read_text())
     assert loaded["schema"] == results.SCHEMA and loaded["kind"] == "layer"
     assert {"machine", "versions", "time"} <= set(loaded["environment"])
-    assert loaded["ratios"]["ours_over_floor"] > 0 and loaded["ratios"]["ours_over_deepspeed"] is None
+    assert loaded["ratios"]["ours_over_floor"] > 0
+    assert loaded["ratios"]["ours_over_deepspeed"] is None and loaded["ratios"]["ours_over_autoep"] is None
     assert loaded["telemetry"][0]["available"] is False
     assert results.load_dir("layer", tmp_path)[0]["name"] == "tiny"
 
