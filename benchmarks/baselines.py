@@ -116,9 +116,9 @@ def autoep_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Optiona
                            num_local_experts=shape.experts, num_experts_per_tok=shape.top_k,
                            num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=heads,
                            vocab_size=128, max_position_embeddings=max(shape.tokens, 128))
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(spec.seed)
-        model = MixtralForCausalLM(config).to(device, spec.torch_dtype)
+        model = MixtralForCausalLM(config).to(spec.torch_dtype)  # built in place: GPU shapes are GBs
     ds_config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": spec.dtype == "bf16"},
                  "expert_parallel": {"enabled": True, "autoep_size": ep, "preset_model": "mixtral"}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
