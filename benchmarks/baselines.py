@@ -119,7 +119,10 @@ def autoep_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Optiona
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(spec.seed)
         model = MixtralForCausalLM(config).to(spec.torch_dtype)  # built in place: GPU shapes are GBs
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": spec.dtype == "bf16"},
+    # no "bf16" section even for bf16 runs: the model is cast already, and DeepSpeed's bf16 mode
+    # would build its bf16 optimizer wrapper, which the timed block does not use (and which wants
+    # MoE parameter groups)
+    ds_config = {"train_micro_batch_size_per_gpu": 1,
                  "expert_parallel": {"enabled": True, "autoep_size": ep, "preset_model": "mixtral"}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     return AutoEPBlock(engine.module.model.layers[0].mlp, engine), ""

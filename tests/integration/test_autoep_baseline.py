@@ -57,6 +57,20 @@ def test_autoep_block_matches_a_dropless_mixtral_layer_on_two_ranks():
                                        msg=lambda m, key=key, rank=rank: f"rank {rank} {key}: {m}")
 
 
+def _bf16_step(rank: int, world: int) -> tuple[set, torch.dtype]:
+    block, why_not = autoep_moe(RunSpec(preset="mixtral-test", shape=SHAPE, dtype="bf16"), world, torch.device("cpu"))
+    assert block is not None, why_not
+    x = torch.randn(SHAPE.tokens, SHAPE.d_model, dtype=torch.bfloat16, requires_grad=True)
+    y, aux_loss = block(x)
+    (y.float().sum() + aux_loss).backward()
+    return {p.dtype for p in block.parameters()}, x.grad.dtype
+
+
+def test_autoep_block_builds_and_steps_in_bf16():
+    for dtypes, grad_dtype in run_ranks(_bf16_step, 2, timeout=240):
+        assert dtypes == {torch.bfloat16} and grad_dtype == torch.bfloat16
+
+
 def test_autoep_status_names_why_a_preset_is_not_measured():
     from benchmarks.shapes import SHAPES
 
