@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +20,9 @@ DEFAULT_TOP_K = 2
 # losses a router may report (Routing.losses) -> the config field that weighs them
 LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
+FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", *LOSS_WEIGHTS.values())
+BOOL_FIELDS = ("drop_tokens", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
+               "gate_after_topk", "normalize_topk")
 
 
 def _fail(field: str, value: object, fix: str) -> None:
@@ -113,6 +118,11 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size"):
             _check_int(name, getattr(self, name), 1)
+        for name in FLOAT_FIELDS:
+            _check_number(name, getattr(self, name))
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "it must be True or False")
         if self.num_experts % self.ep_size:
             _fail(
                 "num_experts", self.num_experts,
@@ -129,9 +139,8 @@ class MoEConfig:
         for name in ("capacity_factor", "eval_capacity_factor"):
             if not getattr(self, name) > 0:
                 _fail(name, getattr(self, name), "it must be > 0")
-        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
-            _fail("min_capacity", self.min_capacity, "it must be an integer >= 0")
-        if self.capacity is not None and (not isinstance(self.capacity, int) or self.capacity < 1):
+        _check_int("min_capacity", self.min_capacity, 0)
+        if self.capacity is not None and (not _is_int(self.capacity) or self.capacity < 1):
             _fail("capacity", self.capacity, "use an integer >= 1, or None to derive it per batch")
         if not self.drop_tokens and self.capacity is not None:
             _fail("capacity", self.capacity, "drop_tokens=False sizes the buffers itself; set "
@@ -220,6 +229,16 @@ class MoEConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not _is_int(value) or value < minimum:
         _fail(name, value, f"it must be an integer >= {minimum}")
+
+
+def _check_number(name: str, value: object) -> None:
+    """A finite real number (int or float, not bool); the range is checked per field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        _fail(name, value, "it must be a finite number")

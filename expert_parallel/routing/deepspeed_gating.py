@@ -46,7 +46,10 @@ def _gumbel(shape: torch.Size, device: torch.device) -> Tensor:
 
 
 def _me_ce(gates_SE: Tensor, mask_SE: Tensor) -> Tensor:
-    """``me * ce`` ``[E]``: DeepSpeed's mean gate times mean mask (its aux-loss terms)."""
+    """``me * ce`` ``[E]``: DeepSpeed's mean gate times mean mask (its aux-loss terms); zeros
+    (still in the graph) for no tokens, where DeepSpeed's means would be NaN."""
+    if gates_SE.shape[0] == 0:
+        return gates_SE.sum(dim=0) * 0.0
     return torch.mean(gates_SE, dim=0) * torch.mean(mask_SE.float(), dim=0)
 
 

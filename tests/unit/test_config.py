@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -29,7 +30,15 @@ def _config(**overrides) -> MoEConfig:
     (dict(ep_size=0), r"ep_size=0 .*integer >= 1"),
     (dict(capacity_factor=0.0), r"capacity_factor=0.0 .*> 0"),
     (dict(capacity_factor=-1.0), r"capacity_factor=-1.0 .*> 0"),
-    (dict(capacity_factor=float("nan")), r"capacity_factor=nan .*> 0"),
+    (dict(capacity_factor=float("nan")), r"capacity_factor=nan .*finite number"),
+    (dict(capacity_factor=float("inf")), r"capacity_factor=inf .*finite number"),
+    (dict(capacity_factor="1.25"), r"capacity_factor='1.25' .*finite number"),
+    (dict(jitter_eps=None), r"jitter_eps=None .*finite number"),
+    (dict(z_loss_weight=True), r"z_loss_weight=True .*finite number"),
+    (dict(capacity=True), r"capacity=True .*integer >= 1"),
+    (dict(min_capacity=2.0), r"min_capacity=2.0 .*integer >= 0"),
+    (dict(check_finite="yes"), r"check_finite='yes' .*True or False"),
+    (dict(drop_tokens=1), r"drop_tokens=1 .*True or False"),
     (dict(eval_capacity_factor=0.0), r"eval_capacity_factor=0.0 .*> 0"),
     (dict(router="hash"), r"router='hash' .*choose one of"),
     (dict(expert="moe"), r"expert='moe' .*choose one of"),
@@ -55,6 +64,7 @@ def test_invalid_config_raises_value_error_naming_field_and_value(overrides, pat
     dict(second_policy="threshold", second_threshold=0.5),
     dict(expert="swiglu", expert_bias=True),
     dict(min_capacity=0, aux_loss_weight=0.0),
+    dict(capacity_factor=1, eval_capacity_factor=np.float32(1.5)),  # any finite real number
 ])
 def test_valid_configs_are_accepted(overrides):
     cfg = _config(**overrides)

@@ -127,17 +127,26 @@ def test_bfloat16_layer_returns_bfloat16():
     assert torch.isfinite(out.output).all()
 
 
-def test_zero_tokens_give_empty_output_and_finite_aux_loss():
-    layer = make_layer()
+@pytest.mark.parametrize("options", [
+    dict(), dict(router="switch"), dict(router="topk", top_k=3, z_loss_weight=0.1),
+    dict(router="noisy_topk", importance_loss_weight=0.1, load_loss_weight=0.1),
+    dict(router="expert_choice"), dict(router="deepspeed", top_k=1), dict(router="deepspeed", top_k=2, second_policy="all"),
+    dict(router="deepspeed", top_k=3, aux_loss_weight=1.0),
+], ids=lambda o: "-".join(str(v) for v in o.values()) or "gshard")
+def test_zero_tokens_give_empty_output_and_zero_aux_loss(options):
+    layer = make_layer(**options)
     x = torch.zeros(0, D_MODEL, requires_grad=True)
     y, aux, stats = layer(x)
     assert y.shape == (0, D_MODEL) and y.dtype == x.dtype
-    assert torch.isfinite(aux) and aux.item() == 0.0
+    assert aux.item() == 0.0  # no tokens, no loss: not NaN from a mean over nothing
     (y.sum() + aux).backward()
     assert x.grad.shape == (0, D_MODEL)
     assert stats.tokens_per_expert.tolist() == [0] * NUM_EXPERTS
     assert stats.dropped_fraction.item() == 0.0 and stats.k_eff.item() == 0.0
-    assert stats.capacity.item() == 4  # min_capacity
+
+
+def test_zero_tokens_take_the_minimum_capacity():
+    assert make_layer()(torch.zeros(0, D_MODEL)).stats.capacity.item() == 4  # min_capacity
 
 
 def test_aux_loss_is_weight_times_load_balance_loss():
