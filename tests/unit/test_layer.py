@@ -130,7 +130,8 @@ def test_bfloat16_layer_returns_bfloat16():
 @pytest.mark.parametrize("options", [
     dict(), dict(router="switch"), dict(router="topk", top_k=3, z_loss_weight=0.1),
     dict(router="noisy_topk", importance_loss_weight=0.1, load_loss_weight=0.1),
-    dict(router="expert_choice"), dict(router="deepspeed", top_k=1), dict(router="deepspeed", top_k=2, second_policy="all"),
+    dict(router="expert_choice"), dict(router="deepspeed", top_k=1),
+    dict(router="deepspeed", top_k=2, second_policy="all"),
     dict(router="deepspeed", top_k=3, aux_loss_weight=1.0),
 ], ids=lambda o: "-".join(str(v) for v in o.values()) or "gshard")
 def test_zero_tokens_give_empty_output_and_zero_aux_loss(options):
