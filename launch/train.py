@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -200,6 +201,30 @@ def _run_rank(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def check_flags(args: argparse.Namespace, world_size: int) -> None:
+    """ValueError (one line naming the flag, its value and the fix) for flags the run cannot use."""
+    for flag in ("steps", "nproc", "log_every", "heads", "seq_len", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.layers < 2:
+        raise ValueError(f"--layers {args.layers}: every other block is MoE (the 2nd, 4th, ...), so the "
+                         "model needs --layers >= 2")
+    if args.d_model % args.heads:
+        raise ValueError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}; choose "
+                         "heads that divide the model width")
+    if args.ep_size is not None and args.ep_size < 1:
+        raise ValueError(f"--ep-size {args.ep_size}: must be >= 1 (leave it out for the world size)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr {args.lr}: must be a finite number > 0")
+    if args.ckpt_every < 0 or not args.timeout_s > 0:
+        raise ValueError(f"--ckpt-every {args.ckpt_every} must be >= 0 and --timeout-s {args.timeout_s} > 0")
+    if args.simulate_failure and not re.fullmatch(r"\d+:\d+", args.simulate_failure):
+        raise ValueError(f"--simulate-failure {args.simulate_failure!r}: expected RANK:STEP, e.g. 1:5")
+    moe_config(args, world_size)
+    if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
+        raise ValueError(f"--deepspeed-config {args.deepspeed_config}: no such file")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Parse flags, check them, then train (spawning local ranks when not under a launcher)."""
     parser = build_parser()
@@ -207,13 +232,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else args.nproc
     try:  # bad flags fail here, in one line, before any process group exists
-        if args.steps < 1 or args.nproc < 1 or args.log_every < 1:
-            raise ValueError("--steps, --nproc and --log-every must be >= 1")
-        if args.simulate_failure and not re.fullmatch(r"\d+:\d+", args.simulate_failure):
-            raise ValueError(f"--simulate-failure {args.simulate_failure!r}: expected RANK:STEP, e.g. 1:5")
-        moe_config(args, world)
-        if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
-            raise ValueError(f"--deepspeed-config {args.deepspeed_config}: no such file")
+        check_flags(args, world)
     except ValueError as error:
         parser.error(str(error))
     if under_launcher:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from expert_parallel.spawn import free_port
+from launch.train import build_parser, check_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 # a smaller model than the demo's default: these tests check launching, not learning speed
@@ -111,6 +113,23 @@ def test_a_bad_flag_is_a_one_line_error_before_any_process_starts(tmp_path, flag
     assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "metrics.jsonl").exists()
     assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--d-model", "63"], "--d-model 63 is not divisible by --heads 4"),
+    (["--heads", "0"], "--heads 0: must be >= 1"),
+    (["--seq-len", "0"], "--seq-len 0: must be >= 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--layers", "1"], "--layers 1: every other block is MoE"),
+    (["--ep-size", "0"], "--ep-size 0: must be >= 1"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--ckpt-every", "-1"], "--ckpt-every -1 must be >= 0"),
+])
+def test_model_flags_the_run_cannot_build_are_rejected_by_name(flags, message) -> None:
+    args = build_parser().parse_args(flags)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_flags(args, world_size=2)
+    check_flags(build_parser().parse_args([]), world_size=2)  # the defaults pass
 
 
 def test_a_dying_rank_ends_the_job_with_a_message(tmp_path: Path) -> None:
