@@ -54,6 +54,7 @@ def environment() -> dict[str, Any]:
                     "gpu": gpu, "gpu_count": torch.cuda.device_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "cuda": torch.version.cuda, "deepspeed": _version("deepspeed"),
+                     "transformers": _version("transformers"),
                      "expert_parallel": _version("expert_parallel"), "git_commit": _commit()},
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "malloc_tuned": malloc_tuned(),
