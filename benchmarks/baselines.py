@@ -79,10 +79,10 @@ def autoep_status(spec: RunSpec) -> str:
         return "this deepspeed has no AutoEP (deepspeed/module_inject/auto_ep.py)"
     if importlib.util.find_spec("transformers") is None:
         return f"AutoEP wraps a Hugging Face Mixtral model: pip install 'transformers{AUTOEP_TRANSFORMERS}'"
-    from packaging.version import Version
+    from packaging.specifiers import SpecifierSet
     from transformers import __version__ as transformers_version
 
-    if not Version("5.1") <= Version(transformers_version) < Version("5.23"):
+    if not SpecifierSet(AUTOEP_TRANSFORMERS).contains(transformers_version, prereleases=True):
         return (f"transformers {transformers_version} does not work with this AutoEP; pip install "
                 f"'transformers{AUTOEP_TRANSFORMERS}'")
     shape = spec.shape

@@ -16,7 +16,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
 from benchmarks.baselines import autoep_moe, autoep_status  # noqa: E402
-from benchmarks.shapes import RunSpec, Shape  # noqa: E402
+from benchmarks.shapes import SHAPES, RunSpec, Shape  # noqa: E402
 from expert_parallel import MoELayer, presets  # noqa: E402
 from tests.harness import run_ranks  # noqa: E402
 
@@ -38,13 +38,12 @@ def _compare(rank: int, world: int) -> dict[str, torch.Tensor]:
     x = torch.randn(SHAPE.tokens, SHAPE.d_model, generator=generator)
     probe = torch.randn(SHAPE.tokens, SHAPE.d_model, generator=generator)
     out = {}
-    for name, module in (("ours", layer), ("autoep", block)):
+    for name, module, w1_grad in (("ours", layer, lambda: layer.experts.w1.grad),
+                                  ("autoep", block, lambda: autoep.experts.w1.grad.transpose(1, 2))):
         x_in = x.clone().requires_grad_()
         y = module(x_in)[0]
         (y * probe).sum().backward()
-        experts = layer.experts if name == "ours" else autoep.experts
-        w1_grad = experts.w1.grad if name == "ours" else experts.w1.grad.transpose(1, 2)
-        out[name] = {"y": y.detach(), "x_grad": x_in.grad, "w1_grad": w1_grad}
+        out[name] = {"y": y.detach(), "x_grad": x_in.grad, "w1_grad": w1_grad()}
     return out
 
 
@@ -72,8 +71,6 @@ def test_autoep_block_builds_and_steps_in_bf16():
 
 
 def test_autoep_status_names_why_a_preset_is_not_measured():
-    from benchmarks.shapes import SHAPES
-
     def status(preset: str, **options) -> str:
         return autoep_status(RunSpec(preset=preset, shape=SHAPES[preset], **options))
 

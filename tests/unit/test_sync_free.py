@@ -20,21 +20,16 @@ HOST_BUILDS = ("tensor", "as_tensor")
 
 @pytest.fixture
 def no_host_reads(monkeypatch):
-    def forbidden(name):
-        def read(self, *args, **kwargs):
-            raise AssertionError(f"host read Tensor.{name} in a fixed-capacity forward")
-        return read
-
-    def built_from_host(name):
-        def build(*args, **kwargs):
-            raise AssertionError(f"torch.{name} (a host-to-device copy on GPU) in a fixed-capacity forward")
-        return build
+    def forbidden(what):
+        def call(*args, **kwargs):
+            raise AssertionError(f"{what} in a fixed-capacity forward")
+        return call
 
     def install():
         for name in HOST_READS:
-            monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+            monkeypatch.setattr(torch.Tensor, name, forbidden(f"host read Tensor.{name}"))
         for name in HOST_BUILDS:
-            monkeypatch.setattr(torch, name, built_from_host(name))
+            monkeypatch.setattr(torch, name, forbidden(f"torch.{name} (a host-to-device copy on GPU)"))
     return install
 
 
