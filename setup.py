@@ -6,13 +6,15 @@ setup(
     description="Expert-parallel Mixture-of-Experts runtime for PyTorch, DeepSpeed-compatible",
     packages=find_packages(include=["expert_parallel", "expert_parallel.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy", "tqdm"],
+    install_requires=["torch>=2.1"],
     extras_require={
+        # the demo training job and the benchmarks' progress bars
+        "launch": ["tqdm"],
         "deepspeed": ["deepspeed>=0.14"],
         "telemetry": ["nvidia-ml-py"],
         # transformers: the Mixtral model DeepSpeed's AutoEP is measured on (benchmarks/baselines.py
         # says why <5.23)
-        "bench": ["matplotlib", "transformers>=5.1,<5.23"],
+        "bench": ["tqdm", "numpy", "matplotlib", "transformers>=5.1,<5.23"],
         "dev": ["pytest", "pytest-timeout", "ruff"],
     },
 )

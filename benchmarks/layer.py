@@ -22,7 +22,7 @@ from expert_parallel.telemetry import PowerSampler
 
 from . import gpu_checks
 from .baselines import autoep_moe, deepspeed_moe
-from .phases import PhaseMirror, check_against_layer
+from .phases import phase_step
 from .runtime import bench_device
 from .shapes import RunSpec
 from .timing import Clock, Step, alternate, slowest_rank, summarize
@@ -92,15 +92,12 @@ def measure(rank: int, world: int, spec: RunSpec, progress: bool = True) -> dict
     modules: list[torch.nn.Module] = [layer]
     steps: dict[str, Step] = {"layer": _layer_step(layer, x, device)}
     if spec.phases:
-        check_against_layer(layer, x)
-        mirror = PhaseMirror(layer, x)
-
-        def phase_step() -> dict[str, float]:
+        def timed_phases() -> dict[str, float]:
             clock = Clock(device)
             clock.start()
-            mirror.step(clock)
+            phase_step(layer, x, clock)
             return clock.read()
-        steps["phases"] = phase_step
+        steps["phases"] = timed_phases
     floor_experts = copy.deepcopy(layer.experts)
     modules.append(floor_experts)
     steps["floor"] = _floor_step(spec, world, floor_experts, lookup(layer.ep_ranks), device)
@@ -162,7 +159,7 @@ def reduce_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ratios(timings: dict[str, dict[str, dict[str, float]]]) -> dict[str, Optional[float]]:
-    """Ours / floor, ours / DeepSpeed MoE, ours / DeepSpeed AutoEP and the phase mirror's overhead,
+    """Ours / floor, ours / DeepSpeed MoE, ours / DeepSpeed AutoEP and the phase-timed step's overhead,
     from medians (``None`` for a runtime not measured)."""
     med = {step: phases["total"]["median"] for step, phases in timings.items()}
 
@@ -182,7 +179,9 @@ def excess_over_floor(timings: dict[str, dict[str, dict[str, float]]]) -> Option
 
     def both(name: str) -> float:
         return phases.get(f"fwd/{name}", 0.0) + phases.get(f"bwd/{name}", 0.0)
-    return {"route+plan+pack+combine": sum(both(n) for n in ("route", "plan", "pack", "combine")),
+    local = sum(both(n) for n in ("route", "plan", "pack", "combine")) + phases.get("fwd/output", 0.0) \
+        + phases.get("bwd/rest", 0.0)
+    return {"route+plan+pack+combine": local, "shared experts": both("shared"),
             "experts - floor matmuls": both("experts") - floor["matmuls"],
             "all-to-alls - raw all_to_all_single": both("dispatch") + both("return") - floor["all_to_all"]}
 

@@ -8,15 +8,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional
 
+from .activations import ACTIVATIONS
+
 EXPERT_KINDS = ("ffn", "swiglu")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 SECOND_POLICIES = ("random", "all", "threshold", "gumbel")
-NO_TOP_K = 0
-# router name -> the top_k it requires: a number, None (any 1 <= top_k <= num_experts; unset means
-# min(2, num_experts)), or NO_TOP_K (the router takes none: its K columns are the E experts)
-ROUTER_TOP_K = {"gshard": 2, "switch": 1, "deepspeed": None, "topk": None, "noisy_topk": None,
-                "soft": NO_TOP_K, "expert_choice": NO_TOP_K}
-DEFAULT_TOP_K = 2
 # losses a router may report (Routing.losses) -> the config field that weighs them
 LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
@@ -25,7 +20,8 @@ BOOL_FIELDS = ("drop_tokens", "expert_bias", "check_finite", "router_gumbel", "r
                "gate_after_topk", "normalize_topk")
 
 
-def _fail(field: str, value: object, fix: str) -> None:
+def reject(field: str, value: object, fix: str) -> None:
+    """Raise the ``ValueError`` of an invalid ``MoEConfig`` field: its name, value and the fix."""
     raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {fix}")
 
 
@@ -122,91 +118,44 @@ class MoEConfig:
             _check_number(name, getattr(self, name))
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "it must be True or False")
+                reject(name, getattr(self, name), "it must be True or False")
         if self.num_experts % self.ep_size:
-            _fail(
+            reject(
                 "num_experts", self.num_experts,
                 f"it is not divisible by ep_size={self.ep_size}; choose num_experts as a "
                 "multiple of ep_size",
             )
-        if self.router not in ROUTER_TOP_K:
-            _fail("router", self.router, f"choose one of {sorted(ROUTER_TOP_K)}")
-        self._resolve_top_k()
         if self.second_policy not in SECOND_POLICIES:
-            _fail("second_policy", self.second_policy, f"choose one of {list(SECOND_POLICIES)}")
+            reject("second_policy", self.second_policy, f"choose one of {list(SECOND_POLICIES)}")
         if not 0.0 <= self.second_threshold <= 0.5:
-            _fail("second_threshold", self.second_threshold, "it must lie in [0, 0.5] (g2 <= 0.5)")
+            reject("second_threshold", self.second_threshold, "it must lie in [0, 0.5] (g2 <= 0.5)")
         for name in ("capacity_factor", "eval_capacity_factor"):
             if not getattr(self, name) > 0:
-                _fail(name, getattr(self, name), "it must be > 0")
+                reject(name, getattr(self, name), "it must be > 0")
         _check_int("min_capacity", self.min_capacity, 0)
         if self.capacity is not None and (not _is_int(self.capacity) or self.capacity < 1):
-            _fail("capacity", self.capacity, "use an integer >= 1, or None to derive it per batch")
+            reject("capacity", self.capacity, "use an integer >= 1, or None to derive it per batch")
         if not self.drop_tokens and self.capacity is not None:
-            _fail("capacity", self.capacity, "drop_tokens=False sizes the buffers itself; set "
+            reject("capacity", self.capacity, "drop_tokens=False sizes the buffers itself; set "
                   "capacity=None or drop_tokens=True")
         if self.expert not in EXPERT_KINDS:
-            _fail("expert", self.expert, f"choose one of {list(EXPERT_KINDS)}")
+            reject("expert", self.expert, f"choose one of {list(EXPERT_KINDS)}")
         if self.activation not in ACTIVATIONS:
-            _fail("activation", self.activation, f"choose one of {list(ACTIVATIONS)}")
+            reject("activation", self.activation, f"choose one of {sorted(ACTIVATIONS)}")
         for name in LOSS_WEIGHTS.values():
             if not getattr(self, name) >= 0:  # also rejects NaN
-                _fail(name, getattr(self, name), "it must be >= 0 (0 disables the loss)")
+                reject(name, getattr(self, name), "it must be >= 0 (0 disables the loss)")
         if not 0.0 <= self.jitter_eps < 1.0:
-            _fail("jitter_eps", self.jitter_eps, "it must lie in [0, 1) (0 disables jitter)")
+            reject("jitter_eps", self.jitter_eps, "it must lie in [0, 1) (0 disables jitter)")
         _check_int("num_shared_experts", self.num_shared_experts, 0)
         if self.d_ff_shared is not None:
             _check_int("d_ff_shared", self.d_ff_shared, 1)
             if not self.num_shared_experts:
-                _fail("d_ff_shared", self.d_ff_shared, "it sizes shared experts, and "
+                reject("d_ff_shared", self.d_ff_shared, "it sizes shared experts, and "
                       "num_shared_experts=0; set num_shared_experts >= 1 or d_ff_shared=None")
-        self._check_router_variants()
-
-    def _resolve_top_k(self) -> None:
-        """Fill in the router's own ``top_k`` when it is unset; check one that is set."""
-        required_k = ROUTER_TOP_K[self.router]
-        if required_k == NO_TOP_K:
-            if self.top_k is not None:
-                _fail("top_k", self.top_k, f"router={self.router!r} takes no top_k (its choices are "
-                      "the experts themselves; capacity_factor sets how many tokens an expert "
-                      "takes); leave top_k unset (None)")
-            return
-        if self.top_k is None:  # frozen dataclass: the one place we set a field
-            object.__setattr__(self, "top_k", required_k or min(DEFAULT_TOP_K, self.num_experts))
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) \
-                or not 1 <= self.top_k <= self.num_experts:
-            _fail("top_k", self.top_k, f"it must be between 1 and num_experts={self.num_experts}")
-        if required_k is not None and self.top_k != required_k:
-            _fail("top_k", self.top_k, f"router={self.router!r} routes top-{required_k}; "
-                  f"set top_k={required_k}")
-
-    def _check_router_variants(self) -> None:
-        """Knobs that only some routers implement."""
-        deepspeed_top1 = self.router == "deepspeed" and self.top_k == 1
-        for name in ("router_gumbel", "random_token_selection"):
-            if getattr(self, name) and not deepspeed_top1:
-                _fail(name, True, f"it is implemented by router='deepspeed' with top_k=1 only (got "
-                      f"router={self.router!r}, top_k={self.top_k}); set {name}=False")
-        if self.second_policy == "gumbel" and self.router != "deepspeed":
-            _fail("second_policy", "gumbel", "it is implemented by router='deepspeed' (top_k=2) only; "
-                  f"choose one of {list(SECOND_POLICIES[:3])} for router={self.router!r}")
-        for name, router in (("gate_after_topk", "topk"), ("normalize_topk", "topk"),
-                             ("importance_loss_weight", "noisy_topk"), ("load_loss_weight", "noisy_topk")):
-            value = getattr(self, name)
-            if value and self.router != router:
-                _fail(name, value, f"it is implemented by router={router!r} only (got "
-                      f"router={self.router!r}); leave it at its default or set router={router!r}")
-        if self.router == "soft" and self.capacity is not None:
-            _fail("capacity", self.capacity, "router='soft' sends every token to every expert and "
-                  "never drops one (its capacity is the token count); set capacity=None")
-        if self.router != "deepspeed":
-            return
-        if self.top_k == 2 and self.second_policy not in ("all", "gumbel"):
-            _fail("second_policy", self.second_policy, "router='deepspeed' with top_k=2 takes 'all' "
-                  "(deterministic top-2) or 'gumbel' (DeepSpeed's top2_2nd_expert_sampling=True)")
-        if self.capacity is not None:
-            _fail("capacity", self.capacity, "router='deepspeed' derives the capacity per batch as "
-                  "DeepSpeed does; set capacity=None")
+        # routing/ imports this module, so its registry is read here, at validation time
+        from .routing.registry import validate_router
+        validate_router(self)
 
     @property
     def num_local_experts(self) -> int:
@@ -224,6 +173,10 @@ class MoEConfig:
         """Hidden width of each shared expert: ``d_ff_shared``, else ``d_ff``."""
         return self.d_ff if self.d_ff_shared is None else self.d_ff_shared
 
+    def capacity_factor_for(self, training: bool) -> float:
+        """``capacity_factor`` in training, ``eval_capacity_factor`` in eval."""
+        return self.capacity_factor if training else self.eval_capacity_factor
+
     def replace(self, **changes: object) -> MoEConfig:
         """A copy with ``changes`` applied, validated again."""
         return dataclasses.replace(self, **changes)
@@ -235,10 +188,10 @@ def _is_int(value: object) -> bool:
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     if not _is_int(value) or value < minimum:
-        _fail(name, value, f"it must be an integer >= {minimum}")
+        reject(name, value, f"it must be an integer >= {minimum}")
 
 
 def _check_number(name: str, value: object) -> None:
     """A finite real number (int or float, not bool); the range is checked per field."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        _fail(name, value, "it must be a finite number")
+        reject(name, value, "it must be a finite number")

@@ -1,20 +1,43 @@
-"""MoELayer: route -> plan -> pack -> all-to-all -> experts -> all-to-all -> combine."""
+"""MoELayer: route -> plan -> pack -> all-to-all -> experts -> all-to-all -> combine.
+
+Shapes (one legend for the whole package; tensors that cross a function boundary carry their
+shape as a suffix, e.g. ``x_SD``, ``buffer_ECD``):
+
+    S        tokens on this rank (the input flattened to ``[S, D]``)
+    E        routed experts of the layer, all EP ranks together
+    E_local  experts held by one EP rank, ``E / R``
+    R        ranks of the EP group (``ep_size``)
+    K        choices per token (``top_k``; ``E`` for ``soft`` and ``expert_choice``)
+    A        (token, choice) assignments, ``K * S``
+    C        capacity: slots per expert in the static buffers
+    N        slots of a flattened buffer, ``E * C``
+    M        rows each local expert computes on its rank, ``R * C``
+    D        d_model
+    F        d_ff (hidden width of an expert)
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
+from torch.utils.hooks import RemovableHandle
 
-from .comm import agree_max, dispatch, expert_groups, lookup, register, undispatch
+from .comm import Agreement, agree, dispatch, expert_groups, lookup, register, undispatch
 from .config import MoEConfig
 from .experts import StackedExperts
-from .layout import assign_slots, combine, expert_capacity, kept_weights, pack
+from .layout import assign_slots, capacity_input, combine, kept_weights, layer_capacity, pack
 from .routing import Router, route, weighted_aux_loss
 from .stats import RoutingStats, routing_stats
+
+# the phases of one forward, in order ("shared" only with shared experts)
+PHASES = ("route", "plan", "pack", "dispatch", "experts", "return", "combine", "shared")
+PhaseHook = Callable[[str], None]
 
 
 class MoEOutput(NamedTuple):
@@ -46,6 +69,23 @@ def _resolve_ep_ranks(cfg: MoEConfig, ep_group: Optional[ProcessGroup]) -> tuple
     return register(ep_group)
 
 
+class _Phase:
+    """One phase of a forward: a profiler range, and the layer's phase events (see
+    ``MoELayer.register_phase_hook``)."""
+
+    def __init__(self, layer: MoELayer, name: str) -> None:
+        self.layer, self.name = layer, name
+
+    def input(self, tensor: Tensor) -> Tensor:
+        """``tensor``, or a view of it whose gradient fires ``bwd/<phase>`` once the backward has
+        passed back through this phase (only while phase hooks are registered)."""
+        if not self.layer._phase_hooks or not tensor.requires_grad:
+            return tensor
+        view = tensor.view_as(tensor)
+        view.register_hook(lambda grad: self.layer._emit(f"bwd/{self.name}"))
+        return view
+
+
 class MoELayer(nn.Module):
     """Mixture-of-Experts layer with experts sharded over an expert-parallel group.
 
@@ -53,6 +93,9 @@ class MoELayer(nn.Module):
     ``x [..., d_model]``; it returns ``MoEOutput``. The output of dropped tokens is 0, so wrap it
     in a residual connection. Shared experts (``num_shared_experts``) are replicated on every rank
     and see every token; their sum is added to the routed output.
+
+    The forward syncs the host once, for the per-batch agreement (one small all-reduce), unless
+    ``cfg.capacity`` is fixed and ``cfg.check_finite`` is off: then it syncs nothing.
 
     Attributes:
         router: ``Router`` (``router.weight [E, D]``; ``router.noise_weight`` for noisy top-k).
@@ -81,76 +124,98 @@ class MoELayer(nn.Module):
                                       bias=cfg.expert_bias)
         self.shared_experts = StackedExperts(
             cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, gated=cfg.expert == "swiglu",
-            activation=cfg.activation, bias=cfg.expert_bias, expert_parallel=False,
+            activation=cfg.activation, bias=cfg.expert_bias, sharded=False,
         ) if cfg.num_shared_experts else None
+        self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
 
     def forward(self, x: Tensor) -> MoEOutput:
         """``x [..., d_model] -> MoEOutput`` (see the class docstring)."""
         cfg, group = self.cfg, lookup(self.ep_ranks)
-        error = self._input_error(x)
-        if error is not None:
-            size = self._agreement_size()
-            if size and group is not None:  # the peers are about to all-reduce: let them stop too
-                agree_max([0] * (size - 1) + [1], group)
-            raise ValueError(error)
+        self._check_input(x, group)
         x_SD = x.reshape(-1, cfg.d_model)
-        logits_SE, noise_std_SE = self.router.gate(x_SD)
-        routing = route(logits_SE, cfg, training=self.training, noise_std_SE=noise_std_SE)
-        nonfinite = (~torch.isfinite(logits_SE)).any(dim=-1).sum()
-        slots = assign_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, routing.priority_SK)
-        plan = slots.plan(self._capacity(x_SD.shape[0], slots.count_E, nonfinite, group, routing.capacity))
-        buffer_ECD = pack(x_SD, plan)
-        expert_in = dispatch(buffer_ECD, cfg.ep_size, group)
-        expert_out = self.experts(expert_in)
-        buffer_ECD = undispatch(expert_out, cfg.ep_size, group)
-        y_SD = combine(buffer_ECD, plan, kept_weights(routing.weight_SK, plan, routing.renormalize_kept))
+        with self._phase("route") as phase:
+            logits_SE, noise_std_SE = self.router(phase.input(x_SD))
+            routing = route(logits_SE, cfg, training=self.training, noise_std_SE=noise_std_SE)
+            nonfinite = (~torch.isfinite(logits_SE)).any(dim=-1).sum()
+        with self._phase("plan"):
+            slots = assign_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, routing.priority_SK)
+            local = Agreement(capacity_input(cfg, x_SD.shape[0], slots.count_E, routing.capacity), nonfinite)
+            agreed = self._agree(local, group, x.device)  # the one collective (none when nothing varies)
+            plan = slots.plan(layer_capacity(cfg, agreed.capacity_input, self.training, routing.capacity is not None))
+        with self._phase("pack") as phase:
+            buffer_ECD = pack(phase.input(x_SD), plan)
+        with self._phase("dispatch") as phase:
+            expert_in = dispatch(phase.input(buffer_ECD), cfg.ep_size, group)
+        with self._phase("experts") as phase:
+            expert_out = self.experts(phase.input(expert_in))
+        with self._phase("return") as phase:
+            buffer_ECD = undispatch(phase.input(expert_out), cfg.ep_size, group)
+        with self._phase("combine") as phase:
+            weight_SK = kept_weights(routing.weight_SK, plan, routing.renormalize_kept)
+            y_SD = combine(phase.input(buffer_ECD), plan, weight_SK)  # fp32
         if self.shared_experts is not None:
-            y_SD = y_SD + self.shared_experts.dense(x_SD)
+            with self._phase("shared") as phase:
+                y_SD = y_SD + self.shared_experts.dense(phase.input(x_SD))
         stats = routing_stats(routing, plan, nonfinite)
         aux_loss = weighted_aux_loss(routing.losses, cfg, routing.probs_SE)
-        return MoEOutput(y_SD.view(x.shape).to(x.dtype), aux_loss, stats)
+        return MoEOutput(y_SD.reshape(x.shape).to(x.dtype), aux_loss, stats)
 
-    def _capacity(self, num_tokens: int, count_E: Tensor, nonfinite: Tensor,
-                  group: Optional[ProcessGroup], proposed: Optional[int] = None) -> int:
-        """The capacity every EP rank uses; one all-reduce unless ``cfg.capacity`` is fixed.
+    def register_phase_hook(self, hook: PhaseHook) -> RemovableHandle:
+        """Call ``hook(event)`` at every phase boundary of this layer's forward and backward.
 
-        ``drop_tokens=False`` agrees on the fullest expert's count instead of the token count; a
-        capacity ``proposed`` by the router (``Routing.capacity``) is agreed on as it is.
+        Events: ``"fwd/<phase>"`` when a forward phase ends, and ``"bwd/<phase>"`` when the
+        backward has passed back through it (phases in ``PHASES``; ``plan`` has no backward).
+        This is how the benchmarks time the layer's own phases (e.g. ``hook = clock.mark``); each
+        phase is also a ``torch.profiler.record_function`` range ``moe/<phase>``.
 
-        With ``check_finite`` the non-finite count rides on the same all-reduce, so every rank
-        raises together instead of leaving the others hanging in the all-to-all.
+        Returns:
+            A handle whose ``remove()`` unregisters the hook.
         """
-        cfg = self.cfg
-        wanted = []
-        if cfg.capacity is None and cfg.drop_tokens:
-            wanted.append(num_tokens if proposed is None else proposed)
-        elif cfg.capacity is None:
-            wanted.append(int(count_E.max()) if count_E.numel() else 0)
-        if cfg.check_finite:
-            wanted.append(int(nonfinite))
-        # last entry: set by a rank whose input was invalid (see forward)
-        agreed = agree_max(wanted + [0], group) if self._agreement_size() else []
-        if agreed and agreed[-1] > 0:
+        handle = RemovableHandle(self._phase_hooks)
+        self._phase_hooks[handle.id] = hook
+        return handle
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[_Phase]:
+        with torch.profiler.record_function(f"moe/{name}"):
+            yield _Phase(self, name)
+        self._emit(f"fwd/{name}")
+
+    def _emit(self, event: str) -> None:
+        for hook in list(self._phase_hooks.values()):
+            hook(event)
+
+    def _needs_agreement(self) -> bool:
+        """Is there a per-batch all-reduce? Not with a fixed capacity and ``check_finite`` off."""
+        return self.cfg.capacity is None or self.cfg.check_finite
+
+    def _agree(self, local: Agreement, group: Optional[ProcessGroup], device: torch.device) -> Agreement:
+        """The EP group's maxima of ``local`` (one all-reduce), raising on every rank together if
+        any rank got invalid input or, with ``check_finite``, non-finite router logits."""
+        if not self._needs_agreement():
+            return Agreement()
+        agreed = agree(local, group, device)
+        if agreed.invalid_input:
             raise ValueError("another rank of this EP group got invalid MoELayer input (its own error names "
                              "the problem); every rank stops instead of waiting for it in the all-to-all")
-        if cfg.check_finite and agreed[-2] > 0:
+        if self.cfg.check_finite and agreed.nonfinite_tokens:
             raise ValueError(
-                f"router logits hold NaN or inf for {agreed[-2]} token(s) on a rank of this EP "
+                f"router logits hold NaN or inf for {agreed.nonfinite_tokens} token(s) on a rank of this EP "
                 "group (check_finite=True); check the input and the learning rate, or set "
                 "check_finite=False to count them in RoutingStats.nonfinite_tokens instead"
             )
-        if cfg.capacity is not None:
-            return cfg.capacity
-        if not cfg.drop_tokens or proposed is not None:
-            return max(agreed[0], 1)
-        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        return expert_capacity(agreed[0], cfg.num_experts, cfg.num_choices, factor, cfg.min_capacity)
+        return agreed
 
-    def _agreement_size(self) -> int:
-        """Entries of the per-batch all-reduce (capacity input, non-finite count, invalid-input
-        flag); 0 when the capacity is fixed and ``check_finite`` is off: then there is none."""
-        size = (self.cfg.capacity is None) + self.cfg.check_finite
-        return size + 1 if size else 0
+    def _check_input(self, x: Tensor, group: Optional[ProcessGroup]) -> None:
+        """Raise ``ValueError`` if the layer cannot route ``x``; first tell the EP peers through the
+        per-batch all-reduce they are about to enter, so they raise too instead of hanging."""
+        error = self._input_error(x)
+        if error is None:
+            return
+        if self._needs_agreement() and group is not None:
+            device = x.device if isinstance(x, Tensor) else self.router.weight.device
+            agree(Agreement(invalid_input=1), group, device)
+        raise ValueError(error)
 
     def _input_error(self, x: Tensor) -> Optional[str]:
         """Why the layer cannot route ``x`` (a message naming the fix), or ``None``."""

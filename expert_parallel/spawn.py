@@ -7,6 +7,7 @@ import io
 import os
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -52,7 +53,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
 
     ``fn`` must be a module-level function; its return values (picklable) come back ordered by
     rank. Raises ``RankError`` with every failing rank's traceback, or ``TimeoutError``
-    naming the ranks that did not finish within ``timeout`` seconds (they are killed).
+    naming the ranks that did not finish within ``timeout`` seconds of the start, for the whole
+    run (they are killed).
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -63,10 +65,11 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
     for proc in procs:
         proc.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(outcomes) < world_size:
             try:
-                rank, ok, value = results.get(timeout=timeout)
+                rank, ok, value = results.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
                 missing = sorted(set(range(world_size)) - set(outcomes))
                 raise TimeoutError(f"ranks {missing} did not finish within {timeout}s") from None

@@ -1,8 +1,8 @@
-"""All-to-all as an autograd Function, and the one small all-reduce the layer needs."""
+"""All-to-all as an autograd Function."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -40,12 +40,3 @@ def all_to_all(x_RX: Tensor, group: Optional[ProcessGroup]) -> Tensor:
         return x_RX
     return _AllToAll.apply(x_RX, group)
 
-
-def agree_max(values: Sequence[int], group: Optional[ProcessGroup]) -> list[int]:
-    """Element-wise maximum of small integers over ``group``: one all-reduce, one host sync."""
-    if group is None:
-        return list(values)
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    tensor = torch.tensor(list(values), dtype=torch.long, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return tensor.tolist()

@@ -1,7 +1,9 @@
-"""Experts: stacked-weight batched FFN / SwiGLU (pure tensor code, no collectives), and the same
-expert as a plain module for DeepSpeed-side models."""
+"""Experts: stacked-weight batched FFN / SwiGLU (pure tensor code, no collectives), the same
+expert as a plain module for DeepSpeed-side models, and the base class that identifies expert
+parameters by the module owning them."""
 
-from .plain import ACTIVATION_MODULES, SwiGLU, plain_expert
-from .stacked import ACTIVATION_FNS, StackedExperts
+from .base import Experts, sharded_expert_parameters
+from .plain import SwiGLU, plain_expert
+from .stacked import StackedExperts
 
-__all__ = ["ACTIVATION_FNS", "ACTIVATION_MODULES", "StackedExperts", "SwiGLU", "plain_expert"]
+__all__ = ["Experts", "StackedExperts", "SwiGLU", "plain_expert", "sharded_expert_parameters"]

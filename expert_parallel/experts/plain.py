@@ -3,13 +3,10 @@ stacked experts' math: used to build DeepSpeed-side models and baselines from a 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATION_MODULES: dict[str, Callable[[], nn.Module]] = {
-    "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU}
+from ..activations import ACTIVATIONS
 
 
 class SwiGLU(nn.Module):
@@ -31,12 +28,12 @@ def plain_expert(expert: str, activation: str, d_model: int, d_ff: int, bias: bo
 
     Args:
         expert: ``"ffn"`` or ``"swiglu"`` (``MoEConfig.expert``).
-        activation: a key of ``ACTIVATION_MODULES`` (ffn only).
+        activation: a key of ``activations.ACTIVATIONS`` (ffn only).
         d_model: ``D``.
         d_ff: ``F``.
         bias: biases on both Linear layers (ffn only; SwiGLU is bias-free).
     """
     if expert == "swiglu":
         return SwiGLU(d_model, d_ff)
-    return nn.Sequential(nn.Linear(d_model, d_ff, bias=bias), ACTIVATION_MODULES[activation](),
+    return nn.Sequential(nn.Linear(d_model, d_ff, bias=bias), ACTIVATIONS[activation](),
                          nn.Linear(d_ff, d_model, bias=bias))

@@ -6,48 +6,41 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATION_FNS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+from ..activations import ACTIVATIONS
+from .base import Experts
 
 
-class StackedExperts(nn.Module):
+class StackedExperts(Experts):
     """``num_experts`` independent FFN (or SwiGLU) experts held as stacked tensors.
 
     Weights: ``w1 [E, D, F]``, ``w2 [E, F, D]``, ``w3 [E, D, F]`` (SwiGLU only), optional
-    biases ``b1 [E, F]``, ``b2 [E, D]``. With ``expert_parallel`` (routed experts, sharded over
-    the EP group) every parameter is marked ``expert_parallel = True`` so a data-parallel wrapper
-    reduces it over the expert-data-parallel group only; shared experts (replicated on every rank,
-    ``expert_parallel=False``) stay unmarked and are reduced over the whole world.
+    biases ``b1 [E, F]``, ``b2 [E, D]``. ``sharded`` experts (routed experts, split over the EP
+    group) are reduced over the expert-data-parallel group only; unsharded ones (shared experts,
+    replicated on every rank) over the whole world (``comm.reduce_gradients``).
 
     Args:
         num_experts: experts held here (``E_local`` inside a layer).
         d_model: ``D``.
         d_ff: ``F``.
         gated: SwiGLU (``silu(x w1) * (x w3)``) instead of ``act(x w1)``.
-        activation: name in ``ACTIVATION_FNS`` (ignored when ``gated``).
+        activation: name in ``activations.ACTIVATIONS`` (ignored when ``gated``).
         bias: add ``b1`` and ``b2``.
-        expert_parallel: mark the parameters as sharded expert weights (see above).
+        sharded: this rank's shard of the EP group's experts (see ``experts.base.Experts``).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool = False,
-                 activation: str = "gelu", bias: bool = False, expert_parallel: bool = True) -> None:
-        super().__init__()
+                 activation: str = "gelu", bias: bool = False, sharded: bool = True) -> None:
+        super().__init__(sharded)
         self.activation = "silu" if gated else activation
-        self.sharded = expert_parallel
+        self.act = ACTIVATIONS[self.activation]()
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if gated else None
         self.b1 = nn.Parameter(torch.empty(num_experts, d_ff)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self.reset_parameters()
-        self._mark()
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s default init, expert by expert: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
@@ -56,16 +49,6 @@ class StackedExperts(nn.Module):
         for name, param in self.named_parameters():
             bound = 1.0 / math.sqrt(fan_in[name])
             nn.init.uniform_(param, -bound, bound)
-
-    def _mark(self) -> None:
-        if getattr(self, "sharded", True):
-            for param in self.parameters():
-                param.expert_parallel = True
-
-    def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy rebuilds every Parameter without its attributes: mark them again
-        super().__setstate__(state)
-        self._mark()
 
     def forward(self, x_END: Tensor) -> Tensor:
         """Apply expert ``e`` to row block ``e``: ``[E, N, D] -> [E, N, D]`` (batched matmuls)."""
@@ -93,7 +76,7 @@ class StackedExperts(nn.Module):
         hidden = x @ w1
         if b1 is not None:
             hidden = hidden + b1
-        hidden = ACTIVATION_FNS[self.activation](hidden)
+        hidden = self.act(hidden)
         if w3 is not None:
             hidden = hidden * (x @ w3)
         out = hidden @ w2

@@ -1,9 +1,14 @@
-"""The capacity formula: how many slots each expert's buffer has."""
+"""The capacity rule: how many slots each expert's buffer has (pure arithmetic)."""
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Optional, Union
+
+from torch import Tensor
+
+from ..config import MoEConfig
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -23,3 +28,44 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     # exact arithmetic on the decimal the user wrote: 100 * 1.1 / 11 is 10, not 10.000000000000002
     even_split = math.ceil(top_k * num_tokens * Fraction(repr(float(capacity_factor))) / num_experts)
     return max(min_capacity, even_split, 1)
+
+
+def capacity_input(cfg: MoEConfig, num_tokens: int, count_E: Tensor, proposed: Optional[int]) -> Union[int, Tensor]:
+    """What this rank feeds the capacity rule (the EP group then agrees on the maximum).
+
+    Args:
+        cfg: the layer config.
+        num_tokens: ``S``, this rank's token count.
+        count_E: dispatched assignments per expert ``[E]`` before capacity (on the device).
+        proposed: the router's own capacity for this batch (``Routing.capacity``), or ``None``.
+
+    Returns:
+        With ``drop_tokens=False`` the fullest expert's count (a device scalar: no host read);
+        else the router's proposal if it made one, else ``S``. 0 with a fixed capacity.
+    """
+    if cfg.capacity is not None:
+        return 0
+    if not cfg.drop_tokens:
+        return count_E.max() if count_E.numel() else 0
+    return num_tokens if proposed is None else proposed
+
+
+def layer_capacity(cfg: MoEConfig, agreed_input: int, training: bool, proposed: bool) -> int:
+    """The capacity ``C`` every EP rank uses, from the group's maximum ``capacity_input``.
+
+    A fixed ``cfg.capacity`` wins; ``drop_tokens=False`` or a router's proposal is used as it is
+    (at least 1); otherwise ``expert_capacity`` of the largest token count with the capacity factor
+    of the mode (``capacity_factor`` in training, ``eval_capacity_factor`` in eval).
+
+    Args:
+        cfg: the layer config.
+        agreed_input: the maximum over the EP group of ``capacity_input``.
+        training: the layer's mode.
+        proposed: the router proposed a capacity (``Routing.capacity is not None``).
+    """
+    if cfg.capacity is not None:
+        return cfg.capacity
+    if not cfg.drop_tokens or proposed:
+        return max(agreed_input, 1)
+    return expert_capacity(agreed_input, cfg.num_experts, cfg.num_choices, cfg.capacity_factor_for(training),
+                           cfg.min_capacity)

@@ -36,27 +36,29 @@ def kept_weights(weight_SK: Tensor, plan: DispatchPlan, renormalize: bool) -> Te
 
 
 def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor:
-    """Weighted sum of each token's expert outputs: ``y_s = sum_k w_sk * out[slot_sk]``.
+    """Weighted sum of each token's expert outputs: ``y_s = sum_k w_sk * out[slot_sk]``, in fp32.
 
     Slot-major: every filled slot is weighed by its (token, choice)'s weight and index-added into
     its token, so the work follows the ``E * C`` slots, whatever ``K`` (a ``[K, S, D]`` gather was
-    1.7x slower at top-2 and 2.8x at top-6 on CPU, forward + backward). Dropped and undispatched
-    choices own no slot and contribute exactly 0; empty slots, which may hold NaN or inf, are
-    added into a scratch row that is cut off (the caller's residual connection carries a token
-    whose every choice was dropped). On CUDA ``index_add_`` accumulates with atomics: the order of
-    the ``K`` additions into a token, and so its last bit, may vary between runs.
+    1.7x slower at top-2 and 2.8x at top-6 on CPU, forward + backward). Weights, products and the
+    ``K`` additions into a token are fp32 whatever the buffer's dtype (bf16 sums of K terms lose
+    bits a router's gradient needs); the caller casts once. Dropped and undispatched choices own no
+    slot and contribute exactly 0; empty slots, which may hold NaN or inf, are added into a scratch
+    row that is cut off (the caller's residual connection carries a token whose every choice was
+    dropped). On CUDA ``index_add_`` accumulates with atomics: the order of the ``K`` additions
+    into a token, and so its last bit, may vary between runs. No host sync.
 
     Args:
-        buffer_ECD: expert outputs ``[E, C, D]`` in the slots of ``plan``.
+        buffer_ECD: expert outputs ``[E, C, D]`` in the slots of ``plan`` (any float dtype).
         plan: the plan used to pack.
         weight_SK: combine weights ``[S, K]``.
 
     Returns:
-        ``y_SD [S, D]`` in the buffer's dtype.
+        ``y_SD [S, D]`` fp32.
     """
     flat_ND = buffer_ECD.reshape(-1, buffer_ECD.shape[-1])
     # the weight of each slot's (token, choice): a scatter, whose backward is a gather
-    weight_N = weight_SK.new_zeros(flat_ND.shape[0] + 1, dtype=buffer_ECD.dtype).scatter(
-        0, plan.flat_index_KS.reshape(-1), weight_SK.t().reshape(-1).to(buffer_ECD.dtype))[:-1]
-    y_SD = flat_ND.new_zeros(plan.num_tokens + 1, flat_ND.shape[1])
-    return y_SD.index_add_(0, plan.token_N, flat_ND * weight_N.unsqueeze(-1))[:plan.num_tokens]
+    weight_N = weight_SK.new_zeros(flat_ND.shape[0] + 1, dtype=torch.float32).scatter(
+        0, plan.flat_index_KS.reshape(-1), weight_SK.t().reshape(-1).float())[:-1]
+    y_SD = flat_ND.new_zeros(plan.num_tokens + 1, flat_ND.shape[1], dtype=torch.float32)
+    return y_SD.index_add_(0, plan.token_N, flat_ND.float() * weight_N.unsqueeze(-1))[:plan.num_tokens]

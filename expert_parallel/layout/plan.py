@@ -19,7 +19,8 @@ from ..counting import count_ids
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """Where every (token, choice) goes; produced by ``plan_slots``, consumed by pack/combine.
+    """Where every (token, choice) goes; produced by ``SlotAssignment.plan``, consumed by pack and
+    combine.
 
     Tensors are choice-major ``[K, S]`` (row k holds every token's k-th choice).
 
@@ -27,8 +28,6 @@ class DispatchPlan:
         num_experts: ``E``.
         capacity: ``C``, slots per expert.
         num_tokens: ``S``.
-        slot_KS: rank of the assignment inside its expert ``[K, S]`` (long; meaningful where
-            active); kept iff ``< C``.
         kept_KS: ``[K, S]`` bool, dispatched and within capacity.
         flat_index_KS: row of the flattened ``[E*C]`` buffer ``[K, S]``; ``E*C`` (one past the
             end, a scratch row) where not kept.
@@ -40,7 +39,6 @@ class DispatchPlan:
     num_experts: int
     capacity: int
     num_tokens: int
-    slot_KS: Tensor
     kept_KS: Tensor
     flat_index_KS: Tensor
     count_E: Tensor
@@ -62,7 +60,7 @@ class SlotAssignment:
     count_E: Tensor
 
     def plan(self, capacity: int) -> DispatchPlan:
-        """Cut every expert at ``capacity`` slots: ``slot >= capacity`` is dropped."""
+        """Cut every expert at ``capacity`` slots: ``slot >= capacity`` is dropped. No host sync."""
         num_experts = self.count_E.numel()
         kept_KS = (self.expert_KS < num_experts) & (self.slot_KS < capacity)
         num_slots, num_tokens = num_experts * capacity, self.expert_KS.shape[1]
@@ -71,8 +69,7 @@ class SlotAssignment:
         token_KS = torch.arange(num_tokens, device=flat_index_KS.device).expand_as(flat_index_KS)
         token_N = flat_index_KS.new_full((num_slots + 1,), num_tokens)
         token_N = token_N.scatter_(0, flat_index_KS.reshape(-1), token_KS.reshape(-1))[:num_slots]
-        return DispatchPlan(num_experts, capacity, num_tokens, self.slot_KS, kept_KS, flat_index_KS,
-                            self.count_E, token_N)
+        return DispatchPlan(num_experts, capacity, num_tokens, kept_KS, flat_index_KS, self.count_E, token_N)
 
 
 def assign_slots(expert_SK: Tensor, active_SK: Tensor, num_experts: int,
@@ -105,8 +102,3 @@ def assign_slots(expert_SK: Tensor, active_SK: Tensor, num_experts: int,
     slot_N = torch.empty_like(rank_sorted_N).scatter_(0, order_N, rank_sorted_N)
     return SlotAssignment(bucket_KS, slot_N.view(top_k, num_tokens), count_with_sentinel[:num_experts])
 
-
-def plan_slots(expert_SK: Tensor, active_SK: Tensor, num_experts: int, capacity: int,
-               priority_SK: Optional[Tensor] = None) -> DispatchPlan:
-    """``assign_slots(...).plan(capacity)``: the full plan in one call (see both)."""
-    return assign_slots(expert_SK, active_SK, num_experts, priority_SK).plan(capacity)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import Tensor
 
@@ -14,35 +14,35 @@ from .every_expert import expert_choice, soft
 from .gate import Router
 from .losses import cv_squared, load_balance_loss, weighted_aux_loss, z_loss
 from .noisy import noisy_topk
+from .registry import ROUTERS, RouterSpec
 from .types import Routing
-
-# (logits_SE, cfg, uniform_S, training, noise_std_SE) -> Routing
-RouterFn = Callable[[Tensor, MoEConfig, Optional[Tensor], bool, Optional[Tensor]], Routing]
-ROUTERS: dict[str, RouterFn] = {"gshard": gshard_top2, "switch": switch_top1, "deepspeed": deepspeed_gating,
-                                "topk": topk, "noisy_topk": noisy_topk, "soft": soft,
-                                "expert_choice": expert_choice}
 
 
 def route(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
           training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
     """Route ``S`` tokens with the router named by ``cfg.router``; add the z-loss if it is weighed.
 
+    Pure tensor math; syncs the host only where a router's capacity needs it (none of the
+    token-choice routers does).
+
     Args:
         logits_SE: router logits ``[S, E]``.
         cfg: the layer config.
-        uniform_S: optional injected ``U(0, 1)`` noise ``[S]`` for stochastic routers.
+        uniform_S: optional injected ``U(0, 1)`` noise ``[S]`` for GShard's random second expert.
         training: the layer's mode (training-only noise and capacity factors depend on it).
-        noise_std_SE: ``noisy_topk``'s noise scale ``[S, E]`` (``Router.gate`` gives it).
+        noise_std_SE: ``noisy_topk``'s noise scale ``[S, E]`` (``Router`` gives it).
 
     Returns:
         The router's ``Routing``; with ``cfg.z_loss_weight > 0`` its ``losses`` hold ``"z"``.
     """
-    routing = ROUTERS[cfg.router](logits_SE, cfg, uniform_S, training, noise_std_SE)
+    spec = ROUTERS[cfg.router]
+    given = {"uniform_S": uniform_S, "training": training, "noise_std_SE": noise_std_SE}
+    routing = spec.fn(logits_SE, cfg, **{name: given[name] for name in spec.inputs})
     if cfg.z_loss_weight:
         routing = dataclasses.replace(routing, losses={**routing.losses, "z": z_loss(logits_SE)})
     return routing
 
 
-__all__ = ["ROUTERS", "Router", "Routing", "cv_squared", "deepspeed_gating", "expert_choice", "gshard_top2",
-           "load_balance_loss", "noisy_topk", "route", "soft", "switch_top1", "topk", "weighted_aux_loss",
-           "z_loss"]
+__all__ = ["ROUTERS", "Router", "RouterSpec", "Routing", "cv_squared", "deepspeed_gating", "expert_choice",
+           "gshard_top2", "load_balance_loss", "noisy_topk", "route", "soft", "switch_top1", "topk",
+           "weighted_aux_loss", "z_loss"]

@@ -1,7 +1,7 @@
 """Token-choice routers: logits -> chosen experts, combine weights, dispatch mask.
 
-Each router is a pure function ``(logits_SE, cfg, uniform_S, training, noise_std_SE) -> Routing``;
-adding one is a function plus an entry in ``routing.ROUTERS`` and ``config.ROUTER_TOP_K``.
+Each router is a pure function ``(logits_SE, cfg, **inputs) -> Routing`` taking only the inputs it
+reads; adding one is a function plus an entry in ``routing.registry.ROUTERS``.
 """
 
 from __future__ import annotations
@@ -22,16 +22,12 @@ def _normalized(prob_SK: Tensor) -> Tensor:
     return prob_SK / prob_SK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-                training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
+def switch_top1(logits_SE: Tensor, cfg: MoEConfig) -> Routing:
     """Switch Transformer top-1: the combine weight is the router probability of the choice.
 
     Args:
         logits_SE: router logits ``[S, E]``.
-        cfg: the layer config (unused knobs ignored).
-        uniform_S: unused (top-1 draws nothing).
-        training: unused (the same routing in training and eval).
-        noise_std_SE: unused (only ``noisy_topk`` adds logit noise).
+        cfg: the layer config (the same routing in training and eval; nothing is drawn).
 
     Returns:
         ``Routing`` with ``K = 1``.
@@ -43,8 +39,7 @@ def switch_top1(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
     return Routing(expert_S1, weight_S1, active_S1, probs_SE, {"load_balance": aux})
 
 
-def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-                training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
+def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None) -> Routing:
     """GShard top-2 with the second-expert policy of ``cfg`` (GShard Algorithm 1).
 
     ``g1, g2 = p1 / (p1 + p2), p2 / (p1 + p2)``. Policy ``random`` dispatches the second choice
@@ -54,9 +49,9 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
     Args:
         logits_SE: router logits ``[S, E]``.
         cfg: supplies ``second_policy`` and ``second_threshold``.
-        uniform_S: ``U(0, 1)`` draws ``[S]`` for the ``random`` policy; drawn if ``None``.
-        training: unused (the policy draws in training and eval alike).
-        noise_std_SE: unused (only ``noisy_topk`` adds logit noise).
+        uniform_S: ``U(0, 1)`` draws ``[S]`` for the ``random`` policy; drawn if ``None``. The
+            policy draws in eval mode too (as GShard's reference does): eval output is stochastic
+            unless ``second_policy`` is ``"all"`` or ``"threshold"``.
 
     Returns:
         ``Routing`` with ``K = 2``: column 0 the first choice, column 1 the second.
@@ -82,8 +77,7 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
     return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, {"load_balance": aux})
 
 
-def topk(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-         training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
+def topk(logits_SE: Tensor, cfg: MoEConfig) -> Routing:
     """Softmax top-k (Mixtral, DeepSeekMoE, ST-MoE): every one of the k choices is dispatched.
 
     ``probs = softmax(logits)`` over all experts; the k largest are kept (``torch.topk``, in
@@ -94,8 +88,7 @@ def topk(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
 
     Args:
         logits_SE: router logits ``[S, E]``.
-        cfg: supplies ``top_k``, ``normalize_topk``, ``gate_after_topk``.
-        uniform_S, training, noise_std_SE: unused (deterministic).
+        cfg: supplies ``top_k``, ``normalize_topk``, ``gate_after_topk`` (deterministic).
 
     Returns:
         ``Routing`` with ``K = top_k``, column k the (k+1)-th largest probability.

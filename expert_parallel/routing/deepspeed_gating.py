@@ -18,13 +18,11 @@ What they share, and where they differ from GShard (``choice.gshard_top2``):
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import MoEConfig
+from ..config import MoEConfig, reject
 from .types import Routing
 
 
@@ -81,8 +79,8 @@ def deepspeed_top1(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
         score_SE = mask_SE * torch.rand(mask_SE.shape, device=mask_SE.device)
     capacity, priority_S1 = None, None
     if cfg.drop_tokens:
-        factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
-        capacity = deepspeed_capacity(num_tokens, num_experts, 1, factor, cfg.min_capacity)
+        capacity = deepspeed_capacity(num_tokens, num_experts, 1, cfg.capacity_factor_for(training),
+                                      cfg.min_capacity)
         chosen_CE = torch.topk(score_SE, k=min(capacity, num_tokens), dim=0)[1]
         selected_SE = torch.zeros_like(mask_SE).scatter_(0, chosen_CE, 1)
         kept_S1 = (mask_SE * selected_SE).sum(dim=1, keepdim=True) > 0
@@ -110,8 +108,8 @@ def deepspeed_top2(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
     aux_loss = torch.mean(_me_ce(gates_SE, mask1_SE)) * num_experts * num_experts
     capacity = None
     if cfg.drop_tokens:
-        factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
-        capacity = deepspeed_capacity(num_tokens, num_experts, 2, factor, cfg.min_capacity)
+        capacity = deepspeed_capacity(num_tokens, num_experts, 2, cfg.capacity_factor_for(training),
+                                      cfg.min_capacity)
     expert_S2 = torch.stack([first_S, second_S], dim=1)
     return Routing(expert_S2, gates_SE.gather(1, expert_S2), torch.ones_like(expert_S2, dtype=torch.bool),
                    gates_SE, {"load_balance": aux_loss}, None, renormalize_kept=True, capacity=capacity)
@@ -132,8 +130,8 @@ def deepspeed_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
     aux_loss = torch.mean(_me_ce(gates_SE, mask_SE)) * num_experts * num_experts / top_k
     capacity, priority_SK = None, None
     if cfg.drop_tokens:
-        factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
-        capacity = deepspeed_capacity(num_tokens, num_experts, top_k, factor, cfg.min_capacity)
+        capacity = deepspeed_capacity(num_tokens, num_experts, top_k, cfg.capacity_factor_for(training),
+                                      cfg.min_capacity)
         masked_gates_SE = torch.zeros_like(gates_SE).scatter(1, expert_SK, gate_SK)
         chosen_CE = torch.topk(masked_gates_SE, k=min(capacity, num_tokens), dim=0, sorted=False)[1]
         selected_SE = torch.zeros_like(gates_SE, dtype=torch.bool).scatter_(0, chosen_CE, True)
@@ -142,19 +140,16 @@ def deepspeed_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
                    {"load_balance": aux_loss}, priority_SK, renormalize_kept=True, capacity=capacity)
 
 
-def deepspeed_gating(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-                     training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
+def deepspeed_gating(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> Routing:
     """DeepSpeed's ``TopKGate``: top-1 for ``k = 1``, top-2 for ``k = 2``, top-k otherwise.
 
     Args:
         logits_SE: router logits ``[S, E]`` (fp32).
         cfg: the layer config (``top_k``, capacity factors, ``min_capacity``, ``drop_tokens``,
             ``second_policy``, ``router_gumbel``, ``random_token_selection``).
-        uniform_S: unused: the draws are DeepSpeed's own (Gumbel, ``[S, E]`` uniforms), so that
-            seeded runs of both libraries sample alike.
         training: picks ``capacity_factor`` or ``eval_capacity_factor``; ``router_gumbel`` noise
-            applies in training only.
-        noise_std_SE: unused (DeepSpeed's noise is Gumbel or jitter).
+            applies in training only. The draws are DeepSpeed's own (Gumbel, ``[S, E]``
+            uniforms), so that seeded runs of both libraries sample alike.
 
     Returns:
         ``Routing`` with ``K = top_k``.
@@ -164,3 +159,18 @@ def deepspeed_gating(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tens
     if cfg.top_k == 2:
         return deepspeed_top2(logits_SE.float(), cfg, training)
     return deepspeed_topk(logits_SE.float(), cfg, training)
+
+
+def check_deepspeed(cfg: MoEConfig) -> None:
+    """The options DeepSpeed's gating takes: Gumbel first choice and random token selection for
+    top-1 only, ``"all"`` or ``"gumbel"`` second experts for top-2, and its own capacity rule."""
+    for name in ("router_gumbel", "random_token_selection"):
+        if getattr(cfg, name) and cfg.top_k != 1:
+            reject(name, True, f"router='deepspeed' implements it with top_k=1 only (got top_k={cfg.top_k}); "
+                   f"set {name}=False")
+    if cfg.top_k == 2 and cfg.second_policy not in ("all", "gumbel"):
+        reject("second_policy", cfg.second_policy, "router='deepspeed' with top_k=2 takes 'all' "
+               "(deterministic top-2) or 'gumbel' (DeepSpeed's top2_2nd_expert_sampling=True)")
+    if cfg.capacity is not None:
+        reject("capacity", cfg.capacity, "router='deepspeed' derives the capacity per batch as DeepSpeed "
+               "does; set capacity=None")

@@ -7,12 +7,10 @@ in token order. ``active_SK`` says which (token, expert) pairs are dispatched.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from ..config import MoEConfig
+from ..config import MoEConfig, reject
 from ..layout.capacity import expert_capacity
 from .types import Routing
 
@@ -22,8 +20,7 @@ def _every_expert_SE(num_tokens: int, num_experts: int, device: torch.device) ->
     return torch.arange(num_experts, device=device).expand(num_tokens, num_experts)
 
 
-def soft(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-         training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
+def soft(logits_SE: Tensor, cfg: MoEConfig) -> Routing:
     """Dense soft mixture (Jacobs et al. 1991): ``y = sum_e p_e * expert_e(x)``, ``p = softmax``.
 
     Every token goes to every expert, so the capacity is the local token count (the layer agrees
@@ -31,8 +28,7 @@ def soft(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
 
     Args:
         logits_SE: router logits ``[S, E]``.
-        cfg: unused beyond the registry's signature.
-        uniform_S, training, noise_std_SE: unused (deterministic).
+        cfg: the layer config (nothing in it changes soft routing; deterministic).
 
     Returns:
         ``Routing`` with ``K = E``, weights ``probs_SE``, all active, ``capacity = S``; no losses.
@@ -44,8 +40,7 @@ def soft(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
     return Routing(expert_SE, probs_SE, active_SE, probs_SE, {}, capacity=num_tokens)
 
 
-def expert_choice(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-                  training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
+def expert_choice(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> Routing:
     """Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens of this rank.
 
     ``probs = softmax(logits)`` over experts (token by token); expert ``e`` takes the ``C`` tokens
@@ -59,7 +54,6 @@ def expert_choice(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor]
     Args:
         logits_SE: router logits ``[S, E]``.
         cfg: capacity fields.
-        uniform_S, noise_std_SE: unused.
         training: picks ``capacity_factor`` or ``eval_capacity_factor``.
 
     Returns:
@@ -70,10 +64,16 @@ def expert_choice(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor]
     if cfg.capacity is not None:
         capacity = cfg.capacity
     else:
-        factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
-        capacity = expert_capacity(num_tokens, num_experts, 1, factor, cfg.min_capacity)
+        capacity = expert_capacity(num_tokens, num_experts, 1, cfg.capacity_factor_for(training), cfg.min_capacity)
     capacity = min(capacity, num_tokens)
     picked_CE = probs_SE.topk(capacity, dim=0).indices
     active_SE = torch.zeros_like(probs_SE, dtype=torch.bool).scatter_(0, picked_CE, True)
     expert_SE = _every_expert_SE(num_tokens, num_experts, probs_SE.device)
     return Routing(expert_SE, probs_SE * active_SE, active_SE, probs_SE, {}, capacity=capacity)
+
+
+def check_soft(cfg: MoEConfig) -> None:
+    """``soft`` never drops a token (its capacity is the token count): no fixed ``capacity``."""
+    if cfg.capacity is not None:
+        reject("capacity", cfg.capacity, "router='soft' sends every token to every expert and never "
+               "drops one (its capacity is the token count); set capacity=None")

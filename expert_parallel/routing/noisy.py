@@ -44,17 +44,17 @@ def smooth_load(clean_SE: Tensor, noisy_SE: Tensor, noise_std_SE: Tensor, top_SJ
     return torch.where(is_in_SE, prob_if_in_SE, prob_if_out_SE).sum(dim=0)
 
 
-def noisy_topk(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-               training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
+def noisy_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True, noise_std_SE: Optional[Tensor] = None,
+               normal_SE: Optional[Tensor] = None) -> Routing:
     """Shazeer et al.'s noisy top-k gating (see the module docstring).
 
     Args:
         logits_SE: clean logits ``x W_g`` ``[S, E]``.
         cfg: supplies ``top_k``.
-        uniform_S: unused.
-        training: draw the noise (``torch.randn``) and use the smooth load; eval is noise-free.
+        training: add the noise and use the smooth load; eval is noise-free.
         noise_std_SE: ``softplus(x W_noise)`` ``[S, E]`` (``Router`` computes it in training);
             ``None`` means no noise.
+        normal_SE: the ``N(0, 1)`` draws ``[S, E]``; ``None`` draws them (``torch.randn``).
 
     Returns:
         ``Routing`` with ``K = top_k`` (column k the (k+1)-th largest noisy logit), every choice
@@ -63,7 +63,11 @@ def noisy_topk(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = 
     clean_SE = logits_SE.float()
     num_experts, top_k = clean_SE.shape[1], cfg.top_k
     noisy = training and noise_std_SE is not None
-    noisy_SE = clean_SE + torch.randn_like(clean_SE) * noise_std_SE if noisy else clean_SE
+    if noisy:
+        normal_SE = torch.randn_like(clean_SE) if normal_SE is None else normal_SE.float()
+        noisy_SE = clean_SE + normal_SE * noise_std_SE
+    else:
+        noisy_SE = clean_SE
     top_SJ, expert_SJ = noisy_SE.topk(min(top_k + 1, num_experts), dim=-1)
     expert_SK = expert_SJ[:, :top_k]
     weight_SK = torch.softmax(top_SJ[:, :top_k], dim=-1)

@@ -39,9 +39,3 @@ class Routing:
     priority_SK: Optional[Tensor] = None
     renormalize_kept: bool = False
     capacity: Optional[int] = None
-
-    @property
-    def aux_loss(self) -> Tensor:
-        """The unweighted load-balancing loss (0 for routers without one)."""
-        loss = self.losses.get("load_balance")
-        return self.probs_SE.new_zeros(()) if loss is None else loss

@@ -10,6 +10,7 @@ import statistics
 import pytest
 import torch
 
+from expert_parallel.experts import sharded_expert_parameters
 from tests.unit.layer_helpers import inject_uniforms, make_input, make_layer, uniforms
 from tests.unit.reference import layer_reference
 
@@ -157,10 +158,24 @@ def test_pickle_round_trip_gives_equal_output():
     assert restored.cfg == layer.cfg
 
 
-@pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))],
-                         ids=["deepcopy", "pickle"])
-def test_copies_keep_the_expert_parallel_marker_on_expert_parameters(clone):
-    # gradient reduction over the expert-data-parallel group relies on this marker
-    layer = clone(make_layer(expert="swiglu", expert_bias=True))
-    marked = {name for name, p in layer.named_parameters() if getattr(p, "expert_parallel", False)}
-    assert marked == {f"experts.{n}" for n in ("w1", "w2", "w3", "b1", "b2")}
+def _meta_then_to_empty(layer):
+    with torch.device("meta"):
+        rebuilt = make_layer(expert="swiglu", expert_bias=True, num_shared_experts=1)
+    return rebuilt.to_empty(device="cpu")
+
+
+def _assigned(layer):
+    fresh = make_layer(expert="swiglu", expert_bias=True, num_shared_experts=1)
+    fresh.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    return fresh
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), _meta_then_to_empty,
+                                   _assigned, torch.compile],
+                         ids=["deepcopy", "pickle", "meta-to_empty", "load_state_dict-assign", "compile"])
+def test_expert_parameters_are_found_by_structure_after_copies_and_rebuilds(clone):
+    # gradient reduction over the expert-data-parallel group relies on this; shared experts are dense
+    model = torch.nn.ModuleDict({"moe": clone(make_layer(expert="swiglu", expert_bias=True, num_shared_experts=1))})
+    found = {id(p) for p in sharded_expert_parameters(model)}
+    names = {name.replace("_orig_mod.", "") for name, p in model.named_parameters() if id(p) in found}
+    assert names == {f"moe.experts.{n}" for n in ("w1", "w2", "w3", "b1", "b2")}

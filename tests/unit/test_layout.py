@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from expert_parallel import MoEConfig
-from expert_parallel.layout import combine, expert_capacity, pack, plan_slots
+from expert_parallel import MoEConfig, layout
+from expert_parallel.layout import combine, expert_capacity, pack
 from expert_parallel.routing import gshard_top2
 from tests.unit.reference import assign_slots, gshard_decision
+
+
+def plan_slots(expert_SK, active_SK, num_experts, capacity, priority_SK=None):
+    """The library's plan at ``capacity``, with each assignment's rank ``slot_KS`` beside it."""
+    slots = layout.assign_slots(expert_SK, active_SK, num_experts, priority_SK)
+    plan = slots.plan(capacity)
+    fields = {field.name: getattr(plan, field.name) for field in dataclasses.fields(plan)}
+    return SimpleNamespace(**fields, slot_KS=slots.slot_KS)
 
 
 def _random_choices(num_tokens: int, num_experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,7 +107,7 @@ def test_gshard_aux_loss_is_the_unweighted_load_balance_loss_of_first_choices():
     first = [first_argmax(row) for row in probs]
     want = num_experts * sum((first.count(e) / 40) * (sum(row[e] for row in probs) / 40)
                              for e in range(num_experts))
-    assert routing.aux_loss.item() == pytest.approx(want, rel=1e-5)
+    assert routing.losses["load_balance"].item() == pytest.approx(want, rel=1e-5)
 
 
 def test_switch_top1_weight_is_the_router_probability_of_the_choice():
@@ -122,7 +122,7 @@ def test_switch_top1_weight_is_the_router_probability_of_the_choice():
         assert routing.weight_SK[s, 0].item() == pytest.approx(probs_rows[s].max().item(), abs=1e-7)
     first = routing.expert_SK[:, 0].tolist()
     want = 6 * sum(first.count(e) / 24 * probs_rows[:, e].mean().item() for e in range(6))
-    assert routing.aux_loss.item() == pytest.approx(want, rel=1e-5)
+    assert routing.losses["load_balance"].item() == pytest.approx(want, rel=1e-5)
 
 
 def test_route_dispatches_on_the_router_name():

@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ...experts import StackedExperts
+from ...activations import activation_name
+from ...experts import Experts, StackedExperts, sharded_expert_parameters
 
-_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}
 _PREFIX = "deepspeed_experts"
 
 
@@ -47,12 +47,6 @@ class ExpertSpec:
     keys: tuple[tuple[str, str, bool], ...]
 
 
-def _activation_name(module: nn.Module) -> Optional[str]:
-    if isinstance(module, nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
-    return _ACTIVATIONS.get(type(module))
-
-
 def _candidates(expert: nn.Module, d_model: int) -> list[ExpertSpec]:
     """Stacked layouts the children of ``expert`` allow (to be verified numerically)."""
     if any(True for _ in expert.named_parameters(recurse=False)) or any(True for _ in expert.buffers()):
@@ -61,8 +55,8 @@ def _candidates(expert: nn.Module, d_model: int) -> list[ExpertSpec]:
     for name, child in expert.named_children():
         if type(child) is nn.Linear:
             linears.append((name, child))
-        elif _activation_name(child) is not None:
-            activations.append(_activation_name(child))
+        elif activation_name(child) is not None:
+            activations.append(activation_name(child))
         else:
             return []  # dropout, norms, nested blocks: not a plain MLP
     if len(linears) == 2 and len(activations) == 1:
@@ -141,13 +135,16 @@ def detect_expert(expert: nn.Module, d_model: int) -> Optional[ExpertSpec]:
 
 
 def mark_expert_params(module: nn.Module, group_name: str) -> None:
-    """Tag parameters as DeepSpeed expects of expert weights (``allreduce=False``, ``group_name``)."""
-    for param in module.parameters():
+    """Tag the sharded expert parameters of ``module`` (found by structure) as DeepSpeed expects
+    of expert weights: ``allreduce=False``, ``group_name``. DeepSpeed reads these tags, and
+    rebuilding a parameter (meta init + ``to_empty``, ``load_state_dict(assign=True)``) drops
+    them, so ``MoE`` calls this again after each of those and when the engine sets it up."""
+    for param in sharded_expert_parameters(module):
         param.allreduce = False
         param.group_name = group_name
 
 
-class GenericExperts(nn.Module):
+class GenericExperts(Experts):
     """DeepSpeed's ``Experts``: deep copies of any module, applied one local expert at a time.
 
     The slow path for experts we cannot stack. Each expert sees ``[ep_size, 1, C, D]``, the shape
@@ -157,14 +154,12 @@ class GenericExperts(nn.Module):
         expert: the template module.
         num_local_experts: ``E_local``.
         ep_size: EP group size (the rows of each expert's input are ``ep_size`` blocks of ``C``).
-        group_name: DeepSpeed's expert group name, ``"ep_size_<N>"``.
     """
 
-    def __init__(self, expert: nn.Module, num_local_experts: int, ep_size: int, group_name: str) -> None:
-        super().__init__()
+    def __init__(self, expert: nn.Module, num_local_experts: int, ep_size: int) -> None:
+        super().__init__(sharded=True)
         self.ep_size = ep_size
         self.deepspeed_experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_local_experts))
-        mark_expert_params(self, group_name)
 
     def forward(self, x_END: Tensor) -> Tensor:
         """``[E_local, ep_size * C, D] -> [E_local, ep_size * C, D]``."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from typing import Any, Optional
 
 import deepspeed
@@ -64,6 +65,7 @@ class DeepSpeedMoELayer(MoELayer):
             self.router = Router.from_config(cfg)
         self.experts = experts
         self.shared_experts = None  # DeepSpeed's MoE has none (its use_residual is separate)
+        self._phase_hooks = OrderedDict()
         self.register_state_dict_post_hook(_router_to_gate)
         self.register_load_state_dict_pre_hook(_gate_to_router)
 
@@ -166,6 +168,9 @@ class MoE(deepspeed.moe.layer.MoE):
                   f"{self.num_local_experts}, ep_size={ep_size}, router={router!r}, experts="
                   f"{'stacked ' + spec.kind if spec else 'generic'}")
         self.deepspeed_moe = DeepSpeedMoELayer(cfg, self._build_experts(expert, spec, cfg))
+        self._mark_experts()
+        # load_state_dict(assign=True) installs new parameters: tag them again afterwards
+        self.register_load_state_dict_post_hook(self._mark_experts)
         # the random draws of DeepSpeed's constructor, in its order: the gate, then the coefficient
         nn.init.kaiming_uniform_(self.deepspeed_moe.router.weight, a=math.sqrt(5))
         if use_residual:
@@ -174,15 +179,26 @@ class MoE(deepspeed.moe.layer.MoE):
 
     def _build_experts(self, expert: nn.Module, spec, cfg: MoEConfig) -> nn.Module:
         if spec is None:
-            return GenericExperts(expert, cfg.num_local_experts, cfg.ep_size, self.expert_group_name)
+            return GenericExperts(expert, cfg.num_local_experts, cfg.ep_size)
         experts = stacked_experts(spec, cfg.num_local_experts, cfg.d_model)
         load_template(experts, spec, expert)
         add_deepspeed_keys(experts, spec)
-        mark_expert_params(experts, self.expert_group_name)
         return experts
 
+    def _mark_experts(self, *args: object) -> None:
+        """(Re)tag the expert parameters for DeepSpeed (see ``mark_expert_params``)."""
+        mark_expert_params(self, self.expert_group_name)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        # .to(), .to_empty(), .half(): parameters may come back as new objects, without tags
+        module = super()._apply(fn, recurse)
+        self._mark_experts()
+        return module
+
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by the DeepSpeed engine: create (once) and bind the expert groups."""
+        """Called by the DeepSpeed engine before it reads the expert tags: create (once) and bind the
+        expert groups, and tag the expert parameters."""
+        self._mark_experts()
         self._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
