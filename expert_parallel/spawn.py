@@ -65,21 +65,39 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
     for proc in procs:
         proc.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
-    deadline = time.monotonic() + timeout
     try:
-        while len(outcomes) < world_size:
-            try:
-                rank, ok, value = results.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                missing = sorted(set(range(world_size)) - set(outcomes))
-                raise TimeoutError(f"ranks {missing} did not finish within {timeout}s") from None
-            outcomes[rank] = (ok, value)
+        _collect(results, world_size, timeout, outcomes)
+    except TimeoutError as timed_out:
+        failed = {rank: value for rank, (ok, value) in outcomes.items() if not ok}
+        if failed:  # the failure is the cause; its peers were likely waiting for it
+            raise _rank_error(failed, f"{timed_out}\n") from None
+        raise
     finally:
+        finished = len(outcomes) == world_size  # else the stragglers are killed at once
         for proc in procs:
-            proc.join(timeout=5)
+            proc.join(timeout=5 if finished else 0.1)
             if proc.is_alive():
                 proc.kill()
     failures = {rank: value for rank, (ok, value) in outcomes.items() if not ok}
     if failures:
-        raise RankError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items())))
+        raise _rank_error(failures)
     return [torch.load(io.BytesIO(outcomes[rank][1]), weights_only=False) for rank in range(world_size)]
+
+
+def _collect(results: Any, world_size: int, timeout: float, outcomes: dict[int, tuple[bool, Any]]) -> None:
+    """Fill ``outcomes`` from the ``results`` queue until every rank reported; ``TimeoutError``
+    naming the missing ranks once ``timeout`` seconds have passed since the call (one deadline for
+    the whole run, not a wait per result)."""
+    deadline = time.monotonic() + timeout
+    while len(outcomes) < world_size:
+        try:
+            rank, ok, value = results.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            missing = sorted(set(range(world_size)) - set(outcomes))
+            raise TimeoutError(f"ranks {missing} did not finish within {timeout}s") from None
+        outcomes[rank] = (ok, value)
+
+
+def _rank_error(failed: dict[int, str], head: str = "") -> RankError:
+    """One ``RankError`` holding every failing rank's traceback, after ``head``."""
+    return RankError(head + "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failed.items())))

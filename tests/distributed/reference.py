@@ -3,7 +3,7 @@
 Every spawned rank and the parent test process build the same full weights, tokens, cotangents
 and router uniforms from a ``Case`` (seeded generators), so the parent can recompute each rank's
 result on one process and compare. The reference is a plain float64 loop over tokens that follows
-the documented semantics (docs in ``ARCHITECTURE.md``); it shares no routing, layout or comm code
+the documented semantics (docs/design.md); it shares no routing, layout or comm code
 with the library. ``ep1_layer_run`` is the other reference the issue asks for: the EP=1 layer with
 the same full weights and the same capacity.
 """
@@ -46,6 +46,10 @@ class Case:
         backward: run ``loss.backward()`` (``loss = <y, cotangent> + aux_loss``).
         reduce: call ``reduce_gradients`` after backward.
         nan_rank: this rank's first token is NaN (forward only).
+        build: how the layer is made before it runs: ``"plain"``; ``"meta"`` (built on the meta
+            device, then ``to_empty``); ``"assign"`` (a fresh layer takes the loaded weights by
+            ``load_state_dict(assign=True)``); ``"deepcopy"``; ``"compile"`` (``torch.compile``,
+            the compiled module runs and is reduced).
     """
 
     name: str
@@ -61,6 +65,7 @@ class Case:
     backward: bool = True
     reduce: bool = False
     nan_rank: Optional[int] = None
+    build: str = "plain"
 
     def config(self, **changes: Any) -> MoEConfig:
         fields = dict(d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+from torch import nn
 from torch.testing import assert_close
 
 from expert_parallel import MoELayer
@@ -25,24 +27,46 @@ from .reference import (
 )
 
 
+def build_layer(case: Case, rank: int) -> tuple[nn.Module, MoELayer, int]:
+    """The EP layer of ``case`` holding the full weights' slice, made as ``case.build`` says.
+
+    Returns the module to call (the compiled wrapper for ``"compile"``), the layer, its EP rank.
+    """
+    cfg = case.config()
+    if case.build == "meta":
+        with torch.device("meta"):
+            layer = MoELayer(cfg)
+        layer.to_empty(device="cpu")
+    else:
+        layer = MoELayer(cfg)
+    ep_rank = layer.ep_ranks.index(rank)
+    load_layer(layer, full_weights(case), ep_rank)
+    if case.build == "assign":
+        loaded, layer = layer, MoELayer(cfg)
+        layer.load_state_dict({k: v.clone() for k, v in loaded.state_dict().items()}, assign=True)
+    elif case.build == "deepcopy":
+        layer = copy.deepcopy(layer)
+    # the eager backend: Dynamo's wrapper and graph capture without paying for code generation
+    module = torch.compile(layer, backend="eager") if case.build == "compile" else layer
+    return module, layer, ep_rank
+
+
 def run_case(rank: int, case: Case) -> dict[str, Any]:
     """Build the EP layer of ``case`` with the full weights' slice, run it, return what it gave."""
     torch.manual_seed(case.seed)
     cfg = case.config()
-    layer = MoELayer(cfg)
-    ep_rank = layer.ep_ranks.index(rank)
-    load_layer(layer, full_weights(case), ep_rank)
+    module, layer, ep_rank = build_layer(case, rank)
     layer.train(not case.eval)
     x = tokens(case, rank).requires_grad_()
     torch.manual_seed(uniform_seed(case, rank))
-    out = layer(x)
+    out = module(x)
     result: dict[str, Any] = {"y": out.output.detach(), "aux": out.aux_loss.detach(),
                               "stats": out.stats._asdict(), "ep_ranks": layer.ep_ranks,
                               "ep_rank": ep_rank}
     if case.backward:
         ((out.output * cotangent(case, rank)).sum() + out.aux_loss).backward()
         if case.reduce:
-            reduce_gradients(layer, expert_groups(cfg.ep_size))
+            reduce_gradients(module, expert_groups(cfg.ep_size))
         result["grads"] = {reference_name(n): p.grad.clone() for n, p in layer.named_parameters()}
         result["grads"]["x"] = x.grad if x.grad is not None else torch.zeros_like(x)
     return result

@@ -7,13 +7,16 @@ no collective was left half-done.
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from expert_parallel import MoEConfig, MoELayer
+from expert_parallel import MoEConfig, MoELayer, spawn
 from tests.harness import run_ranks
 
 from .reference import Case
@@ -124,3 +127,19 @@ def test_nonfinite_tokens_are_counted_and_spare_other_ranks_when_not_checked(res
 
 def test_layers_still_match_reference_after_the_failures(results):
     check_case(HEALTHY, [res["healthy"] for res in results])
+
+
+
+def test_spawn_timeout_bounds_the_whole_run_not_each_result():
+    # results arrive 0.3 s apart, each gap shorter than the timeout, all together longer
+    results: queue.Queue = queue.Queue()
+
+    def report() -> None:
+        for rank in range(4):
+            results.put((rank, True, b""))
+            time.sleep(0.3)
+    threading.Thread(target=report, daemon=True).start()
+    outcomes: dict = {}
+    with pytest.raises(TimeoutError, match=r"ranks \[3\] did not finish within 0.75s"):
+        spawn._collect(results, 4, 0.75, outcomes)
+    assert sorted(outcomes) == [0, 1, 2]

@@ -76,6 +76,23 @@ def test_expert_parameters_carry_deepspeeds_tags_and_split_into_moe_groups():
     assert {id(p) for p in moe_groups[0]["params"]} == {id(p) for p in experts}
 
 
+@pytest.mark.parametrize("rebuild", ["meta-to_empty", "load_state_dict-assign"])
+@pytest.mark.parametrize("expert_kind", ["mlp", "residual"])
+def test_deepspeeds_expert_tags_survive_rebuilt_parameters(rebuild, expert_kind):
+    def build():
+        return MoE(D_MODEL, make_expert(expert_kind), num_experts=4, ep_size=2, k=2)
+    ours = build()
+    if rebuild == "meta-to_empty":
+        ours = ours.to("meta").to_empty(device="cpu")  # new Parameter objects: attributes dropped
+    else:
+        state = {k: v.clone() for k, v in ours.state_dict().items()}
+        ours = build()
+        ours.load_state_dict(state, assign=True)
+    experts = list(ours.deepspeed_moe.experts.parameters())
+    assert experts and all(is_moe_param(p) and p.group_name == "ep_size_2" for p in experts)
+    assert not any(is_moe_param(p) for p in ours.deepspeed_moe.router.parameters())
+
+
 def test_opt_in_core_routers_via_keyword():
     layer = MoE(D_MODEL, make_expert("mlp"), num_experts=4, k=2, router="gshard", second_policy="all")
     assert layer.deepspeed_moe.cfg.router == "gshard" and layer.deepspeed_moe.cfg.second_policy == "all"
