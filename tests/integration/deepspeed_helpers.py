@@ -84,7 +84,8 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, seed: int) -> dict[str, Any]:
 
 
 def parity_worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
-    """For each case: DeepSpeed's MoE and ours on the same weights and input (ep = world)."""
+    """For each case: DeepSpeed's MoE and ours on the same weights and input (ep = world), in
+    training mode or, with ``case["eval"]``, both in eval mode."""
     init_deepspeed_comm()
     results = []
     for case in cases:
@@ -100,6 +101,8 @@ def parity_worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
         # a copy: with use_residual both layers keep the template itself as their dense ``mlp``
         ours = moe_class("ours")(D_MODEL, copy.deepcopy(expert), **kwargs, **case.get("extra", {}))
         ours.load_state_dict(reference.state_dict())
+        reference.train(not case.get("eval", False))
+        ours.train(not case.get("eval", False))
         torch.manual_seed(100 + rank)
         x = torch.randn(4, case.get("tokens", 16), D_MODEL)
         seed = 7 + rank
