@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch.distributed import ProcessGroup
 from torch.testing import assert_close
 
 from expert_parallel import MoELayer
@@ -25,12 +26,15 @@ from .reference import (
 )
 
 
-def run_case(rank: int, case: Case) -> dict[str, Any]:
-    """Build the EP layer of ``case`` with the full weights' slice, run it, return what it gave."""
+def run_case(rank: int, case: Case, ep_group: Optional[ProcessGroup] = None) -> dict[str, Any]:
+    """Build the EP layer of ``case`` with the full weights' slice, run it, return what it gave.
+
+    ``ep_group`` is passed to the layer (``None``: the layer builds consecutive groups).
+    """
     torch.manual_seed(case.seed)
     cfg = case.config()
-    layer = MoELayer(cfg)
-    ep_rank = layer.ep_ranks.index(rank)
+    layer = MoELayer(cfg, ep_group=ep_group)
+    ep_rank = case.ep_group_of(rank).index(rank)  # the test's groups, not the layer's word for them
     load_layer(layer, full_weights(case), ep_rank)
     layer.train(not case.eval)
     x = tokens(case, rank).requires_grad_()
@@ -74,7 +78,7 @@ def _check_grads(case: Case, rank: int, res: dict[str, Any], refs: dict[int, dic
     """``res``'s gradients against the reference gradients of the ranks that feed them."""
     where, world = f"{case.name} rank {rank} vs {against}", case.world_size
     local = case.config().num_local_experts
-    group = case.ep_groups()[rank // case.ep_size]
+    group = case.ep_group_of(rank)
     grads = res["grads"]
     _close(grads["x"], refs[rank]["grads"]["x"], f"{where}: x.grad")
     # after reduce_gradients: the gradient of the mean loss over the world
@@ -106,7 +110,7 @@ def check_case(case: Case, results: list[dict[str, Any]], compare_ep1_layer: boo
     ep1 = {r: ep1_layer_run(case, r, capacity_of[r]) for r in range(world)} if compare_ep1_layer else {}
     for rank, (res, ref) in enumerate(zip(results, refs.values())):
         where = f"{case.name} rank {rank}"
-        group = case.ep_groups()[rank // case.ep_size]
+        group = case.ep_group_of(rank)
         assert res["ep_ranks"] == group, where
         stats = res["stats"]
         assert int(stats["capacity"]) == capacity_of[rank], f"{where}: capacity"
