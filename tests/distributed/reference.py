@@ -50,6 +50,8 @@ class Case:
             device, then ``to_empty``); ``"assign"`` (a fresh layer takes the loaded weights by
             ``load_state_dict(assign=True)``); ``"deepcopy"``; ``"compile"`` (``torch.compile``,
             the compiled module runs and is reduced).
+        groups: the EP groups when they are not the library's consecutive blocks (the test then
+            passes each rank's group as ``ep_group``); ``None``: consecutive blocks.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Case:
     reduce: bool = False
     nan_rank: Optional[int] = None
     build: str = "plain"
+    groups: Optional[tuple[tuple[int, ...], ...]] = None
 
     def config(self, **changes: Any) -> MoEConfig:
         fields = dict(d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts,
@@ -79,8 +82,14 @@ class Case:
         return len(self.tokens)
 
     def ep_groups(self) -> list[tuple[int, ...]]:
-        """Consecutive rank blocks, as the library documents."""
+        """``groups`` if given, else consecutive rank blocks, as the library documents."""
+        if self.groups is not None:
+            return [tuple(group) for group in self.groups]
         return [tuple(range(s, s + self.ep_size)) for s in range(0, self.world_size, self.ep_size)]
+
+    def ep_group_of(self, rank: int) -> tuple[int, ...]:
+        """The EP group (global ranks, in EP order) that ``rank`` belongs to."""
+        return next(group for group in self.ep_groups() if rank in group)
 
     def num_tokens(self, rank: int) -> int:
         return math.prod(self.tokens[rank])

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 from torch.testing import assert_close
 
 from expert_parallel import MoELayer
@@ -27,22 +28,24 @@ from .reference import (
 )
 
 
-def build_layer(case: Case, rank: int) -> tuple[nn.Module, MoELayer, int]:
+def build_layer(case: Case, rank: int, ep_group: Optional[ProcessGroup] = None) -> tuple[nn.Module, MoELayer, int]:
     """The EP layer of ``case`` holding the full weights' slice, made as ``case.build`` says.
 
-    Returns the module to call (the compiled wrapper for ``"compile"``), the layer, its EP rank.
+    ``ep_group`` is passed to the layer (``None``: the layer builds consecutive groups). Returns
+    the module to call (the compiled wrapper for ``"compile"``), the layer, its EP rank (from the
+    test's groups, not the layer's word for them).
     """
     cfg = case.config()
     if case.build == "meta":
         with torch.device("meta"):
-            layer = MoELayer(cfg)
+            layer = MoELayer(cfg, ep_group=ep_group)
         layer.to_empty(device="cpu")
     else:
-        layer = MoELayer(cfg)
-    ep_rank = layer.ep_ranks.index(rank)
+        layer = MoELayer(cfg, ep_group=ep_group)
+    ep_rank = case.ep_group_of(rank).index(rank)
     load_layer(layer, full_weights(case), ep_rank)
     if case.build == "assign":
-        loaded, layer = layer, MoELayer(cfg)
+        loaded, layer = layer, MoELayer(cfg, ep_group=ep_group)
         layer.load_state_dict({k: v.clone() for k, v in loaded.state_dict().items()}, assign=True)
     elif case.build == "deepcopy":
         layer = copy.deepcopy(layer)
@@ -51,11 +54,11 @@ def build_layer(case: Case, rank: int) -> tuple[nn.Module, MoELayer, int]:
     return module, layer, ep_rank
 
 
-def run_case(rank: int, case: Case) -> dict[str, Any]:
+def run_case(rank: int, case: Case, ep_group: Optional[ProcessGroup] = None) -> dict[str, Any]:
     """Build the EP layer of ``case`` with the full weights' slice, run it, return what it gave."""
     torch.manual_seed(case.seed)
     cfg = case.config()
-    module, layer, ep_rank = build_layer(case, rank)
+    module, layer, ep_rank = build_layer(case, rank, ep_group)
     layer.train(not case.eval)
     x = tokens(case, rank).requires_grad_()
     torch.manual_seed(uniform_seed(case, rank))
@@ -98,7 +101,7 @@ def _check_grads(case: Case, rank: int, res: dict[str, Any], refs: dict[int, dic
     """``res``'s gradients against the reference gradients of the ranks that feed them."""
     where, world = f"{case.name} rank {rank} vs {against}", case.world_size
     local = case.config().num_local_experts
-    group = case.ep_groups()[rank // case.ep_size]
+    group = case.ep_group_of(rank)
     grads = res["grads"]
     _close(grads["x"], refs[rank]["grads"]["x"], f"{where}: x.grad")
     # after reduce_gradients: the gradient of the mean loss over the world
@@ -130,7 +133,7 @@ def check_case(case: Case, results: list[dict[str, Any]], compare_ep1_layer: boo
     ep1 = {r: ep1_layer_run(case, r, capacity_of[r]) for r in range(world)} if compare_ep1_layer else {}
     for rank, (res, ref) in enumerate(zip(results, refs.values())):
         where = f"{case.name} rank {rank}"
-        group = case.ep_groups()[rank // case.ep_size]
+        group = case.ep_group_of(rank)
         assert res["ep_ranks"] == group, where
         stats = res["stats"]
         assert int(stats["capacity"]) == capacity_of[rank], f"{where}: capacity"

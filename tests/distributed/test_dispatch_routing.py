@@ -7,8 +7,11 @@ row reveals the token (its source rank id and index) that produced it.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
+from torch.distributed import ProcessGroup
 
 from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.comm import dispatch, expert_groups, undispatch
@@ -46,6 +49,28 @@ def _identity_layer(ep_size: int) -> MoELayer:
     return layer
 
 
+def _receiver_coded_gradients(ep_rank: int, ep_size: int, group: Optional[ProcessGroup]) -> dict:
+    """``dispatch`` and ``undispatch`` each backpropagated alone, from an upstream gradient coded
+    with the rank it lives on, so the gradient that reaches an input shows where it came from.
+
+    ``dispatch``: the upstream gradient of received row ``[local, source * C + slot]`` on EP rank
+    ``q`` is ``(q, local, source, slot)``. ``undispatch``: that of returned row ``[expert, slot]``
+    on EP rank ``s`` is ``(s, expert, slot)``. (The round trip above cannot show a backward that
+    skips its all-to-alls: the all-to-all is its own inverse, so two skipped ones cancel.)
+    """
+    num_experts = LOCAL_EXPERTS * ep_size
+    sent_ECD = torch.zeros(num_experts, CAPACITY, 4, requires_grad=True)
+    upstream = torch.empty(LOCAL_EXPERTS, ep_size, CAPACITY, 4)
+    upstream[..., 0] = ep_rank
+    upstream[..., 1] = torch.arange(LOCAL_EXPERTS).view(-1, 1, 1).float()
+    upstream[..., 2] = torch.arange(ep_size).view(1, -1, 1).float()
+    upstream[..., 3] = torch.arange(CAPACITY).float()
+    dispatch(sent_ECD, ep_size, group).backward(upstream.view(LOCAL_EXPERTS, ep_size * CAPACITY, 4))
+    expert_out = torch.zeros(LOCAL_EXPERTS, ep_size * CAPACITY, 3, requires_grad=True)
+    undispatch(expert_out, ep_size, group).backward(_codes(ep_rank, num_experts))
+    return {"dispatch_grad": sent_ECD.grad, "undispatch_grad": expert_out.grad}
+
+
 def route_coded_tokens(rank: int, world_size: int, ep_size: int) -> dict:
     """Spawned worker: coded buffers through dispatch/undispatch, then identity experts."""
     torch.manual_seed(rank)
@@ -63,7 +88,8 @@ def route_coded_tokens(rank: int, world_size: int, ep_size: int) -> dict:
     x[:, 1] = torch.arange(TOKENS) + 100.0 * (rank + 1)  # and the token's own index
     y = layer(x).output
     return {"ep_rank": ep_rank, "received": received.detach(), "returned": returned.detach(),
-            "grad": sent.grad, "x": x, "y": y.detach(), "router": layer.router.weight.detach()}
+            "grad": sent.grad, "x": x, "y": y.detach(), "router": layer.router.weight.detach(),
+            **_receiver_coded_gradients(ep_rank, ep_size, groups.ep_group)}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -90,8 +116,38 @@ def test_tokens_reach_their_expert_rank_and_return_to_their_slot(routed):
         sent = _codes(owner, num_experts)
         owner_E = (torch.arange(num_experts) // LOCAL_EXPERTS).float().view(-1, 1, 1)
         assert torch.equal(res["returned"], sent * 10.0 + 1000.0 * owner_E), f"rank {rank}: return trip"
-        # the backward runs both all-to-alls in reverse: d(returned)/d(sent) is 10 * identity
+        # d(returned)/d(sent) is 10 * identity (whether or not the backward moves the gradient:
+        # see the two tests below)
         assert torch.equal(res["grad"], (sent + 2.0) * 10.0), f"rank {rank}: gradient round trip"
+
+
+def test_dispatch_backward_brings_each_gradient_from_the_expert_owner_to_the_sender(routed):
+    world_size, results = routed
+    num_experts = LOCAL_EXPERTS * world_size
+    expert_E = torch.arange(num_experts).view(-1, 1).float()
+    for rank, res in enumerate(results):
+        # row [expert, slot] of this rank went to the expert's owner, as block ``rank``
+        want = torch.empty(num_experts, CAPACITY, 4)
+        want[..., 0] = expert_E // LOCAL_EXPERTS  # the receiving (owner) rank
+        want[..., 1] = expert_E % LOCAL_EXPERTS
+        want[..., 2] = rank
+        want[..., 3] = torch.arange(CAPACITY).float()
+        assert torch.equal(res["dispatch_grad"], want), (
+            f"rank {rank}: dispatch gradient (receiver, local expert, source, slot) is "
+            f"{res['dispatch_grad'][..., 0].tolist()} in the receiver channel; want the experts' owners")
+
+
+def test_undispatch_backward_brings_each_gradient_from_the_source_to_the_expert_owner(routed):
+    world_size, results = routed
+    for rank, res in enumerate(results):
+        # row [local, source * C + slot] here went back to ``source`` as row [expert, slot]
+        want = torch.empty(LOCAL_EXPERTS, world_size, CAPACITY, 3)
+        want[..., 0] = torch.arange(world_size).view(1, -1, 1).float()  # the receiving (source) rank
+        want[..., 1] = rank * LOCAL_EXPERTS + torch.arange(LOCAL_EXPERTS).view(-1, 1, 1).float()
+        want[..., 2] = torch.arange(CAPACITY).float()
+        assert torch.equal(res["undispatch_grad"], want.view(LOCAL_EXPERTS, world_size * CAPACITY, 3)), (
+            f"rank {rank}: undispatch gradient (receiver, expert, slot) is "
+            f"{res['undispatch_grad'][..., 0].tolist()} in the receiver channel; want the source ranks")
 
 
 def test_layer_returns_each_token_from_its_expert_to_its_source(routed):

@@ -84,7 +84,8 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, seed: int) -> dict[str, Any]:
 
 
 def parity_worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
-    """For each case: DeepSpeed's MoE and ours on the same weights and input (ep = world)."""
+    """For each case: DeepSpeed's MoE and ours on the same weights and input (ep = world), in
+    training mode or, with ``case["eval"]``, both in eval mode."""
     init_deepspeed_comm()
     results = []
     for case in cases:
@@ -100,6 +101,8 @@ def parity_worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
         # a copy: with use_residual both layers keep the template itself as their dense ``mlp``
         ours = moe_class("ours")(D_MODEL, copy.deepcopy(expert), **kwargs, **case.get("extra", {}))
         ours.load_state_dict(reference.state_dict())
+        reference.train(not case.get("eval", False))
+        ours.train(not case.get("eval", False))
         torch.manual_seed(100 + rank)
         x = torch.randn(4, case.get("tokens", 16), D_MODEL)
         seed = 7 + rank
@@ -144,13 +147,23 @@ class TinyModel(nn.Module):
         return nn.functional.mse_loss(self.out(hidden).float().squeeze(-1), target) + 0.01 * l_aux
 
 
-def make_engine(which: str, ep_size: int, stage: int, bf16: bool, seed: int = 0, **moe_kwargs: Any):
-    """A DeepSpeed engine around ``TinyModel`` (client AdamW on DeepSpeed's MoE param groups)."""
+def make_engine(which: str, ep_size: int, stage: int, bf16: bool, seed: int = 0, distinct_experts: bool = False,
+                **moe_kwargs: Any):
+    """A DeepSpeed engine around ``TinyModel`` (client AdamW on DeepSpeed's MoE param groups).
+
+    Every expert starts as a copy of the template; ``distinct_experts`` perturbs each one
+    differently (the same draws on every rank), so an expert loaded in the wrong place shows.
+    """
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     torch.manual_seed(seed)
     model = TinyModel(moe_class(which), ep_size, **moe_kwargs)
+    if distinct_experts:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for param in model.moe.deepspeed_moe.experts.parameters():
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
     param_groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"})
     optimizer = torch.optim.AdamW(param_groups, lr=1e-2)
@@ -199,7 +212,8 @@ def _snapshot(engine) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_worker(rank: int, world: int, directory: str, stage: int) -> dict[str, Any]:
-    """Save at ep 2 after 2 steps; reload at ep 2 (full state) and at ep 1 (weights only)."""
+    """Save at ep 2 after 2 steps; reload at ep 2 (full state) and at ep 1 (weights only). Then
+    the other way (``"ep1_to_ep2"``): see ``ep1_to_ep2_checkpoint``."""
     import torch.distributed as dist
 
     engine = make_engine("ours", 2, stage, False, **PARITY_MOE)
@@ -233,7 +247,28 @@ def checkpoint_worker(rank: int, world: int, directory: str, stage: int) -> dict
     files = sorted(os.listdir(os.path.join(directory, "step2")))
     return {"saved": saved, "reloaded": reloaded, "next_loss": next_loss, "reloaded_loss": reloaded_loss,
             "ep1_same_weights": same_weights, "ep1_output": got, "ep2_output": want,
-            "ep2_output_trained": ep2_output, "files": files}
+            "ep2_output_trained": ep2_output, "files": files,
+            "ep1_to_ep2": ep1_to_ep2_checkpoint(rank, directory, stage)}
+
+
+def ep1_to_ep2_checkpoint(rank: int, directory: str, stage: int) -> dict[str, Any]:
+    """Save at ep 1 (every rank holds all experts, dp 2) after 2 steps; reload the weights at ep 2.
+
+    Returns the saved ep-1 parameters, the ep-2 model's parameters after loading (its experts are
+    this rank's slice), and both models' MoE outputs on this rank's same input.
+    """
+    engine = make_engine("ours", 1, stage, False, distinct_experts=True, **PARITY_MOE)
+    train_steps(engine, rank, range(2), False)
+    engine.save_checkpoint(directory, tag="ep1_step2")
+    x, _ = batch(rank, 5, False)
+    narrower = make_engine("ours", 2, stage, False, seed=321, **PARITY_MOE)
+    narrower.load_checkpoint(directory, tag="ep1_step2", load_optimizer_states=False,
+                             load_lr_scheduler_states=False, load_module_only=True)
+    with torch.no_grad():
+        ep1_output = engine.module.moe(torch.relu(engine.module.inp(x)))[0]
+        ep2_output = narrower.module.moe(torch.relu(narrower.module.inp(x)))[0]
+    return {"saved": _snapshot(engine), "loaded": _snapshot(narrower), "ep1_output": ep1_output,
+            "ep2_output": ep2_output, "num_local_experts": narrower.module.moe.num_local_experts}
 
 
 def zero3_worker(rank: int, world: int) -> None:

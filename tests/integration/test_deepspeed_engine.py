@@ -58,6 +58,30 @@ def test_weights_saved_at_ep2_load_at_ep1_and_compute_the_same_function(checkpoi
         torch.testing.assert_close(result["ep1_output"], result["ep2_output"], rtol=1e-5, atol=1e-6)
 
 
+def test_weights_saved_at_ep1_load_at_ep2_as_each_ranks_slice_of_global_experts(checkpoint):
+    for rank, per_rank in enumerate(checkpoint):
+        result = per_rank["ep1_to_ep2"]
+        saved, loaded, local = result["saved"], result["loaded"], result["num_local_experts"]
+        assert local == 2 and loaded.keys() == saved.keys()
+        experts = [name for name in saved if ".experts." in name]
+        assert experts, "no expert parameters found"
+        for name in experts:  # stacked [E, ...] at ep 1, [E_local, ...] at ep 2
+            assert saved[name].shape[0] == 4, name
+            part = saved[name][rank * local:(rank + 1) * local]
+            assert torch.equal(loaded[name], part), f"rank {rank}: {name} is not global experts " \
+                f"{rank * local}..{(rank + 1) * local - 1} of the ep-1 checkpoint"
+            assert not torch.equal(part[0], part[1]), f"{name}: the experts are not distinct; the check is blind"
+        for name in saved.keys() - set(experts):
+            assert torch.equal(loaded[name], saved[name]), f"rank {rank}: {name}"
+
+
+def test_weights_saved_at_ep1_compute_the_same_function_at_ep2(checkpoint):
+    for rank, per_rank in enumerate(checkpoint):
+        result = per_rank["ep1_to_ep2"]
+        torch.testing.assert_close(result["ep2_output"], result["ep1_output"], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, r=rank: f"rank {r}: {m}")
+
+
 def test_zero3_is_rejected_by_deepspeed_with_a_clear_message():
     with pytest.raises(RankError, match="not supported with ZeRO Stage 3"):
         run_ranks(helpers.zero3_worker, 1, timeout=120)

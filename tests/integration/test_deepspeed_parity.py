@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from tests.integration import deepspeed_helpers as helpers  # noqa: E402
 
 TOKENS = 16  # per sequence; 4 sequences -> S = 64 tokens per rank, E = 4: capacity 16 * k
 BASE = {"capacity_factor": 1.0, "min_capacity": 0}
+EVAL_FACTORS = (0.5, 2.0)  # eval_capacity_factor: capacity half / twice the training one
 CASES = [
     {"name": "top1_drop", "kwargs": dict(BASE, k=1, use_rts=False)},
     {"name": "top1_nodrop", "kwargs": dict(BASE, k=1, use_rts=False, drop_tokens=False)},
@@ -34,6 +36,17 @@ CASES = [
     {"name": "generic_expert", "expert": "residual", "kwargs": dict(BASE, k=2)},
     {"name": "generic_forced", "kwargs": dict(BASE, k=1), "extra": {"expert_impl": "generic"}},
     {"name": "residual_moe", "kwargs": dict(BASE, k=2, use_residual=True)},
+    # .eval(): capacity from eval_capacity_factor (capacity_factor stays 1), sampling as DeepSpeed's
+    # eval does it (no RSample noise nor jitter; random token selection and the Gumbel second
+    # expert still drawn)
+    *({"name": f"eval_top{k}_capacity_x{factor}", "eval": True,
+       "kwargs": dict(BASE, k=k, use_rts=False, top2_2nd_expert_sampling=False, eval_capacity_factor=factor)}
+      for k in (1, 2) for factor in EVAL_FACTORS),
+    {"name": "eval_top1_rsample_rts_same_seed", "eval": True,
+     "kwargs": dict(BASE, k=1, noisy_gate_policy="RSample", eval_capacity_factor=0.5)},
+    {"name": "eval_top2_sampled_jitter_same_seed", "eval": True,
+     "kwargs": dict(BASE, k=2, noisy_gate_policy="Jitter", eval_capacity_factor=0.5)},
+    {"name": "eval_top3", "eval": True, "kwargs": dict(BASE, k=3, eval_capacity_factor=0.5)},
 ]
 NAMES = [case["name"] for case in CASES]
 
@@ -68,6 +81,17 @@ def test_same_outputs_aux_loss_counts_and_gradients_as_deepspeed(parity, name):
 def test_drop_cases_really_drop_tokens(parity, name, k):
     capacity = 64 // 4 * k  # ceil(S / E * cf * k) with cf = 1 (0.5 * 2 for the low-capacity case)
     assert any(int(r["deepspeed"]["exp_counts"].max()) > capacity for r in parity[name])
+
+
+@pytest.mark.parametrize("name", [case["name"] for case in CASES if case.get("eval")])
+def test_eval_cases_hit_a_load_where_eval_and_training_capacities_keep_different_tokens(parity, name):
+    """Some expert gets more choices than the smaller of the two capacities, so routing with the
+    training capacity in eval would keep a different number of them (and change the output)."""
+    case = CASES[NAMES.index(name)]
+    k, factor = case["kwargs"]["k"], case["kwargs"]["eval_capacity_factor"]
+    per_expert = 64 // 4 * k  # ceil(S / E * k) tokens at factor 1
+    smaller = min(per_expert, math.ceil(per_expert * factor))
+    assert any(int(r["deepspeed"]["exp_counts"].max()) > smaller for r in parity[name])
 
 
 def test_sampled_variants_match_deepspeed_statistics():

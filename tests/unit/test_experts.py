@@ -1,0 +1,37 @@
+"""StackedExperts' initialisation: ``nn.Linear``'s default, expert by expert."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from expert_parallel.experts import StackedExperts
+
+D_MODEL, D_FF, NUM_EXPERTS = 16, 1024, 8  # fan-ins far apart: bounds 1/4 against 1/32
+
+
+def _linear_bound(in_features: int) -> float:
+    """``nn.Linear(in_features, out)`` draws its weight and bias from ``U(-sqrt(k), sqrt(k))``,
+    ``k = 1 / in_features`` (torch's documented default)."""
+    return math.sqrt(1.0 / in_features)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["ffn", "swiglu"])
+def test_every_expert_weight_is_initialised_like_the_nn_linear_it_replaces(gated):
+    torch.manual_seed(0)
+    experts = StackedExperts(NUM_EXPERTS, D_MODEL, D_FF, gated=gated, bias=True)
+    up, down = _linear_bound(D_MODEL), _linear_bound(D_FF)  # first Linear, second Linear
+    bounds = {"w1": up, "b1": up, "w2": down, "b2": down}
+    if gated:
+        bounds["w3"] = up
+    assert {name for name, _ in experts.named_parameters()} == set(bounds)
+    for name, bound in bounds.items():
+        value = getattr(experts, name).detach()
+        per_expert = value.abs().flatten(1).amax(dim=1)
+        assert (per_expert <= bound).all(), f"{name}: max |value| per expert {per_expert.tolist()} > {bound}"
+        # U(-bound, bound): the largest of n draws is above 0.9 * bound unless 0.9^n (here < 1e-5)
+        assert value.abs().max() > 0.9 * bound, f"{name}: max |value| {value.abs().max():.4f} << {bound}"
+        assert abs(float(value.mean())) < 0.5 * bound, f"{name}: mean {float(value.mean()):.4f} not centred"
+        assert not torch.equal(value[0], value[1]), f"{name}: experts 0 and 1 start identical"
