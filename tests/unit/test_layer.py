@@ -79,6 +79,29 @@ def test_reference_cases_exercise_drops_and_both_policy_outcomes(monkeypatch):
     assert 0 < sum(second) < NUM_TOKENS
 
 
+def test_random_second_policy_samples_in_eval_mode_too(monkeypatch):
+    # GShard's reference (Lingvo's Top2GatingOnLogits) draws its uniforms whatever the mode: in
+    # .eval() the 2nd choice is still dispatched iff 2*g2 > u, with the eval capacity factor
+    layer = make_layer(second_policy="random")
+    x = make_input(NUM_TOKENS)
+    capacity = capacity_formula(NUM_TOKENS, NUM_EXPERTS, 2, layer.cfg.eval_capacity_factor, layer.cfg.min_capacity)
+    out, lib_grads, ref, ref_grads = _run_both(layer, x, capacity, monkeypatch, train=False)
+    second = [d.active[1] for d in ref.decisions]
+    assert 0 < sum(second) < NUM_TOKENS  # both outcomes of the draw occur in this batch
+    assert out.stats.second_dispatched_fraction.item() == pytest.approx(sum(second) / NUM_TOKENS)
+    torch.testing.assert_close(out.output, ref.y, atol=1e-5, rtol=1e-5)
+    for name in lib_grads:
+        torch.testing.assert_close(lib_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_all_second_policy_is_deterministic_in_eval_mode():
+    layer = make_layer(second_policy="all").eval()
+    x = make_input(NUM_TOKENS)
+    first, again = layer(x), layer(x)
+    assert torch.equal(first.output, again.output)
+    assert first.stats.second_dispatched_fraction.item() == 1.0
+
+
 def test_token_with_every_choice_dropped_outputs_exact_zero():
     layer = make_layer(second_policy="all", capacity=1)
     x = make_input(NUM_TOKENS)

@@ -122,11 +122,13 @@ def test_check_finite_raises_on_nonfinite_input():
     assert layer(make_input(10)).stats.nonfinite_tokens.item() == 0  # finite input passes
 
 
-def test_second_dispatched_fraction_matches_expected_sampling_rate():
-    # P(dispatch 2nd) = P(u < 2*g2) = min(1, 2*g2); the count is a sum of independent Bernoullis
+@pytest.mark.parametrize("train", [True, False])
+def test_second_dispatched_fraction_matches_expected_sampling_rate(train):
+    # P(dispatch 2nd) = P(u < 2*g2) = min(1, 2*g2); the count is a sum of independent Bernoullis.
+    # The same in eval: GShard's random policy keeps sampling there (its reference never switches it off)
     num_tokens = 20000
     torch.manual_seed(0)
-    layer = make_layer(d_model=16, d_ff=4, num_experts=8)
+    layer = make_layer(d_model=16, d_ff=4, num_experts=8).train(train)
     x = torch.randn(num_tokens, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         top2 = (x @ layer.router.weight.t()).softmax(-1).sort(dim=-1, descending=True).values[:, :2].double()

@@ -11,6 +11,7 @@ import torch
 from expert_parallel import MoEConfig, MoELayer, presets
 from expert_parallel.config import LOSS_WEIGHTS
 from expert_parallel.routing import ROUTERS
+from tests.unit.reference import softmax_row
 
 BASE = dict(d_model=8, d_ff=16, num_experts=8)
 
@@ -91,18 +92,80 @@ def test_every_preset_is_a_valid_config_that_runs(name):
     assert out.output.shape == (3, 5, 8) and torch.isfinite(out.output).all()
 
 
-@pytest.mark.parametrize(("name", "fields"), [
-    ("shazeer", dict(router="noisy_topk", top_k=4, importance_loss_weight=0.1, load_loss_weight=0.1)),
-    ("glam", dict(router="gshard", top_k=2, second_policy="random")),
-    ("st_moe", dict(router="topk", top_k=2, z_loss_weight=1e-3, aux_loss_weight=1e-2)),
-    ("mixtral", dict(router="topk", top_k=2, gate_after_topk=True, expert="swiglu", drop_tokens=False)),
-    ("deepseek", dict(router="topk", top_k=6, num_shared_experts=2, expert="swiglu")),
-    ("expert_choice", dict(router="expert_choice", top_k=None, capacity_factor=2.0)),
-    ("soft", dict(router="soft", top_k=None, capacity=None)),
-])
-def test_presets_set_what_their_papers_use(name, fields):
+# Every field each preset sets, each value with the source it comes from. The whole config is
+# compared, so a preset that drifts from a value here, or sets anything else, fails.
+PAPER_CONFIGS = {
+    "switch": dict(  # Fedus, Zoph, Shazeer 2021, "Switch Transformers"
+        router="switch", top_k=1,  # one expert per token (section 2.1)
+        capacity_factor=1.25, eval_capacity_factor=2.0,  # train 1.25, eval 2.0
+        expert="ffn", activation="relu",  # T5's ReLU feed-forward as the expert
+        aux_loss_weight=0.01,  # alpha = 1e-2 (section 2.2)
+        drop_tokens=True,  # overflowing tokens skip the layer (the residual carries them)
+    ),
+    "gshard": dict(  # Lepikhin et al. 2020, "GShard"
+        router="gshard", top_k=2, second_policy="random",  # Algorithm 1: 2nd dispatched iff 2*g2 > u
+        capacity_factor=1.0, eval_capacity_factor=1.0,  # capacity 2N/(G E) = 2S/E, one for all modes
+        expert="ffn", activation="relu",  # eq. 2: FFN_e(x) = wo_e ReLU(wi_e x)
+        aux_loss_weight=0.01,  # Lingvo gshard_builder aux_loss_coef, on the E^2-scaled loss (= ours)
+        drop_tokens=True,  # tokens over capacity are dropped (Algorithm 1)
+    ),
+    "shazeer": dict(  # Shazeer et al. 2017, "Outrageously Large Neural Networks"
+        router="noisy_topk", top_k=4,  # noisy top-k gating, k = 4 in its language-model experiments
+        expert="ffn", activation="relu",  # experts: one ReLU hidden layer
+        importance_loss_weight=0.1, load_loss_weight=0.1,  # w_importance = w_load = 0.1
+        aux_loss_weight=0.0,  # no Switch-style loss in this paper
+        drop_tokens=False,  # no expert capacity: every token reaches its k experts
+    ),
+    "glam": dict(  # Du et al. 2022, "GLaM": GShard's gating
+        router="gshard", top_k=2, second_policy="random",  # GShard top-2
+        capacity_factor=1.0, eval_capacity_factor=1.0, aux_loss_weight=0.01, drop_tokens=True,  # as GShard
+        expert="ffn", activation="gelu",  # GLaM's experts are gated GELU; ffn + GELU is the nearest kind here
+    ),
+    "st_moe": dict(  # Zoph et al. 2022, "ST-MoE"
+        router="topk", top_k=2,  # top-2 routing
+        capacity_factor=1.25, eval_capacity_factor=2.0,  # train 1.25, eval 2.0
+        aux_loss_weight=1e-2, z_loss_weight=1e-3,  # load-balance 1e-2, router z-loss c_z = 1e-3
+        expert="ffn", activation="gelu",  # GELU FFN experts (the docstring's choice)
+        drop_tokens=True,  # overflowing tokens are dropped
+    ),
+    "mixtral": dict(  # Jiang et al. 2024, "Mixtral of Experts"
+        router="topk", top_k=2,  # top-2 of 8 (section 2.1)
+        gate_after_topk=True,  # G(x) = Softmax(TopK(x W_g)) (section 2.1)
+        expert="swiglu",  # SwiGLU experts (section 2.1)
+        drop_tokens=False,  # dropless (MegaBlocks; Hugging Face's Mixtral has no capacity)
+        aux_loss_weight=2e-3,  # HF router_aux_loss_coef 1e-3 on a loss top_k = 2 times ours
+    ),
+    "deepseek": dict(  # Dai et al. 2024, "DeepSeekMoE" (the 16B model)
+        router="topk", top_k=6,  # 6 of 64 routed experts
+        num_shared_experts=2,  # 2 shared experts, as wide as a routed one
+        expert="swiglu",  # SwiGLU experts
+        aux_loss_weight=1e-3,  # expert-level balance factor alpha_1 = 0.001 (= ours times alpha_1)
+        drop_tokens=False,  # dropless, as its released code
+    ),
+    "expert_choice": dict(  # Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing"
+        router="expert_choice",  # each expert picks its top tokens
+        capacity_factor=2.0, eval_capacity_factor=2.0,  # EC-CF2
+        expert="ffn", activation="gelu",  # GELU FFN experts
+        aux_loss_weight=0.0,  # balanced by construction: no balancing loss
+    ),
+    "soft": dict(  # Jacobs, Jordan, Nowlan, Hinton 1991, "Adaptive Mixtures of Local Experts"
+        router="soft",  # every token to every expert, weighted by the softmax gate
+        expert="ffn", activation="gelu",  # GELU FFN experts
+        aux_loss_weight=0.0,  # no balancing loss
+    ),
+}
+
+
+def test_every_preset_is_pinned_against_its_paper():
+    assert sorted(PAPER_CONFIGS) == sorted(presets.PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_presets_set_what_their_papers_use(name):
+    fields = PAPER_CONFIGS[name]
     cfg = presets.preset(name, 16, 32, 64)
-    assert {k: getattr(cfg, k) for k in fields} == fields
+    assert {k: getattr(cfg, k) for k in fields} == fields  # a readable diff first
+    assert cfg == MoEConfig(d_model=16, d_ff=32, num_experts=64, **fields)  # and nothing else set
 
 
 def test_preset_overrides_reach_every_field():
@@ -110,6 +173,51 @@ def test_preset_overrides_reach_every_field():
     assert (cfg.top_k, cfg.drop_tokens, cfg.capacity_factor, cfg.z_loss_weight) == (3, True, 1.5, 0.1)
     with pytest.raises(ValueError, match="top_k=2 .*router='expert_choice' takes no top_k"):
         presets.expert_choice(16, 32, 8, top_k=2)
+
+
+def _identity_router_layer(cfg: MoEConfig) -> MoELayer:
+    """A layer whose router logits are its input (``d_model == num_experts``, router weight I)."""
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(cfg.num_experts))
+    return layer
+
+
+@pytest.mark.parametrize("overrides", [{}, {"top_k": 3}], ids=["preset_top2", "override_top3"])
+def test_mixtral_preset_weighs_balance_like_hugging_face_mixtral(overrides):
+    mixtral_hf = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    hf_config = mixtral_hf.MixtralConfig()  # built locally: the defaults of Hugging Face's Mixtral
+    num_experts, num_tokens = hf_config.num_local_experts, 40
+    cfg = presets.mixtral(num_experts, 16, num_experts, **overrides)
+    assert cfg.top_k == overrides.get("top_k", hf_config.num_experts_per_tok)
+    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(6)) * 2.0
+    # HF's loss over one layer's router logits, weighed by Mixtral's router_aux_loss_coef (0.001)
+    want = mixtral_hf.load_balancing_loss_func((logits,), num_experts, cfg.top_k) * hf_config.router_aux_loss_coef
+    torch.testing.assert_close(_identity_router_layer(cfg)(logits).aux_loss, want, rtol=1e-5, atol=1e-8)
+
+
+def test_explicit_aux_loss_weight_wins_over_mixtrals_top_k_scaling():
+    assert presets.mixtral(8, 16, 8, top_k=3, aux_loss_weight=0.5).aux_loss_weight == 0.5
+    assert presets.mixtral(8, 16, 8, aux_loss_weight=0.0).aux_loss_weight == 0.0
+
+
+def test_deepseek_preset_weighs_deepseekmoes_expert_level_balance_loss():
+    # Dai et al. 2024: L_ExpBal = alpha_1 * sum_i f_i P_i, f_i = E / (K T) * #{t: t picks i},
+    # P_i = (1 / T) * sum_t s_{i,t}, s the softmax affinities; alpha_1 = 0.001 for DeepSeekMoE 16B
+    num_experts, num_tokens, alpha_1 = 64, 48, 0.001
+    cfg = presets.deepseek(num_experts, 8, num_experts)
+    top_k = cfg.top_k
+    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(8)) * 2.0
+    f, p = [0.0] * num_experts, [0.0] * num_experts
+    for t in range(num_tokens):
+        s = softmax_row(logits[t]).tolist()
+        for i in sorted(range(num_experts), key=lambda e: -s[e])[:top_k]:
+            f[i] += num_experts / (top_k * num_tokens)
+        for i in range(num_experts):
+            p[i] += s[i] / num_tokens
+    want = alpha_1 * sum(f[i] * p[i] for i in range(num_experts))
+    got = _identity_router_layer(cfg)(logits).aux_loss
+    assert got.item() == pytest.approx(want, rel=1e-5)
 
 
 def test_mixtral_preset_never_drops_tokens():
