@@ -11,12 +11,13 @@ from typing import Optional
 from .activations import ACTIVATIONS
 
 EXPERT_KINDS = ("ffn", "swiglu")
+EXPERT_COMPUTE = ("auto", "filled", "padded")
 SECOND_POLICIES = ("random", "all", "threshold", "gumbel")
 # losses a router may report (Routing.losses) -> the config field that weighs them
 LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
 FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", *LOSS_WEIGHTS.values())
-BOOL_FIELDS = ("drop_tokens", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
+BOOL_FIELDS = ("drop_tokens", "dropless", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
                "gate_after_topk", "normalize_topk")
 
 
@@ -55,6 +56,15 @@ class MoEConfig:
         capacity: a fixed capacity C; removes the capacity all-reduce and every host sync.
         drop_tokens: ``False`` sizes the buffers to the fullest expert of the EP group (one
             all-reduce, no drops; DeepSpeed's ``drop_tokens=False``); ``capacity`` must be None.
+        dropless: size every expert's buffer to the local token count ``S`` (an expert takes a
+            token at most once), so nothing drops whatever the routing, with no all-reduce and no
+            host read (unlike ``drop_tokens=False``, which agrees on the fullest expert). Every EP
+            rank must pass the same number of tokens. Buffers and wire bytes grow to ``E * S * D``
+            per rank and direction; with filled expert compute the FLOPs still follow the tokens.
+        expert_compute: ``"filled"`` runs the experts on the filled slots only (grouped GEMM,
+            ``torch._grouped_mm``, with device-side offsets), ``"padded"`` on every slot (one
+            ``bmm`` per weight), ``"auto"`` (default) filled where the experts' device and dtype
+            support grouped GEMM, else padded. Chosen at construction (and again after ``.to()``).
         expert: ``"ffn"`` (Linear-act-Linear) or ``"swiglu"``.
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"`` (ffn experts only).
         expert_bias: give experts biases ``b1 [E_local, F]``, ``b2 [E_local, D]``.
@@ -94,6 +104,8 @@ class MoEConfig:
     min_capacity: int = 4
     capacity: Optional[int] = None
     drop_tokens: bool = True
+    dropless: bool = False
+    expert_compute: str = "auto"
     expert: str = "ffn"
     activation: str = "gelu"
     expert_bias: bool = False
@@ -138,6 +150,14 @@ class MoEConfig:
         if not self.drop_tokens and self.capacity is not None:
             reject("capacity", self.capacity, "drop_tokens=False sizes the buffers itself; set "
                   "capacity=None or drop_tokens=True")
+        if self.expert_compute not in EXPERT_COMPUTE:
+            reject("expert_compute", self.expert_compute, f"choose one of {list(EXPERT_COMPUTE)}")
+        if self.dropless and self.capacity is not None:
+            reject("dropless", True, f"dropless sizes the buffers to the token count, and capacity={self.capacity} "
+                   "fixes them; set capacity=None or dropless=False")
+        if self.dropless and not self.drop_tokens:
+            reject("dropless", True, "drop_tokens=False is the other dropless mode (it agrees on the fullest "
+                   "expert, one all-reduce); choose one of the two")
         if self.expert not in EXPERT_KINDS:
             reject("expert", self.expert, f"choose one of {list(EXPERT_KINDS)}")
         if self.activation not in ACTIVATIONS:

@@ -28,10 +28,21 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
-from .comm import Agreement, agree, dispatch, expert_groups, lookup, register, undispatch
+from .comm import (
+    Agreement,
+    agree,
+    dispatch,
+    exchange,
+    exchange_back,
+    exchange_fill,
+    expert_groups,
+    lookup,
+    register,
+    undispatch,
+)
 from .config import MoEConfig
-from .experts import StackedExperts
-from .layout import assign_slots, capacity_input, combine, kept_weights, layer_capacity, pack
+from .experts import StackedExperts, grouped_gemm_supported
+from .layout import assign_slots, capacity_input, combine, expert_rows, kept_weights, layer_capacity, pack
 from .routing import Router, route, weighted_aux_loss
 from .stats import RoutingStats, routing_stats
 
@@ -95,7 +106,9 @@ class MoELayer(nn.Module):
     and see every token; their sum is added to the routed output.
 
     The forward syncs the host once, for the per-batch agreement (one small all-reduce), unless
-    ``cfg.capacity`` is fixed and ``cfg.check_finite`` is off: then it syncs nothing.
+    ``cfg.capacity`` is fixed or ``cfg.dropless`` is set, and ``cfg.check_finite`` is off: then it
+    syncs nothing. The experts compute the filled slots only (grouped GEMM) or every slot
+    (batched matmuls), as ``cfg.expert_compute`` says; ``filled_compute`` tells which was chosen.
 
     Attributes:
         router: ``Router`` (``router.weight [E, D]``; ``router.noise_weight`` for noisy top-k).
@@ -119,14 +132,16 @@ class MoELayer(nn.Module):
         # ranks, not the group: the module stays deep-copyable and picklable
         self.ep_ranks = _resolve_ep_ranks(cfg, ep_group)
         self.router = Router.from_config(cfg)
+        ep_rank = self.ep_ranks.index(dist.get_rank()) if dist.is_initialized() else 0
         self.experts = StackedExperts(cfg.num_local_experts, cfg.d_model, cfg.d_ff,
                                       gated=cfg.expert == "swiglu", activation=cfg.activation,
-                                      bias=cfg.expert_bias)
+                                      bias=cfg.expert_bias, first_expert=ep_rank * cfg.num_local_experts)
         self.shared_experts = StackedExperts(
             cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, gated=cfg.expert == "swiglu",
             activation=cfg.activation, bias=cfg.expert_bias, sharded=False,
         ) if cfg.num_shared_experts else None
         self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
+        self.filled_compute = self._choose_expert_compute()
 
     def forward(self, x: Tensor) -> MoEOutput:
         """``x [..., d_model] -> MoEOutput`` (see the class docstring)."""
@@ -141,15 +156,15 @@ class MoELayer(nn.Module):
             slots = assign_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, routing.priority_SK)
             local = Agreement(capacity_input(cfg, x_SD.shape[0], slots.count_E, routing.capacity), nonfinite)
             agreed = self._agree(local, group, x.device)  # the one collective (none when nothing varies)
-            plan = slots.plan(layer_capacity(cfg, agreed.capacity_input, self.training, routing.capacity is not None))
+            capacity = layer_capacity(cfg, agreed.capacity_input, self.training, routing.capacity is not None,
+                                      x_SD.shape[0])
+            plan = slots.plan(capacity)
         with self._phase("pack") as phase:
             buffer_ECD = pack(phase.input(x_SD), plan)
-        with self._phase("dispatch") as phase:
-            expert_in = dispatch(phase.input(buffer_ECD), cfg.ep_size, group)
-        with self._phase("experts") as phase:
-            expert_out = self.experts(phase.input(expert_in))
-        with self._phase("return") as phase:
-            buffer_ECD = undispatch(phase.input(expert_out), cfg.ep_size, group)
+        if self.filled_compute:
+            buffer_ECD = self._filled_experts(buffer_ECD, plan.fill_E, group)
+        else:
+            buffer_ECD = self._padded_experts(buffer_ECD, group)
         with self._phase("combine") as phase:
             weight_SK = kept_weights(routing.weight_SK, plan, routing.renormalize_kept)
             y_SD = combine(phase.input(buffer_ECD), plan, weight_SK)  # fp32
@@ -159,6 +174,56 @@ class MoELayer(nn.Module):
         stats = routing_stats(routing, plan, nonfinite)
         aux_loss = weighted_aux_loss(routing.losses, cfg, routing.probs_SE)
         return MoEOutput(y_SD.reshape(x.shape).to(x.dtype), aux_loss, stats)
+
+    def _padded_experts(self, buffer_ECD: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        """Dispatch, every slot through its expert (one batched matmul per weight over
+        ``[E_local, R*C, D]``), return: ``[E, C, D] -> [E, C, D]``."""
+        with self._phase("dispatch") as phase:
+            expert_in = dispatch(phase.input(buffer_ECD), self.cfg.ep_size, group)
+        with self._phase("experts") as phase:
+            expert_out = self.experts(phase.input(expert_in))
+        with self._phase("return") as phase:
+            return undispatch(phase.input(expert_out), self.cfg.ep_size, group)
+
+    def _filled_experts(self, buffer_ECD: Tensor, fill_E: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        """Dispatch (and the filled counts, a tiny all-to-all), only the filled slots through their
+        experts (compacted, grouped GEMM with device offsets), return: ``[E, C, D] -> [E, C, D]``.
+        Every shape is static; empty slots come back unspecified and combine never reads them."""
+        with self._phase("dispatch") as phase:
+            received_RLCD = exchange(phase.input(buffer_ECD), self.cfg.ep_size, group)
+            fill_RL = exchange_fill(fill_E, self.cfg.ep_size, group)
+        with self._phase("experts") as phase:
+            rows = expert_rows(fill_RL, buffer_ECD.shape[1])
+            out_ND = self.experts.grouped(rows.gather(phase.input(received_RLCD)), rows.offsets_L, rows.expert_N)
+            out_RLCD = rows.scatter(out_ND, received_RLCD)
+        with self._phase("return") as phase:
+            return exchange_back(phase.input(out_RLCD), group)
+
+    def _choose_expert_compute(self) -> bool:
+        """Filled (grouped GEMM) or padded expert compute, from ``cfg.expert_compute`` and what
+        the experts' device and dtype support; ``ValueError`` for an explicit ``"filled"`` that
+        cannot run there."""
+        mode = self.cfg.expert_compute
+        if mode == "padded":
+            return False
+        weight = next(self.experts.parameters())
+        widths = (self.cfg.d_model, weight.shape[-1])
+        supported = isinstance(self.experts, StackedExperts) and grouped_gemm_supported(weight.device, weight.dtype,
+                                                                                        *widths)
+        if mode == "filled" and not supported:
+            what = type(self.experts).__name__ if not isinstance(self.experts, StackedExperts) else (
+                f"{weight.dtype} on {weight.device.type}, d_model and d_ff {widths}: rows must be multiples of "
+                "16 bytes")
+            raise ValueError(f"MoEConfig.expert_compute='filled' needs grouped GEMM (torch._grouped_mm), which "
+                             f"this torch does not run for the experts ({what}); use expert_compute='auto' "
+                             "(padded here) or 'padded', or move the layer to a supported device/dtype")
+        return supported
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        # .to(device/dtype) can change what grouped GEMM supports: choose again, once per move
+        module = super()._apply(fn, recurse)
+        self.filled_compute = self._choose_expert_compute()
+        return module
 
     def register_phase_hook(self, hook: PhaseHook) -> RemovableHandle:
         """Call ``hook(event)`` at every phase boundary of this layer's forward and backward.
@@ -186,8 +251,9 @@ class MoELayer(nn.Module):
             hook(event)
 
     def _needs_agreement(self) -> bool:
-        """Is there a per-batch all-reduce? Not with a fixed capacity and ``check_finite`` off."""
-        return self.cfg.capacity is None or self.cfg.check_finite
+        """Is there a per-batch all-reduce? Not with a fixed capacity (or ``dropless``) and
+        ``check_finite`` off."""
+        return (self.cfg.capacity is None and not self.cfg.dropless) or self.cfg.check_finite
 
     def _agree(self, local: Agreement, group: Optional[ProcessGroup], device: torch.device) -> Agreement:
         """The EP group's maxima of ``local`` (one all-reduce), raising on every rank together if

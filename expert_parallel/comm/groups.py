@@ -16,7 +16,11 @@ from typing import Optional
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+# lookup table: ranks -> the group to use (built here or registered by a caller)
 _GROUPS: dict[tuple[int, ...], Optional[ProcessGroup]] = {}
+# the groups expert_groups created: new_group is collective, so whether to call it must depend on
+# this rank's own history of expert_groups calls only, never on which groups a caller registered
+_BUILT: set[tuple[int, ...]] = set()
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ def expert_groups(ep_size: int) -> ExpertGroups:
     blocks = [tuple(range(start, start + ep_size)) for start in range(0, world, ep_size)]
     replicas = [tuple(range(pos, world, ep_size)) for pos in range(ep_size)]
     for ranks in blocks + replicas:
-        if len(ranks) > 1 and ranks not in _GROUPS:
+        if len(ranks) > 1 and ranks not in _BUILT:
             # new_group is collective: every rank creates every group in the same order
             _GROUPS[ranks] = dist.new_group(list(ranks)) if len(ranks) < world else dist.group.WORLD
+            _BUILT.add(ranks)
     return ExpertGroups(blocks[rank // ep_size], replicas[rank % ep_size])

@@ -4,6 +4,7 @@ parameters by the module owning them."""
 
 from .base import Experts, sharded_expert_parameters
 from .plain import SwiGLU, plain_expert
-from .stacked import StackedExperts
+from .stacked import StackedExperts, grouped_gemm_supported
 
-__all__ = ["Experts", "StackedExperts", "SwiGLU", "plain_expert", "sharded_expert_parameters"]
+__all__ = ["Experts", "StackedExperts", "SwiGLU", "grouped_gemm_supported", "plain_expert",
+           "sharded_expert_parameters"]

@@ -6,6 +6,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..activations import ACTIVATIONS
@@ -28,11 +29,15 @@ class StackedExperts(Experts):
         activation: name in ``activations.ACTIVATIONS`` (ignored when ``gated``).
         bias: add ``b1`` and ``b2``.
         sharded: this rank's shard of the EP group's experts (see ``experts.base.Experts``).
+        first_expert: the global id of local expert 0 (``ep_rank * E_local`` in a layer); it seeds
+            the init (see ``reset_parameters``).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool = False,
-                 activation: str = "gelu", bias: bool = False, sharded: bool = True) -> None:
+                 activation: str = "gelu", bias: bool = False, sharded: bool = True,
+                 first_expert: int = 0) -> None:
         super().__init__(sharded)
+        self.first_expert = first_expert
         self.activation = "silu" if gated else activation
         self.act = ACTIVATIONS[self.activation]()
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -43,18 +48,65 @@ class StackedExperts(Experts):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s default init, expert by expert: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+        """``nn.Linear``'s default init, expert by expert: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+
+        One seed is drawn from the global RNG; global expert ``g`` draws its weights from a
+        generator seeded with ``seed + g``. So ranks that share a seed (the usual data-parallel
+        set-up) still start with different experts, and a seed gives every global expert the same
+        weights at any EP size. Meta tensors are left alone.
+        """
+        seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_(0, 2 ** 62))
+        if self.w1.is_meta:
+            return
         d_model, d_ff = self.w1.shape[1], self.w1.shape[2]
         fan_in = {"w1": d_model, "w3": d_model, "b1": d_model, "w2": d_ff, "b2": d_ff}
-        for name, param in self.named_parameters():
-            bound = 1.0 / math.sqrt(fan_in[name])
-            nn.init.uniform_(param, -bound, bound)
+        with torch.no_grad():
+            for local in range(self.w1.shape[0]):
+                generator = torch.Generator(self.w1.device).manual_seed(seed + self.first_expert + local)
+                for name, param in self.named_parameters():
+                    bound = 1.0 / math.sqrt(fan_in[name])
+                    param[local].uniform_(-bound, bound, generator=generator)
 
     def forward(self, x_END: Tensor) -> Tensor:
         """Apply expert ``e`` to row block ``e``: ``[E, N, D] -> [E, N, D]`` (batched matmuls)."""
         b1 = None if self.b1 is None else self.b1.unsqueeze(1)
         b2 = None if self.b2 is None else self.b2.unsqueeze(1)
         return self._ffn(x_END, self.w1, self.w3, self.w2, b1, b2)
+
+    def grouped(self, x_ND: Tensor, offsets_L: Tensor, expert_N: Optional[Tensor] = None) -> Tensor:
+        """Only the filled rows: ``[N, D] -> [N, D]``, rows ``offsets_L[l-1]:offsets_L[l]`` through
+        expert ``l`` (``torch._grouped_mm``, forward and backward); rows from ``offsets_L[-1]`` on
+        are not computed (their output is unspecified). No host sync.
+
+        Args:
+            x_ND: expert rows, grouped by expert (``layout.ExpertRows.gather``).
+            offsets_L: cumulative row ends per expert, ``int32`` on the device.
+            expert_N: the expert of every row, ``E`` for rows past the last offset (needed only
+                with biases: those rows get a zero bias, so no gradient of theirs reaches one).
+        """
+        dtype = x_ND.dtype
+        if torch.is_autocast_enabled(x_ND.device.type):
+            # autocast does not cover the grouped GEMM on every device: cast as it would, where the
+            # kernel's 16-byte row rule holds for the autocast dtype
+            low = torch.get_autocast_dtype(x_ND.device.type)
+            dtype = low if _rows_aligned(low, self.w1.shape[1], self.w1.shape[2]) else dtype
+
+        def gmm(a: Tensor, w: Tensor) -> Tensor:
+            return torch._grouped_mm(a.to(dtype), w.to(dtype), offs=offsets_L)
+
+        def bias(b: Tensor) -> Tensor:  # a zero row for the rows past the last offset
+            return F.pad(b.to(dtype), (0, 0, 0, 1))[expert_N]
+
+        hidden = gmm(x_ND, self.w1)
+        if self.b1 is not None:
+            hidden = hidden + bias(self.b1)
+        hidden = self.act(hidden)
+        if self.w3 is not None:
+            hidden = hidden * gmm(x_ND, self.w3)
+        out = gmm(hidden, self.w2)
+        if self.b2 is not None:
+            out = out + bias(self.b2)
+        return out
 
     def dense(self, x_SD: Tensor) -> Tensor:
         """Every token through every expert, summed: ``[S, D] -> [S, D]``, ``sum_e expert_e(x)``.
@@ -83,3 +135,35 @@ class StackedExperts(Experts):
         if b2 is not None:
             out = out + b2
         return out
+
+
+_GROUPED_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _rows_aligned(dtype: torch.dtype, *widths: int) -> bool:
+    """The grouped GEMM kernels need row strides that are multiples of 16 bytes."""
+    return all(width * dtype.itemsize % 16 == 0 for width in widths)
+
+
+def grouped_gemm_supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
+    """Whether ``torch._grouped_mm`` runs forward and backward for ``device`` 's type and ``dtype``
+    with rows of the given ``widths`` (``d_model``, ``d_ff``): a tiny probe, once per pair, and the
+    kernel's rule that row strides are multiples of 16 bytes. The meta device reports True (meta
+    tensors run nothing)."""
+    if not _rows_aligned(dtype, *widths):
+        return False
+    key = (device.type, dtype)
+    if device.type == "meta":
+        return True
+    if key not in _GROUPED_SUPPORT:
+        try:
+            with torch.enable_grad():
+                a = torch.zeros(8, 16, device=device, dtype=dtype, requires_grad=True)
+                w = torch.zeros(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                offsets = torch.tensor([8, 8], dtype=torch.int32, device=device)
+                out = torch._grouped_mm(a, w, offs=offsets)
+                out.backward(torch.ones_like(out))
+            _GROUPED_SUPPORT[key] = True
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+            _GROUPED_SUPPORT[key] = False
+    return _GROUPED_SUPPORT[key]

@@ -41,19 +41,21 @@ def capacity_input(cfg: MoEConfig, num_tokens: int, count_E: Tensor, proposed: O
 
     Returns:
         With ``drop_tokens=False`` the fullest expert's count (a device scalar: no host read);
-        else the router's proposal if it made one, else ``S``. 0 with a fixed capacity.
+        else the router's proposal if it made one, else ``S``. 0 with a fixed capacity or
+        ``dropless`` (nothing to agree on).
     """
-    if cfg.capacity is not None:
+    if cfg.capacity is not None or cfg.dropless:
         return 0
     if not cfg.drop_tokens:
         return count_E.max() if count_E.numel() else 0
     return num_tokens if proposed is None else proposed
 
 
-def layer_capacity(cfg: MoEConfig, agreed_input: int, training: bool, proposed: bool) -> int:
+def layer_capacity(cfg: MoEConfig, agreed_input: int, training: bool, proposed: bool, num_tokens: int) -> int:
     """The capacity ``C`` every EP rank uses, from the group's maximum ``capacity_input``.
 
-    A fixed ``cfg.capacity`` wins; ``drop_tokens=False`` or a router's proposal is used as it is
+    A fixed ``cfg.capacity`` wins; ``dropless`` takes the local token count ``S`` (every EP rank
+    passes the same); ``drop_tokens=False`` or a router's proposal is used as it is
     (at least 1); otherwise ``expert_capacity`` of the largest token count with the capacity factor
     of the mode (``capacity_factor`` in training, ``eval_capacity_factor`` in eval).
 
@@ -62,9 +64,12 @@ def layer_capacity(cfg: MoEConfig, agreed_input: int, training: bool, proposed: 
         agreed_input: the maximum over the EP group of ``capacity_input``.
         training: the layer's mode.
         proposed: the router proposed a capacity (``Routing.capacity is not None``).
+        num_tokens: ``S``, this rank's token count.
     """
     if cfg.capacity is not None:
         return cfg.capacity
+    if cfg.dropless:
+        return max(num_tokens, 1)
     if not cfg.drop_tokens or proposed:
         return max(agreed_input, 1)
     return expert_capacity(agreed_input, cfg.num_experts, cfg.num_choices, cfg.capacity_factor_for(training),

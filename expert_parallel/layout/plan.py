@@ -44,6 +44,12 @@ class DispatchPlan:
     count_E: Tensor
     token_N: Tensor
 
+    @property
+    def fill_E(self) -> Tensor:
+        """Filled slots per expert ``[E]``: slots are assigned densely from 0, so the kept
+        assignments of expert ``e`` are its first ``min(count_E[e], C)`` slots. No host sync."""
+        return self.count_E.clamp_max(self.capacity)
+
 
 @dataclass(frozen=True)
 class SlotAssignment:

@@ -174,3 +174,6 @@ def check_deepspeed(cfg: MoEConfig) -> None:
     if cfg.capacity is not None:
         reject("capacity", cfg.capacity, "router='deepspeed' derives the capacity per batch as DeepSpeed "
                "does; set capacity=None")
+    if cfg.dropless:
+        reject("dropless", True, "router='deepspeed' sizes its buffers as DeepSpeed does; use "
+               "drop_tokens=False for DeepSpeed's dropless mode")

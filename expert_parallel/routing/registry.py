@@ -83,6 +83,9 @@ def validate_router(cfg: MoEConfig) -> None:
 def _resolve_top_k(cfg: MoEConfig, required_k: Optional[int]) -> None:
     """Fill in the router's own ``top_k`` when it is unset; check one that is set."""
     if required_k == NO_TOP_K:
+        if cfg.dropless:
+            reject("dropless", True, f"router={cfg.router!r} sizes its own buffers (each expert takes a set "
+                   "number of tokens, or all of them) and never drops a picked token; set dropless=False")
         if cfg.top_k is not None:
             reject("top_k", cfg.top_k, f"router={cfg.router!r} takes no top_k (its choices are the "
                    "experts themselves; capacity_factor sets how many tokens an expert takes); leave "

@@ -9,6 +9,7 @@ groups, and differ from what the consecutive blocks {0, 1} and {2, 3} would agre
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from expert_parallel.comm import expert_groups
@@ -25,12 +26,21 @@ CONSECUTIVE = Case("consecutive-ep-groups-next-to-strided-ones", 2, TOKENS, opti
 
 
 def run_strided_and_consecutive(rank: int, world_size: int) -> dict:
-    """Spawned worker: a layer on this rank's strided group, then one on the library's groups."""
-    expert_groups(STRIDED.ep_size)  # the library's consecutive groups exist too, built first
+    """Spawned worker: a layer on this rank's strided group, then one on the library's groups,
+    built after the strided layer registered its group (each rank registered a different one)."""
     # new_group is collective: every rank creates both strided groups, in the same order
     strided = {group: dist.new_group(list(group)) for group in STRIDED.ep_groups()}
-    return {"strided": run_case(rank, STRIDED, ep_group=strided[STRIDED.ep_group_of(rank)]),
-            "consecutive": run_case(rank, CONSECUTIVE)}
+    result = {"strided": run_case(rank, STRIDED, ep_group=strided[STRIDED.ep_group_of(rank)])}
+    groups = expert_groups(STRIDED.ep_size)  # creates (0, 1), (2, 3), (0, 2), (1, 3) on every rank
+    result["replica_sum"] = _sum_of_ranks(groups.expert_dp_group)
+    result["consecutive"] = run_case(rank, CONSECUTIVE)
+    return result
+
+
+def _sum_of_ranks(group: dist.ProcessGroup) -> int:
+    value = torch.tensor([dist.get_rank()])
+    dist.all_reduce(value, group=group)
+    return int(value)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +50,11 @@ def results() -> list[dict]:
 
 def _assert_drops(refs: dict) -> None:
     assert sum(ref["dropped"] for _, ref in refs.values()) > 0, "no drops: the groups' capacities do not matter"
+
+
+def test_the_librarys_groups_are_built_alike_on_every_rank_after_a_custom_group(results):
+    # replicas of EP position 0 are ranks 0 and 2, of position 1 ranks 1 and 3
+    assert [res["replica_sum"] for res in results] == [2, 4, 2, 4]
 
 
 def test_strided_ep_group_output_and_grads_equal_single_process_reference(results):

@@ -29,6 +29,11 @@ EP2_CASES = [
                       capacity_factor=0.5), seed=5),
     Case("switch-swiglu-no-drops", 2, ((9,), (9,)),
          options=dict(router="switch", top_k=1, expert="swiglu", capacity_factor=4.0), seed=6),
+    # the padded batched-matmul fallback, and the sync-free dropless mode (the default compute is filled)
+    Case("padded-gshard-ffn-random-drops", 2, ((16,), (16,)),
+         options=dict(second_policy="random", capacity_factor=0.5, expert_compute="padded"), seed=7),
+    Case("dropless-gshard-bias-skewed-no-drops", 2, ((12,), (12,)), skew=1.5,
+         options=dict(second_policy="all", expert_bias=True, dropless=True), seed=8),
 ]
 
 EP4_CASES = [
@@ -41,6 +46,9 @@ EP4_CASES = [
                       capacity_factor=0.5), seed=13),
     Case("switch-swiglu-no-drops", 4, ((2, 3),) * 4,
          options=dict(router="switch", top_k=1, expert="swiglu", capacity_factor=4.0), seed=14),
+    Case("padded-switch-swiglu-drops", 4, ((8,),) * 4,
+         options=dict(router="switch", top_k=1, expert="swiglu", capacity_factor=0.5, expert_compute="padded"),
+         seed=15),
 ]
 
 

@@ -35,3 +35,16 @@ def test_every_expert_weight_is_initialised_like_the_nn_linear_it_replaces(gated
         assert value.abs().max() > 0.9 * bound, f"{name}: max |value| {value.abs().max():.4f} << {bound}"
         assert abs(float(value.mean())) < 0.5 * bound, f"{name}: mean {float(value.mean()):.4f} not centred"
         assert not torch.equal(value[0], value[1]), f"{name}: experts 0 and 1 start identical"
+
+
+def test_every_global_expert_gets_its_own_init_whatever_the_ep_size():
+    # a shared seed (data parallelism) must not clone experts across EP ranks, and the EP=1
+    # layer's expert g equals expert g of the EP rank holding it
+    torch.manual_seed(0)
+    whole = StackedExperts(4, 8, 16, gated=True, bias=True)
+    for first in (0, 2):
+        torch.manual_seed(0)
+        shard = StackedExperts(2, 8, 16, gated=True, bias=True, first_expert=first)
+        for name in ("w1", "w2", "w3", "b1", "b2"):
+            assert torch.equal(getattr(shard, name), getattr(whole, name)[first:first + 2]), (name, first)
+    assert not torch.equal(whole.w1[0], whole.w1[2])

@@ -40,12 +40,27 @@ def no_host_reads(monkeypatch):
     dict(router="noisy_topk", top_k=2, importance_loss_weight=0.1, load_loss_weight=0.1),
     dict(router="expert_choice"),
     dict(router="topk", top_k=2, num_shared_experts=1, expert="swiglu", jitter_eps=0.01),
+    dict(router="topk", top_k=2, expert_bias=True, expert_compute="padded"),
 ], ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_fixed_capacity_forward_and_backward_read_nothing_back(no_host_reads, options):
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=8, capacity=6, **options))
+    assert layer.filled_compute == (options.get("expert_compute") != "padded")
     x = torch.randn(4, 10, 16, requires_grad=True)
     no_host_reads()
     y, aux_loss, stats = layer(x)
     (y.sum() + aux_loss).backward()
     assert y.shape == x.shape  # attribute reads only: shape is host metadata, not a sync
+
+
+@pytest.mark.parametrize("options", [dict(router="topk", top_k=2, expert_bias=True),
+                                     dict(router="gshard", expert="swiglu", num_shared_experts=1)],
+                         ids=["topk-bias", "gshard-swiglu-shared"])
+def test_dropless_forward_and_backward_read_nothing_back(no_host_reads, options):
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=8, dropless=True, **options))
+    x = torch.randn(4, 10, 16, requires_grad=True)
+    no_host_reads()
+    y, aux_loss, stats = layer(x)
+    (y.sum() + aux_loss).backward()
+    assert y.shape == x.shape

@@ -66,6 +66,7 @@ class DeepSpeedMoELayer(MoELayer):
         self.experts = experts
         self.shared_experts = None  # DeepSpeed's MoE has none (its use_residual is separate)
         self._phase_hooks = OrderedDict()
+        self.filled_compute = self._choose_expert_compute()
         self.register_state_dict_post_hook(_router_to_gate)
         self.register_load_state_dict_pre_hook(_gate_to_router)
 
