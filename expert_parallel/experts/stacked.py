@@ -91,8 +91,10 @@ class StackedExperts(Experts):
             low = torch.get_autocast_dtype(x_ND.device.type)
             dtype = low if _rows_aligned(low, self.w1.shape[1], self.w1.shape[2]) else dtype
 
+        grouped_mm = _grouped_mm if dtype == torch.bfloat16 else _grouped_mm_eager
+
         def gmm(a: Tensor, w: Tensor) -> Tensor:
-            return torch._grouped_mm(a.to(dtype), w.to(dtype), offs=offsets_L)
+            return grouped_mm(a.to(dtype), w.to(dtype), offsets_L)
 
         def bias(b: Tensor) -> Tensor:  # a zero row for the rows past the last offset
             return F.pad(b.to(dtype), (0, 0, 0, 1))[expert_N]
@@ -138,6 +140,15 @@ class StackedExperts(Experts):
 
 
 _GROUPED_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm(a_ND: Tensor, w_EDF: Tensor, offsets_L: Tensor) -> Tensor:
+    return torch._grouped_mm(a_ND, w_EDF, offs=offsets_L)
+
+
+# torch.compile traces grouped GEMM with a bf16-only shape function, while the eager kernels also
+# run fp32 and fp16: outside bf16 the call stays eager (a graph break around it)
+_grouped_mm_eager = torch.compiler.disable(_grouped_mm)
 
 
 def _rows_aligned(dtype: torch.dtype, *widths: int) -> bool:

@@ -114,3 +114,13 @@ def test_dropless_makes_no_agreement(monkeypatch):
 def test_bad_filled_or_dropless_options_name_the_field_and_fix(options, pattern):
     with pytest.raises(ValueError, match=pattern):
         MoEConfig(d_model=8, d_ff=16, num_experts=4, **options)
+
+
+def test_a_compiled_filled_layer_runs_and_matches_eager():
+    layer = make_layer(router="topk", top_k=2, expert_bias=True, d_model=16, d_ff=32)
+    x = make_input(24, d_model=16)
+    compiled = torch.compile(layer, backend="eager")
+    out = compiled(x)
+    (out.output.sum() + out.aux_loss).backward()
+    assert layer.filled_compute
+    torch.testing.assert_close(out.output, layer(x).output)
