@@ -5,6 +5,9 @@ AutoEP (on a one-block Mixtral model), each with the reason when it cannot run.
 (bias-free FFN or SwiGLU ``nn.Sequential``-style modules, which DeepSpeed runs one by one), the
 same top-k, capacity factor and minimum capacity, token dropping on, no random token selection
 and a deterministic second choice (matching our ``second_policy="all"``).
+
+With ``spec.skew > 0`` both get the skewed router weight of ``benchmarks/skew.py`` (the one our
+layer gets), so every runtime routes the same tokens to the same experts.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from expert_parallel.experts import plain_expert
 
 from .shapes import RunSpec
+from .skew import set_router
 
 
 def deepspeed_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Optional[nn.Module], str]:
@@ -36,6 +40,7 @@ def deepspeed_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Opti
                 eval_capacity_factor=spec.capacity_factor, min_capacity=4, drop_tokens=True,
                 use_rts=False, top2_2nd_expert_sampling=False)
     layer.set_deepspeed_parallelism()
+    set_router(layer.deepspeed_moe.gate.wg.weight, spec)
     return layer.to(device, spec.torch_dtype), ""
 
 
@@ -100,7 +105,8 @@ def autoep_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Optiona
     Builds a one-block ``MixtralForCausalLM`` with the spec's ``d_model``, ``d_ff``, experts and
     top-k, seeded alike on every rank (AutoEP keeps each rank's slice of the full model), and
     lets ``deepspeed.initialize`` with ``expert_parallel.autoep_size = ep`` replace its MoE block.
-    Routing: softmax top-k, renormalised over the k, no capacity (dropless).
+    Routing: softmax top-k, renormalised over the k, no capacity (dropless); the skewed router
+    weight when ``spec.skew > 0``.
     """
     why_not = autoep_status(spec)
     if why_not:
@@ -125,4 +131,6 @@ def autoep_moe(spec: RunSpec, world: int, device: torch.device) -> tuple[Optiona
     ds_config = {"train_micro_batch_size_per_gpu": 1,
                  "expert_parallel": {"enabled": True, "autoep_size": ep, "preset_model": "mixtral"}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    return AutoEPBlock(engine.module.model.layers[0].mlp, engine), ""
+    block = engine.module.model.layers[0].mlp
+    set_router(block.router.gate.weight, spec)
+    return AutoEPBlock(block, engine), ""

@@ -14,10 +14,12 @@ from expert_parallel import MoELayer
 
 from . import layer as layer_bench
 from . import results
+from .floors import load_summary
 from .runtime import launch, tune_malloc, under_torchrun, world_sizes
 from .shapes import DTYPES, SHAPES, RunSpec, spec_from_args, weight_bytes
 
 SMALL = [name for name in SHAPES if name.endswith("-small")]
+FIGURES = ("phases", "compare", "sweep", "scaling", "model")
 
 
 def _common(parser: argparse.ArgumentParser, presets_default: list[str]) -> None:
@@ -26,7 +28,12 @@ def _common(parser: argparse.ArgumentParser, presets_default: list[str]) -> None
     parser.add_argument("--tokens", type=int, help="tokens per rank (default: the preset's)")
     parser.add_argument("--ep-size", type=int, help="expert-parallel size (default: all ranks)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--capacity-factor", type=float, nargs="+", default=[1.25],
+                        help="capacity factor; several values (layer only) run a capacity sweep: one run per "
+                             "value, written together to sweep-<preset>-....json (default 1.25)")
+    parser.add_argument("--skew", type=float, default=0.0, metavar="ALPHA",
+                        help="skew every runtime's router so expert i gets ~1/(i+1)^ALPHA of the tokens "
+                             "(Zipf-like, as early in training); 0 = unskewed (default)")
     parser.add_argument("--second-policy", default="all", help="GShard 2nd-expert policy (all: fixed load)")
     parser.add_argument("--agree-capacity", action="store_true",
                         help="derive the capacity per batch (one all-reduce) instead of fixing it")
@@ -34,7 +41,8 @@ def _common(parser: argparse.ArgumentParser, presets_default: list[str]) -> None
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per spawned rank")
     parser.add_argument("--no-phases", action="store_true", help="skip the phase breakdown")
-    parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's MoE")
+    parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's MoE and AutoEP")
+    parser.add_argument("--no-autoep", action="store_true", help="skip DeepSpeed's AutoEP (DeepSpeed's MoE still runs)")
     parser.add_argument("--no-gpu-checks", action="store_true", help="skip the host-sync / CUDA graph checks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="results folder (default benchmarks/results)")
@@ -53,6 +61,7 @@ def _dry_run(spec: RunSpec, world: int) -> None:
           f"d_ff={cfg.d_ff}, {spec.shape.tokens} tokens/rank, capacity={spec.capacity()}, ep_size={cfg.ep_size}; "
           f"per rank: expert weights {weight_bytes(spec, world) / 2**30:.2f} GiB, all-to-all "
           f"{spec.a2a_bytes() / 2**20:.1f} MiB, expert fwd+bwd {spec.expert_flops(world) / 1e12:.2f} TFLOP"
+          + (f", capacity factor {spec.capacity_factor:g}" + (f", skew {spec.skew:g}" if spec.skew else ""))
           + ("; layer built on meta" if layer is not None else ""))
 
 
@@ -66,46 +75,88 @@ def _run_layer(spec: RunSpec, ranks: int, threads: int, progress: bool = True) -
     found = layer_bench.ratios(timings)
     first = per_rank[0]
     return {"config": {**spec.describe(), "ranks": world, "threads_per_rank": threads,
-                       "backend": first["backend"], "device": first["device"]},
-            "timings_ms": timings, "ratios": found, "excess_over_floor_ms": layer_bench.excess_over_floor(timings),
+                       "backend": first["backend"], "device": first["device"],
+                       "filled_compute": first["filled_compute"]},
+            "timings_ms": timings, "ratios": found, "load": load_summary(per_rank, spec.ep_size),
+            "excess_over_floor_ms": layer_bench.excess_over_floor(timings),
+            "excess_over": layer_bench.excess_floor(timings),
             "targets": layer_bench.targets(spec, world, first["device"], found),
             "deepspeed": first["deepspeed"], "autoep": first["autoep"], "gpu_checks": first["gpu_checks"],
             "telemetry": [r["telemetry"] for r in per_rank], "copy_gbps": first["copy_gbps"]}
 
 
+def _print_targets(targets: list[dict[str, Any]]) -> None:
+    for target in targets:
+        verdict = "met" if target["met"] else f"MISSED by {100 * (target['missed_by'] or 0):.1f}%"
+        print(f"  target {target['target']}: {target['measured']:.3f} -> {verdict}")
+
+
 def _print_layer(record: dict[str, Any]) -> None:
-    cfg, timings, found = record["config"], record["timings_ms"], record["ratios"]
+    cfg, timings, found, load = record["config"], record["timings_ms"], record["ratios"], record["load"]
     print(f"\n{cfg['preset']}: {cfg['ranks']} rank(s) ({cfg['backend']}, {cfg['device']}), {cfg['dtype']}, "
-          f"{cfg['shape']['tokens']} tokens/rank, capacity {cfg['capacity']}")
+          f"{cfg['shape']['tokens']} tokens/rank, capacity factor {cfg['capacity_factor']:g} (capacity "
+          f"{cfg['capacity']}), skew {cfg['skew']:g}, ours = {'filled' if cfg['filled_compute'] else 'padded'}")
+    if load:
+        print(f"  load: max/mean {load['max_over_mean']:.2f}, dropped {100 * load['dropped_fraction']:.1f}%, filled "
+              f"rows per rank {load['filled_rows_per_rank']} ({100 * load['filled_fraction']:.0f}% of the slots)")
     for step, phases in timings.items():
         parts = "  ".join(f"{name} {value['median']:.2f}" for name, value in phases.items() if name != "total")
         total = phases["total"]
-        print(f"  {step:10} {total['median']:9.2f} ms  [p25 {total['p25']:.2f}, p75 {total['p75']:.2f}]  {parts}")
+        print(f"  {step:12} {total['median']:9.2f} ms  [p25 {total['p25']:.2f}, p75 {total['p75']:.2f}]  {parts}")
     print("  " + "  ".join(f"{k} {v:.3f}" for k, v in found.items() if v is not None))
     if record["excess_over_floor_ms"]:
-        print("  above the floor (ms): " + ", ".join(
+        print(f"  above {record['excess_over']} (ms): " + ", ".join(
             f"{k} {v:.2f}" for k, v in record["excess_over_floor_ms"].items()))
-    for target in record["targets"]:
-        verdict = "met" if target["met"] else f"MISSED by {100 * (target['missed_by'] or 0):.1f}%"
-        print(f"  target {target['target']}: {target['measured']:.3f} -> {verdict}")
+    _print_targets(record["targets"])
     print(f"  deepspeed: {record['deepspeed']}; autoep: {record['autoep']}")
 
 
+def _tag(name: str, spec: RunSpec, record: dict[str, Any]) -> str:
+    """``<preset>-r<ranks>-<dtype>-<device>[-skew<alpha>]``: the results file's name."""
+    tag = f"{name}-r{record['config']['ranks']}-{spec.dtype}-{record['config']['device'].split(':')[0]}"
+    return tag + (f"-skew{spec.skew:g}" if spec.skew else "")
+
+
+def _sweep(name: str, specs: list[RunSpec], points: list[dict[str, Any]], out: Optional[str]) -> None:
+    """Write and print one preset's capacity sweep (``layer.capacity_sweep``, its targets, the runs)."""
+    first = points[0]["config"]
+    summary = layer_bench.capacity_sweep(points)
+    summary["targets"] = layer_bench.targets(specs[0], first["ranks"], first["device"], summary["cost"])
+    factors = "".join(f"{f:>9g}" for f in summary["capacity_factors"])
+    print(f"\n{name}: capacity sweep, median ms at capacity factor {factors}")
+    for (runtime, ms), (key, ratio) in zip(summary["median_ms"].items(), summary["cost"].items()):
+        if any(m is not None for m in ms):
+            print(f"  {runtime:12}" + "".join("        -" if m is None else f"{m:9.2f}" for m in ms)
+                  + ("" if ratio is None else f"   {key} {ratio:.3f}"))
+    _print_targets(summary["targets"])
+    print(f"  -> {results.write('sweep', _tag(name, specs[0], points[0]), {**summary, 'points': points}, out)}")
+
+
 def cmd_layer(args: argparse.Namespace) -> None:
+    """One run per preset, and per capacity factor: several factors make a sweep, one file per preset."""
     for name in args.preset:
-        spec = spec_from_args(args, name)
+        specs = [spec_from_args(args, name, capacity_factor=factor) for factor in args.capacity_factor]
         if args.dry_run:
-            _dry_run(spec, args.ranks)
+            for spec in specs:
+                _dry_run(spec, args.ranks)
             continue
-        record = _run_layer(spec, args.ranks, args.threads_per_rank)
-        if record is not None:
-            _print_layer(record)
-            tag = f"{name}-r{record['config']['ranks']}-{spec.dtype}-{record['config']['device'].split(':')[0]}"
-            print(f"  -> {results.write('layer', tag, record, args.out)}")
+        points = []
+        for spec in specs:
+            record = _run_layer(spec, args.ranks, args.threads_per_rank)
+            if record is not None:
+                _print_layer(record)
+                points.append(record)
+                if len(specs) == 1:
+                    print(f"  -> {results.write('layer', _tag(name, spec, record), record, args.out)}")
+        if len(specs) > 1 and points:
+            _sweep(name, specs, points, args.out)
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
     """Weak (tokens per rank fixed) or strong (global tokens fixed) scaling over rank counts."""
+    if len(args.capacity_factor) > 1:
+        raise ValueError(f"scaling takes one --capacity-factor, got {args.capacity_factor}; sweep capacity "
+                         "factors with `python -m benchmarks layer --capacity-factor ...`")
     for name in args.preset:
         base = spec_from_args(args, name)
         tag = f"{args.mode}-{name}-{base.dtype}"
@@ -171,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     model.set_defaults(fn=cmd_model)
     plot = sub.add_parser("plot", help="PNG plots of the results")
     plot.add_argument("--out", help="results folder (default benchmarks/results)")
-    plot.add_argument("--figures", nargs="+", default=["phases", "compare", "scaling", "model"])
+    plot.add_argument("--figures", nargs="+", default=list(FIGURES), choices=FIGURES)
     plot.set_defaults(fn=cmd_plot)
     presets = sub.add_parser("presets", help="list the shape presets")
     presets.set_defaults(fn=cmd_presets)

@@ -87,10 +87,12 @@ def _point_spec(point: dict[str, Any]) -> RunSpec:
 
 
 def _points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The measured runs to calibrate on: layer and scaling points with even routing (the model
+    assumes it; ``--skew`` runs are left out)."""
     out = []
     for record in records:
         out.extend(record.get("points", [record]) if record["kind"] in ("scaling", "layer") else [])
-    return out
+    return [point for point in out if not point["config"].get("skew")]
 
 
 def calibrate(records: list[dict[str, Any]], base: Cluster) -> tuple[Cluster, list[dict[str, Any]]]:

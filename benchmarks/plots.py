@@ -25,13 +25,32 @@ def _save(fig: Any, folder: Path, name: str) -> Path:
     return path
 
 
+# step -> legend label, in bar order; a step a record lacks (older runs) is skipped
+STEPS = {"layer": "ours (filled)", "layer_padded": "ours (padded)", "floor": "padded floor",
+         "floor_filled": "filled floor", "deepspeed": "DeepSpeed MoE", "autoep": "DeepSpeed AutoEP"}
+# ratio key -> its short annotation
+RATIO_NOTES = {"ours_over_floor": "ours/padded floor", "ours_over_filled_floor": "ours/filled floor",
+               "filled_over_padded": "filled/padded", "ours_over_deepspeed": "ours/DS",
+               "ours_over_autoep": "ours/AutoEP"}
+
+
 def _label(record: dict[str, Any]) -> str:
     cfg = record["config"]
-    return f"{cfg['preset']}\n{cfg['ranks']}x{cfg['device'].split(':')[0]} {cfg['dtype']}"
+    skew = f", skew {cfg['skew']:g}" if cfg.get("skew") else ""
+    return f"{cfg['preset']}{skew}\n{cfg['ranks']}x{cfg['device'].split(':')[0]} {cfg['dtype']}"
+
+
+def _step_style(record: dict[str, Any], step: str) -> tuple[str, str]:
+    """``(legend label, colour)`` of ``step``: ``layer`` is a padded layer in runs from before filled
+    compute (no ``filled_compute`` in the config) and where grouped GEMM did not run."""
+    if step == "layer" and not record["config"].get("filled_compute", False):
+        step = "layer_padded"
+    return STEPS[step], f"C{list(STEPS).index(step)}"
 
 
 def plot_phases(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
-    """Stacked bars: our phases (forward+backward each) next to the floor's two parts."""
+    """Stacked bars: our phases (forward+backward each) next to the two parts of the floor they are
+    held against (the filled floor where it ran, else the padded floor)."""
     records = [r for r in records if "phases" in r["timings_ms"]]
     if not records:
         return None
@@ -39,16 +58,18 @@ def plot_phases(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(3 + 2.2 * len(records), 4.5))
     colors = plt.get_cmap("tab10").colors
     for i, record in enumerate(records):
-        phases, floor = record["timings_ms"]["phases"], record["timings_ms"]["floor"]
+        floor_step = record.get("excess_over", "floor")
+        phases, floor = record["timings_ms"]["phases"], record["timings_ms"][floor_step]
+        name = "filled floor" if floor_step == "floor_filled" else "floor"
         bottom = 0.0
         for j, name in enumerate(PHASES):
             ms = sum(phases.get(f"{d}/{name}", {"median": 0.0})["median"] for d in ("fwd", "bwd"))
             ax.bar(i - 0.2, ms, 0.38, bottom=bottom, color=colors[j], label=name if i == 0 else None)
             bottom += ms
         ax.bar(i + 0.2, floor["matmuls"]["median"], 0.38, color=colors[4], hatch="//", edgecolor="white",
-               label="floor: matmuls" if i == 0 else None)
+               label=f"{name}: matmuls" if i == 0 else None)
         ax.bar(i + 0.2, floor["all_to_all"]["median"], 0.38, bottom=floor["matmuls"]["median"], color=colors[3],
-               hatch="//", edgecolor="white", label="floor: raw all-to-all" if i == 0 else None)
+               hatch="//", edgecolor="white", label=f"{name}: raw all-to-all" if i == 0 else None)
     ax.set_xticks(range(len(records)), [_label(r) for r in records], fontsize=8)
     ax.set_ylabel("ms per forward+backward (median)")
     ax.set_title("Phases of one step (left) vs the floor (right)")
@@ -57,34 +78,57 @@ def plot_phases(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
 
 
 def plot_compare(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
-    """Ours vs floor vs DeepSpeed MoE vs DeepSpeed AutoEP, median with the interquartile range."""
+    """Per run (preset, and the skewed runs next to them): ours filled and padded, the padded and the
+    filled floor, DeepSpeed MoE and AutoEP, median with the interquartile range; the main ratios."""
     if not records:
         return None
+    records = sorted(records, key=lambda r: (r["config"]["preset"], r["config"].get("skew", 0.0)))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(3 + 2.2 * len(records), 4.5))
-    steps = [("layer", "ours"), ("floor", "floor"), ("deepspeed", "DeepSpeed MoE"), ("autoep", "DeepSpeed AutoEP")]
+    fig, ax = plt.subplots(figsize=(3 + 2.6 * len(records), 4.8))
+    width = 0.8 / len(STEPS)
     labelled: set[str] = set()
     for i, record in enumerate(records):
-        for j, (step, label) in enumerate(steps):
+        for j, step in enumerate(STEPS):
             total = record["timings_ms"].get(step, {}).get("total")
             if total is None:
                 continue
+            label, color = _step_style(record, step)
             err = [[total["median"] - total["p25"]], [total["p75"] - total["median"]]]
-            ax.bar(i + (j - 1.5) * 0.21, total["median"], 0.2, yerr=err, capsize=3,
-                   color=f"C{j}", label=None if label in labelled else label)
+            ax.bar(i + (j - (len(STEPS) - 1) / 2) * width, total["median"], width * 0.95, yerr=err, capsize=2,
+                   color=color, label=None if label in labelled else label)
             labelled.add(label)
-        ratio = record["ratios"]
-        text = f"ours/floor {ratio['ours_over_floor']:.2f}"
-        if ratio.get("ours_over_deepspeed"):
-            text += f"\nours/DS {ratio['ours_over_deepspeed']:.2f}"
-        if ratio.get("ours_over_autoep"):
-            text += f"\nours/AutoEP {ratio['ours_over_autoep']:.2f}"
+        found = record.get("ratios", {})
+        text = "\n".join(f"{note} {found[key]:.2f}" for key, note in RATIO_NOTES.items() if found.get(key))
         ax.annotate(text, (i, 0), xytext=(0, -30), textcoords="offset points", ha="center", va="top", fontsize=7)
     ax.set_xticks(range(len(records)), [_label(r) for r in records], fontsize=8)
     ax.set_ylabel("ms per forward+backward (median, IQR)")
-    ax.set_title("MoE layer: ours vs floor vs DeepSpeed (MoE, AutoEP), same run")
-    ax.legend(fontsize=8)
+    ax.set_title("MoE layer: ours (filled, padded) vs the floors vs DeepSpeed (MoE, AutoEP), same run")
+    ax.legend(fontsize=7, ncol=2)
     return _save(fig, folder, "compare")
+
+
+def plot_sweep(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
+    """Capacity sweeps (``sweep-*.json``): median step time vs capacity factor, one line per
+    runtime, one panel per sweep."""
+    if not records:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(records), figsize=(max(6.0, 4.5 * len(records)), 4), squeeze=False)
+    labels = dict(zip(("ours", "ours_padded", "floor", "filled_floor", "deepspeed", "autoep"), STEPS.values()))
+    for ax, record in zip(axes[0], records):
+        factors = record["capacity_factors"]
+        for j, (runtime, label) in enumerate(labels.items()):
+            points = [(f, ms) for f, ms in zip(factors, record["median_ms"].get(runtime, [])) if ms is not None]
+            if points:
+                style = "--" if "floor" in runtime else "-"
+                ax.plot(*zip(*points), style, marker="o", color=f"C{j}", label=label)
+        ax.set_xticks(factors)
+        ax.set_xlabel("capacity factor")
+        ax.set_ylabel("ms per forward+backward (median)")
+        ax.set_title(_label(record["points"][0]).replace("\n", ", "), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Step time vs capacity factor", fontsize=9)
+    return _save(fig, folder, "sweep")
 
 
 def plot_scaling(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
@@ -132,12 +176,13 @@ def plot_model(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
     return _save(fig, folder, "model")
 
 
-def plot_all(out: Optional[str] = None, figures: tuple[str, ...] = ("phases", "compare", "scaling", "model")) \
-        -> list[Path]:
+def plot_all(out: Optional[str] = None,
+             figures: tuple[str, ...] = ("phases", "compare", "sweep", "scaling", "model")) -> list[Path]:
     """Draw the chosen figures from the results in ``out``; returns the PNG paths written."""
     folder = Path(out) if out else results.RESULTS_DIR
     layer = results.load_dir("layer", folder)
     makers = {"phases": lambda: plot_phases(layer, folder), "compare": lambda: plot_compare(layer, folder),
+              "sweep": lambda: plot_sweep(results.load_dir("sweep", folder), folder),
               "scaling": lambda: plot_scaling(results.load_dir("scaling", folder), folder),
               "model": lambda: plot_model(results.load_dir("model", folder), folder)}
     return [path for name in figures if (path := makers[name]()) is not None]

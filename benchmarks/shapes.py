@@ -46,7 +46,9 @@ class RunSpec:
     """Everything a rank needs to build and time one configuration.
 
     ``tokens`` is per rank; ``ep_size=None`` means the whole world. The capacity is fixed from
-    ``tokens`` (no all-reduce, no host sync) unless ``agree_capacity``.
+    ``tokens`` (no all-reduce, no host sync) unless ``agree_capacity``. ``skew > 0`` biases every
+    runtime's router to Zipf-like loads with that exponent (``benchmarks/skew.py``); ``autoep``
+    says whether to build DeepSpeed's AutoEP when ``deepspeed`` is on.
     """
 
     preset: str
@@ -62,6 +64,8 @@ class RunSpec:
     deepspeed: bool = True
     gpu_checks: bool = True
     seed: int = 0
+    skew: float = 0.0
+    autoep: bool = True
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -102,18 +106,24 @@ class RunSpec:
         return out
 
 
-def spec_from_args(args, preset: Optional[str] = None, tokens: Optional[int] = None) -> RunSpec:
-    """A ``RunSpec`` from the common CLI flags (``--preset``, ``--tokens`` and the rest)."""
+def spec_from_args(args, preset: Optional[str] = None, tokens: Optional[int] = None,
+                   capacity_factor: Optional[float] = None) -> RunSpec:
+    """A ``RunSpec`` from the common CLI flags (``--preset``, ``--tokens`` and the rest);
+    ``capacity_factor`` defaults to the first of ``--capacity-factor``."""
     name = preset or args.preset
     if name not in SHAPES:
         raise ValueError(f"preset={name!r} is unknown; choose one of {sorted(SHAPES)}")
     shape = SHAPES[name]
+    if args.skew < 0:
+        raise ValueError(f"--skew {args.skew} is negative; use 0 (uniform routing) or an exponent > 0 (e.g. 1.0)")
     shape = replace(shape, tokens=tokens or args.tokens or shape.tokens)
+    factor = args.capacity_factor[0] if capacity_factor is None else capacity_factor
     return RunSpec(preset=name, shape=shape, dtype=args.dtype, ep_size=args.ep_size,
-                   capacity_factor=args.capacity_factor, second_policy=args.second_policy,
+                   capacity_factor=factor, second_policy=args.second_policy,
                    agree_capacity=args.agree_capacity, warmup=args.warmup, repeat=args.repeat,
                    phases=not args.no_phases, deepspeed=not args.no_deepspeed,
-                   gpu_checks=not args.no_gpu_checks, seed=args.seed)
+                   gpu_checks=not args.no_gpu_checks, seed=args.seed, skew=args.skew,
+                   autoep=not args.no_autoep)
 
 
 def weight_bytes(spec: RunSpec, world: int) -> int:
