@@ -142,8 +142,21 @@ class StackedExperts(Experts):
 _GROUPED_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
 
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient dense: the grouped GEMM's backward rejects the
+    stride-0 gradients that e.g. ``.sum()`` produces."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
 def _grouped_mm(a_ND: Tensor, w_EDF: Tensor, offsets_L: Tensor) -> Tensor:
-    return torch._grouped_mm(a_ND, w_EDF, offs=offsets_L)
+    return _DenseGrad.apply(torch._grouped_mm(a_ND, w_EDF, offs=offsets_L))
 
 
 # torch.compile traces grouped GEMM with a bf16-only shape function, while the eager kernels also

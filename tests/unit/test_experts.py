@@ -48,3 +48,17 @@ def test_every_global_expert_gets_its_own_init_whatever_the_ep_size():
         for name in ("w1", "w2", "w3", "b1", "b2"):
             assert torch.equal(getattr(shard, name), getattr(whole, name)[first:first + 2]), (name, first)
     assert not torch.equal(whole.w1[0], whole.w1[2])
+
+
+def test_grouped_experts_take_any_gradient_layout():
+    # .sum() sends back a stride-0 gradient, which the grouped GEMM's own backward rejects
+    experts = StackedExperts(2, 16, 32, gated=True, bias=True)
+    x = torch.randn(10, 16, requires_grad=True)
+    offsets = torch.tensor([4, 10], dtype=torch.int32)
+    experts.grouped(x, offsets, torch.tensor([0] * 4 + [1] * 6)).sum().backward()
+    x_ref = x.detach().requires_grad_()
+
+    def through(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        return experts(rows.unsqueeze(0).expand(2, -1, -1))[expert]
+    torch.cat([through(0, x_ref[:4]), through(1, x_ref[4:])]).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
