@@ -59,7 +59,10 @@ class MoEConfig:
         dropless: size every expert's buffer to the local token count ``S`` (an expert takes a
             token at most once), so nothing drops whatever the routing, with no all-reduce and no
             host read (unlike ``drop_tokens=False``, which agrees on the fullest expert). Every EP
-            rank must pass the same number of tokens. Buffers and wire bytes grow to ``E * S * D``
+            rank must pass the same number of tokens (a fixed ``[batch, seq]`` shape): with
+            another count on one rank the all-to-all sizes disagree and the collective fails or
+            hangs (gloo hangs), as nothing is agreed per batch in this mode; uneven batches want
+            ``drop_tokens=False``. Buffers and wire bytes grow to ``E * S * D``
             per rank and direction; with filled expert compute the FLOPs still follow the tokens.
         expert_compute: ``"filled"`` runs the experts on the filled slots only (grouped GEMM,
             ``torch._grouped_mm``, with device-side offsets), ``"padded"`` on every slot (one
