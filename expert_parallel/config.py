@@ -13,12 +13,15 @@ from .activations import ACTIVATIONS
 EXPERT_KINDS = ("ffn", "swiglu")
 EXPERT_COMPUTE = ("auto", "filled", "padded")
 SECOND_POLICIES = ("random", "all", "threshold", "gumbel")
+SCORING_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
 # losses a router may report (Routing.losses) -> the config field that weighs them
 LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
-FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", *LOSS_WEIGHTS.values())
+FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", "routed_scaling_factor",
+                "bias_update_rate", *LOSS_WEIGHTS.values())
 BOOL_FIELDS = ("drop_tokens", "dropless", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
-               "gate_after_topk", "normalize_topk")
+               "gate_after_topk", "normalize_topk", "selection_bias", "router_bias", "shared_expert_gate")
 
 
 def reject(field: str, value: object, fix: str) -> None:
@@ -83,13 +86,42 @@ class MoEConfig:
             tokens instead of the first ones (DeepSpeed's ``use_rts``; ``deepspeed`` top-1 only).
         gate_after_topk: ``topk`` only: combine weights are the softmax over the k kept logits
             (Mixtral) instead of the probabilities of a softmax over all experts.
-        normalize_topk: ``topk`` only: divide the k kept probabilities by their sum.
+        normalize_topk: ``topk`` only: divide the k kept scores by their sum (Hugging Face's
+            ``norm_topk_prob``; with ``scoring_func="sigmoid"`` by ``sum + 1e-20``, as DeepSeek-V3).
+        scoring_func: ``topk`` only: ``"softmax"`` (default) scores the experts by the softmax
+            over all of them; ``"sigmoid"`` (DeepSeek-V3) by ``sigmoid(logit)`` per expert. The
+            combine weights are the chosen experts' scores; the load-balancing loss takes the
+            sigmoid scores normalised to sum 1 per token as its probabilities.
+        n_group: ``topk`` only: split the experts into ``n_group`` equal groups of consecutive ids
+            and route each token within ``topk_group`` of them (DeepSeek-V2/V3's group-limited
+            routing); 1 (default) disables it. Must divide ``num_experts``.
+        topk_group: ``topk`` only: groups each token may use, ``1 <= topk_group <= n_group``,
+            with ``top_k <= topk_group * num_experts / n_group``.
+        group_score: ``topk`` only, used when ``n_group > 1``: a group's score is ``"max"``
+            (DeepSeek-V2's ``group_limited_greedy``: its largest expert score) or ``"top2_sum"``
+            (DeepSeek-V3: the sum of its two largest selection scores).
+        routed_scaling_factor: ``topk`` only: multiply the routed experts' combine weights by it,
+            after any normalisation (DeepSeek-V2/V3); must be > 0.
+        selection_bias: ``topk`` only: the router holds a buffer ``router.selection_bias [E]``
+            (fp32, zeros, not a parameter) added to the scores for choosing experts (and groups)
+            only, never to the combine weights (DeepSeek-V3's ``e_score_correction_bias``).
+            ``bias_update_rate > 0`` implies it (``has_selection_bias``); set it alone to hold a
+            converted model's bias without updating it.
+        bias_update_rate: ``topk`` only: DeepSeek-V3's auxiliary-loss-free balancing rate ``u``
+            (0 disables it). The layer counts the tokens routed to each expert in training
+            forwards; ``comm.update_selection_biases(model)`` (after each optimizer step) adds
+            ``u * sign(mean_load - load_e)`` to the selection bias, loads summed over all ranks.
         z_loss_weight: weight of ST-MoE's router z-loss ``mean(logsumexp(logits)^2)``; any router.
         importance_loss_weight: ``noisy_topk`` only: weight of ``CV(sum of gates per expert)^2``.
         load_loss_weight: ``noisy_topk`` only: weight of the smooth load loss ``CV(load)^2``.
         num_shared_experts: experts every token passes through (DeepSeekMoE), computed densely on
             every rank and added to the output; 0 disables them.
         d_ff_shared: hidden width of each shared expert; ``None`` means ``d_ff``.
+        shared_expert_gate: multiply the shared experts' output by ``sigmoid(x @ w.T)``, ``w`` the
+            weight of ``layer.shared_gate = nn.Linear(d_model, 1, bias=False)`` (Qwen2-MoE); needs
+            ``num_shared_experts >= 1``.
+        router_bias: the router's linear gets a trained bias ``router.bias [E]``, ``logits = x
+            W^T + b`` (fp32); any router.
 
     Raises:
         ValueError: naming the field, its value and the fix, for any invalid combination.
@@ -125,6 +157,15 @@ class MoEConfig:
     load_loss_weight: float = 0.0
     num_shared_experts: int = 0
     d_ff_shared: Optional[int] = None
+    scoring_func: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    routed_scaling_factor: float = 1.0
+    selection_bias: bool = False
+    bias_update_rate: float = 0.0
+    shared_expert_gate: bool = False
+    router_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size"):
@@ -176,9 +217,28 @@ class MoEConfig:
             if not self.num_shared_experts:
                 reject("d_ff_shared", self.d_ff_shared, "it sizes shared experts, and "
                       "num_shared_experts=0; set num_shared_experts >= 1 or d_ff_shared=None")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            reject("shared_expert_gate", True, "it gates the shared experts, and num_shared_experts=0; set "
+                   "num_shared_experts >= 1 or shared_expert_gate=False")
+        self._check_router_scores()
         # routing/ imports this module, so its registry is read here, at validation time
         from .routing.registry import validate_router
         validate_router(self)
+
+    def _check_router_scores(self) -> None:
+        """Types and ranges of the scoring, group and selection-bias fields (``routing.choice.check_topk``
+        checks them against ``top_k``)."""
+        if self.scoring_func not in SCORING_FUNCS:
+            reject("scoring_func", self.scoring_func, f"choose one of {list(SCORING_FUNCS)}")
+        if self.group_score not in GROUP_SCORES:
+            reject("group_score", self.group_score, f"choose one of {list(GROUP_SCORES)}")
+        _check_int("n_group", self.n_group, 1)
+        _check_int("topk_group", self.topk_group, 1)
+        if not self.routed_scaling_factor > 0:
+            reject("routed_scaling_factor", self.routed_scaling_factor, "it must be > 0 (1.0 leaves the weights "
+                   "as they are)")
+        if not self.bias_update_rate >= 0:
+            reject("bias_update_rate", self.bias_update_rate, "it must be >= 0 (0 disables the bias update)")
 
     @property
     def num_local_experts(self) -> int:
@@ -190,6 +250,11 @@ class MoEConfig:
         """Columns K of the router's ``[S, K]`` decision: ``top_k``, or ``num_experts`` for the
         routers that take none (``soft``, ``expert_choice``: one column per expert)."""
         return self.num_experts if self.top_k is None else self.top_k
+
+    @property
+    def has_selection_bias(self) -> bool:
+        """Does the router hold ``selection_bias``? With ``selection_bias`` or ``bias_update_rate > 0``."""
+        return self.selection_bias or self.bias_update_rate > 0
 
     @property
     def shared_d_ff(self) -> int:

@@ -109,11 +109,17 @@ class MoELayer(nn.Module):
     ``cfg.capacity`` is fixed or ``cfg.dropless`` is set, and ``cfg.check_finite`` is off: then it
     syncs nothing. The experts compute the filled slots only (grouped GEMM) or every slot
     (batched matmuls), as ``cfg.expert_compute`` says; ``filled_compute`` tells which was chosen.
+    With ``bias_update_rate > 0`` each training forward adds its tokens per expert to
+    ``router.selection_load`` (on the device, no sync) for ``comm.update_selection_biases``.
 
     Attributes:
-        router: ``Router`` (``router.weight [E, D]``; ``router.noise_weight`` for noisy top-k).
+        router: ``Router`` (``router.weight [E, D]``; ``router.bias [E]`` with ``router_bias``;
+            ``router.noise_weight`` for noisy top-k; ``router.selection_bias [E]`` and the training
+            counts ``router.selection_load [E]`` for DeepSeek-V3's bias balancing).
         experts: this rank's routed experts, ``StackedExperts`` with ``E_local`` experts.
         shared_experts: ``StackedExperts`` ``[num_shared_experts, D, d_ff_shared]`` or ``None``.
+        shared_gate: ``nn.Linear(D, 1, bias=False)`` scaling the shared experts' output by
+            ``sigmoid(x @ shared_gate.weight.T)`` (``shared_expert_gate``, Qwen2-MoE), or ``None``.
 
     Args:
         cfg: the validated configuration.
@@ -140,6 +146,7 @@ class MoELayer(nn.Module):
             cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, gated=cfg.expert == "swiglu",
             activation=cfg.activation, bias=cfg.expert_bias, sharded=False,
         ) if cfg.num_shared_experts else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
         self.filled_compute = self._choose_expert_compute()
 
@@ -150,10 +157,13 @@ class MoELayer(nn.Module):
         x_SD = x.reshape(-1, cfg.d_model)
         with self._phase("route") as phase:
             logits_SE, noise_std_SE = self.router(phase.input(x_SD))
-            routing = route(logits_SE, cfg, training=self.training, noise_std_SE=noise_std_SE)
+            routing = route(logits_SE, cfg, training=self.training, noise_std_SE=noise_std_SE,
+                            selection_bias_E=self.router.selection_bias)
             nonfinite = (~torch.isfinite(logits_SE)).any(dim=-1).sum()
         with self._phase("plan"):
             slots = assign_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, routing.priority_SK)
+            if self.training:
+                self.router.count_selection(slots.count_E)  # DeepSeek-V3's bias update reads these
             local = Agreement(capacity_input(cfg, x_SD.shape[0], slots.count_E, routing.capacity), nonfinite)
             agreed = self._agree(local, group, x.device)  # the one collective (none when nothing varies)
             capacity = layer_capacity(cfg, agreed.capacity_input, self.training, routing.capacity is not None,
@@ -170,10 +180,18 @@ class MoELayer(nn.Module):
             y_SD = combine(phase.input(buffer_ECD), plan, weight_SK)  # fp32
         if self.shared_experts is not None:
             with self._phase("shared") as phase:
-                y_SD = y_SD + self.shared_experts.dense(phase.input(x_SD))
+                y_SD = y_SD + self._shared(phase.input(x_SD))
         stats = routing_stats(routing, plan, nonfinite)
         aux_loss = weighted_aux_loss(routing.losses, cfg, routing.probs_SE)
         return MoEOutput(y_SD.reshape(x.shape).to(x.dtype), aux_loss, stats)
+
+    def _shared(self, x_SD: Tensor) -> Tensor:
+        """The shared experts' output ``[S, D]``, times ``sigmoid(shared_gate(x))`` with
+        ``shared_expert_gate`` (Qwen2-MoE)."""
+        y_SD = self.shared_experts.dense(x_SD)
+        if self.shared_gate is not None:
+            y_SD = torch.sigmoid(self.shared_gate(x_SD)) * y_SD
+        return y_SD
 
     def _padded_experts(self, buffer_ECD: Tensor, group: Optional[ProcessGroup]) -> Tensor:
         """Dispatch, every slot through its expert (one batched matmul per weight over

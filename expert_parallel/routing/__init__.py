@@ -8,7 +8,8 @@ from typing import Optional
 from torch import Tensor
 
 from ..config import MoEConfig
-from .choice import gshard_top2, switch_top1, topk
+from .balance import selection_bias_step
+from .choice import gshard_top2, limit_to_groups, switch_top1, topk
 from .deepspeed_gating import deepspeed_gating
 from .every_expert import expert_choice, soft
 from .gate import Router
@@ -19,7 +20,8 @@ from .types import Routing
 
 
 def route(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
-          training: bool = True, noise_std_SE: Optional[Tensor] = None) -> Routing:
+          training: bool = True, noise_std_SE: Optional[Tensor] = None,
+          selection_bias_E: Optional[Tensor] = None) -> Routing:
     """Route ``S`` tokens with the router named by ``cfg.router``; add the z-loss if it is weighed.
 
     Pure tensor math; syncs the host only where a router's capacity needs it (none of the
@@ -31,12 +33,14 @@ def route(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
         uniform_S: optional injected ``U(0, 1)`` noise ``[S]`` for GShard's random second expert.
         training: the layer's mode (training-only noise and capacity factors depend on it).
         noise_std_SE: ``noisy_topk``'s noise scale ``[S, E]`` (``Router`` gives it).
+        selection_bias_E: ``topk``'s selection bias ``[E]`` (``Router.selection_bias``), or ``None``.
 
     Returns:
         The router's ``Routing``; with ``cfg.z_loss_weight > 0`` its ``losses`` hold ``"z"``.
     """
     spec = ROUTERS[cfg.router]
-    given = {"uniform_S": uniform_S, "training": training, "noise_std_SE": noise_std_SE}
+    given = {"uniform_S": uniform_S, "training": training, "noise_std_SE": noise_std_SE,
+             "selection_bias_E": selection_bias_E}
     routing = spec.fn(logits_SE, cfg, **{name: given[name] for name in spec.inputs})
     if cfg.z_loss_weight:
         routing = dataclasses.replace(routing, losses={**routing.losses, "z": z_loss(logits_SE)})
@@ -44,5 +48,5 @@ def route(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
 
 
 __all__ = ["ROUTERS", "Router", "RouterSpec", "Routing", "cv_squared", "deepspeed_gating", "expert_choice",
-           "gshard_top2", "load_balance_loss", "noisy_topk", "route", "soft", "switch_top1", "topk",
-           "weighted_aux_loss", "z_loss"]
+           "gshard_top2", "limit_to_groups", "load_balance_loss", "noisy_topk", "route", "selection_bias_step", "soft",
+           "switch_top1", "topk", "weighted_aux_loss", "z_loss"]

@@ -11,15 +11,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config import MoEConfig
+from ..config import MoEConfig, reject
 from .losses import load_balance_loss
 from .types import Routing
 
 
-def _normalized(prob_SK: Tensor) -> Tensor:
-    """``prob_SK`` divided by its sum over the choices (clamped: underflowing probabilities can
-    sum to 0, and 0/0 would be NaN)."""
-    return prob_SK / prob_SK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+def _normalized(prob_SX: Tensor) -> Tensor:
+    """``prob_SX`` divided by its sum over the last dimension (clamped: underflowing probabilities
+    can sum to 0, and 0/0 would be NaN)."""
+    return prob_SX / prob_SX.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def switch_top1(logits_SE: Tensor, cfg: MoEConfig) -> Routing:
@@ -77,31 +77,99 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
     return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, {"load_balance": aux})
 
 
-def topk(logits_SE: Tensor, cfg: MoEConfig) -> Routing:
-    """Softmax top-k (Mixtral, DeepSeekMoE, ST-MoE): every one of the k choices is dispatched.
+def topk(logits_SE: Tensor, cfg: MoEConfig, selection_bias_E: Optional[Tensor] = None) -> Routing:
+    """Score-based top-k (Mixtral, Qwen-MoE, DeepSeekMoE/V2/V3, ST-MoE): all k choices are dispatched.
 
-    ``probs = softmax(logits)`` over all experts; the k largest are kept (``torch.topk``, in
-    descending order). Combine weights: the kept probabilities; with ``cfg.normalize_topk``
-    divided by their sum; with ``cfg.gate_after_topk`` the softmax over the k kept logits
-    (Mixtral; mathematically equal to the normalised probabilities). Load-balancing loss
-    ``E * sum_e(f_e * P_e)`` with ``f_e`` the share of all ``S * k`` choices that went to ``e``.
+    Scores: ``softmax(logits)`` over all experts, or ``sigmoid(logits)`` per expert with
+    ``cfg.scoring_func="sigmoid"`` (DeepSeek-V3). Experts are chosen by the selection scores,
+    ``scores + selection_bias_E`` (DeepSeek-V3's bias; none by default), restricted with
+    ``cfg.n_group > 1`` to the ``cfg.topk_group`` best groups (``limit_to_groups``); the k largest
+    are kept (``torch.topk``, descending selection scores). Combine weights: the kept (unbiased)
+    scores; with ``cfg.normalize_topk`` divided by their sum (``+ 1e-20`` for sigmoid, as
+    DeepSeek-V3); with ``cfg.gate_after_topk`` the softmax over the k kept logits (Mixtral;
+    mathematically the normalised softmax scores); then times ``cfg.routed_scaling_factor``.
+    Load-balancing loss ``E * sum_e(f_e * P_e)`` with ``f_e`` the share of all ``S * k`` choices
+    that went to ``e`` and ``P`` the softmax, or the sigmoid scores normalised to sum 1 per token.
+    No host sync.
 
     Args:
         logits_SE: router logits ``[S, E]``.
-        cfg: supplies ``top_k``, ``normalize_topk``, ``gate_after_topk`` (deterministic).
+        cfg: supplies ``top_k``, ``scoring_func``, ``n_group``, ``topk_group``, ``group_score``,
+            ``normalize_topk``, ``gate_after_topk``, ``routed_scaling_factor`` (deterministic).
+        selection_bias_E: ``[E]`` added to the scores for choosing experts and groups only;
+            ``None`` adds nothing.
 
     Returns:
-        ``Routing`` with ``K = top_k``, column k the (k+1)-th largest probability.
+        ``Routing`` with ``K = top_k``, column k the (k+1)-th largest selection score; ``probs_SE``
+        the loss's ``P``.
     """
     logits_SE = logits_SE.float()
-    probs_SE = torch.softmax(logits_SE, dim=-1)
-    prob_SK, expert_SK = probs_SE.topk(cfg.top_k, dim=-1)
-    if cfg.gate_after_topk:
-        weight_SK = torch.softmax(logits_SE.gather(-1, expert_SK), dim=-1)
-    elif cfg.normalize_topk:
-        weight_SK = _normalized(prob_SK)
+    if cfg.scoring_func == "sigmoid":
+        scores_SE = torch.sigmoid(logits_SE)
+        probs_SE = _normalized(scores_SE)  # the loss's P: the scores as shares of their sum
     else:
-        weight_SK = prob_SK
+        scores_SE = probs_SE = torch.softmax(logits_SE, dim=-1)
+    choice_SE = scores_SE if selection_bias_E is None else scores_SE + selection_bias_E.float()
+    if cfg.n_group > 1:
+        choice_SE = limit_to_groups(choice_SE, cfg.n_group, cfg.topk_group, cfg.group_score)
+    expert_SK = choice_SE.topk(cfg.top_k, dim=-1).indices
+    weight_SK = _topk_weights(logits_SE, scores_SE.gather(-1, expert_SK), expert_SK, cfg)
     active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
     losses = {"load_balance": load_balance_loss(probs_SE, expert_SK)}
     return Routing(expert_SK, weight_SK, active_SK, probs_SE, losses)
+
+
+def _topk_weights(logits_SE: Tensor, score_SK: Tensor, expert_SK: Tensor, cfg: MoEConfig) -> Tensor:
+    """``topk``'s combine weights ``[S, K]`` from the chosen experts' (unbiased) scores."""
+    if cfg.gate_after_topk:
+        weight_SK = torch.softmax(logits_SE.gather(-1, expert_SK), dim=-1)
+    elif cfg.normalize_topk and cfg.scoring_func == "sigmoid":
+        weight_SK = score_SK / (score_SK.sum(dim=-1, keepdim=True) + 1e-20)  # DeepSeek-V3's exact form
+    elif cfg.normalize_topk:
+        weight_SK = _normalized(score_SK)
+    else:
+        weight_SK = score_SK
+    return weight_SK * cfg.routed_scaling_factor if cfg.routed_scaling_factor != 1.0 else weight_SK
+
+
+def limit_to_groups(choice_SE: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
+    """DeepSeek-V2/V3's group-limited routing: ``choice_SE`` with every expert outside each
+    token's ``topk_group`` best groups set to ``-inf``. ``[S, E] -> [S, E]``, no host sync.
+
+    Group ``g`` holds experts ``[g * E / n_group, (g + 1) * E / n_group)``; its score is the
+    largest of its experts' ``choice_SE`` (``"max"``, DeepSeek-V2's ``group_limited_greedy``) or
+    the sum of the two largest (``"top2_sum"``, DeepSeek-V3, on the biased scores). DeepSeek-V2
+    masks to 0.0 instead of ``-inf``; for its positive softmax scores the top k are the same
+    unless a chosen group's scores underflow to 0, where V2's pick among the tied zeros is
+    unspecified and this one stays inside the chosen groups.
+    """
+    num_tokens, num_experts = choice_SE.shape
+    grouped_SGX = choice_SE.view(num_tokens, n_group, num_experts // n_group)
+    if group_score == "top2_sum":
+        group_SG = grouped_SGX.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_SG = grouped_SGX.amax(dim=-1)
+    chosen_SJ = group_SG.topk(topk_group, dim=-1).indices
+    keep_SG = torch.zeros_like(group_SG, dtype=torch.bool).scatter(-1, chosen_SJ, True)
+    keep_SE = keep_SG.unsqueeze(-1).expand_as(grouped_SGX).reshape(num_tokens, num_experts)
+    return choice_SE.masked_fill(~keep_SE, float("-inf"))
+
+
+def check_topk(cfg: MoEConfig) -> None:
+    """``topk``'s own validation: the groups against ``num_experts`` and ``top_k``; the Mixtral
+    gate with softmax scores only. Raises ``ValueError`` naming the field, its value and the fix."""
+    per_group = cfg.num_experts // cfg.n_group
+    if cfg.num_experts % cfg.n_group:
+        reject("n_group", cfg.n_group, f"it does not divide num_experts={cfg.num_experts}; choose a divisor of "
+               "num_experts (1 disables group-limited routing)")
+    if cfg.topk_group > cfg.n_group:
+        reject("topk_group", cfg.topk_group, f"it must lie in [1, n_group={cfg.n_group}]")
+    if cfg.top_k > cfg.topk_group * per_group:
+        reject("top_k", cfg.top_k, f"a token may use topk_group={cfg.topk_group} group(s) of num_experts / n_group = "
+               f"{per_group} experts, {cfg.topk_group * per_group} in all; lower top_k or raise topk_group")
+    if cfg.n_group > 1 and cfg.group_score == "top2_sum" and per_group < 2:
+        reject("group_score", cfg.group_score, f"it sums each group's two best scores, and n_group={cfg.n_group} "
+               "leaves one expert per group; use group_score='max' or fewer groups")
+    if cfg.gate_after_topk and cfg.scoring_func != "softmax":
+        reject("gate_after_topk", True, f"it is the softmax over the kept logits (Mixtral), and scoring_func="
+               f"{cfg.scoring_func!r}; set gate_after_topk=False (normalize_topk=True normalises the scores)")

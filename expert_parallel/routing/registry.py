@@ -3,11 +3,12 @@ options it owns, so adding a router is one function and one entry here."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..config import MoEConfig, reject
-from .choice import gshard_top2, switch_top1, topk
+from .choice import check_topk, gshard_top2, switch_top1, topk
 from .deepspeed_gating import check_deepspeed, deepspeed_gating
 from .every_expert import check_soft, expert_choice, soft
 from .noisy import noisy_topk
@@ -16,6 +17,8 @@ from .types import Routing
 ANY_TOP_K = None  # 1 <= top_k <= num_experts; unset means min(2, num_experts)
 NO_TOP_K = 0  # the router takes no top_k: its K columns are the E experts
 DEFAULT_TOP_K = 2
+# what "leave it at its default" compares against
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(MoEConfig)}
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class RouterSpec:
         fn: ``fn(logits_SE, cfg, **inputs) -> Routing``, pure tensor math.
         top_k: the ``top_k`` it requires: a number, ``ANY_TOP_K`` or ``NO_TOP_K``.
         inputs: the keyword inputs of ``route`` it reads (``uniform_S``, ``training``,
-            ``noise_std_SE``); ``route`` passes only those.
+            ``noise_std_SE``, ``selection_bias_E``); ``route`` passes only those.
         options: ``MoEConfig`` fields that this router alone implements (others must leave them
             at their default).
         second_policies: the ``second_policy`` values it accepts.
@@ -46,7 +49,9 @@ class RouterSpec:
 ROUTERS: dict[str, RouterSpec] = {
     "gshard": RouterSpec(gshard_top2, 2, inputs=("uniform_S",)),
     "switch": RouterSpec(switch_top1, 1),
-    "topk": RouterSpec(topk, ANY_TOP_K, options=("gate_after_topk", "normalize_topk")),
+    "topk": RouterSpec(topk, ANY_TOP_K, inputs=("selection_bias_E",), check=check_topk,
+                       options=("gate_after_topk", "normalize_topk", "scoring_func", "n_group", "topk_group",
+                                "group_score", "routed_scaling_factor", "selection_bias", "bias_update_rate")),
     "noisy_topk": RouterSpec(noisy_topk, ANY_TOP_K, inputs=("training", "noise_std_SE"), noisy=True,
                              options=("importance_loss_weight", "load_loss_weight")),
     "soft": RouterSpec(soft, NO_TOP_K, check=check_soft),
@@ -70,7 +75,7 @@ def validate_router(cfg: MoEConfig) -> None:
     _resolve_top_k(cfg, spec.top_k)
     for name, other in ROUTERS.items():
         for option in other.options:
-            if option not in spec.options and getattr(cfg, option):
+            if option not in spec.options and getattr(cfg, option) != DEFAULTS[option]:
                 reject(option, getattr(cfg, option), f"it is implemented by router={name!r} only (got "
                        f"router={cfg.router!r}); leave it at its default or set router={name!r}")
     if cfg.second_policy not in spec.second_policies:

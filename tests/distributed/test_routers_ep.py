@@ -54,6 +54,11 @@ CASES = [
                dict(router="topk", top_k=3, num_shared_experts=2, d_ff_shared=6, expert="swiglu",
                     z_loss_weight=0.05, capacity_factor=1.0), seed=8,
                fields=dict(d_model=8, d_ff=4, num_experts=8, min_capacity=1)),
+    RouterCase("deepseek-v3-sigmoid-groups-selection-bias-router-bias-gated-shared",
+               dict(router="topk", top_k=3, scoring_func="sigmoid", n_group=4, topk_group=2, group_score="top2_sum",
+                    normalize_topk=True, routed_scaling_factor=2.5, bias_update_rate=1e-3, router_bias=True,
+                    num_shared_experts=1, shared_expert_gate=True, expert="swiglu", capacity_factor=1.0), seed=10,
+               fields=dict(d_model=8, d_ff=4, num_experts=8, min_capacity=1)),
     RouterCase("switch-jitter-z-loss", dict(router="switch", jitter_eps=0.2, z_loss_weight=0.1,
                                              capacity_factor=4.0), seed=9),
 ]
@@ -68,6 +73,10 @@ def full_state(case: RouterCase) -> dict[str, torch.Tensor]:
         for name, param in layer.named_parameters():
             if name == "router.noise_weight" or name.endswith(("b1", "b2")):
                 param.normal_()
+            if name == "router.bias":
+                param.normal_(0.0, 0.5)
+        if layer.router.selection_bias is not None:
+            layer.router.selection_bias.normal_(0.0, 0.3)
     return {k: v.clone() for k, v in layer.state_dict().items()}
 
 
@@ -143,3 +152,5 @@ def test_cases_exercise_what_their_names_say(ep2_results):
     # expert choice: every expert of rank r takes ceil(S_r * 1.0 / 4) of its tokens
     assert [r["counts"].tolist() for r in by_name["expert-choice-uneven"]] == [[2] * 4, [4] * 4]
     assert all(r["grads"]["router.noise_weight"].abs().sum() > 0 for r in by_name["noisy-topk2-train-jitter"])
+    deepseek = by_name["deepseek-v3-sigmoid-groups-selection-bias-router-bias-gated-shared"]
+    assert all(r["grads"][name].abs().sum() > 0 for r in deepseek for name in ("router.bias", "shared_gate.weight"))

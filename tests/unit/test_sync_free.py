@@ -41,6 +41,10 @@ def no_host_reads(monkeypatch):
     dict(router="expert_choice"),
     dict(router="topk", top_k=2, num_shared_experts=1, expert="swiglu", jitter_eps=0.01),
     dict(router="topk", top_k=2, expert_bias=True, expert_compute="padded"),
+    dict(router="topk", top_k=2, scoring_func="sigmoid", n_group=4, topk_group=2, group_score="top2_sum",
+         normalize_topk=True, routed_scaling_factor=2.5, bias_update_rate=1e-3, router_bias=True),
+    dict(router="topk", top_k=3, n_group=2, topk_group=1, group_score="max", selection_bias=True,
+         num_shared_experts=1, shared_expert_gate=True, expert="swiglu"),
 ], ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_fixed_capacity_forward_and_backward_read_nothing_back(no_host_reads, options):
     torch.manual_seed(0)
@@ -54,8 +58,11 @@ def test_fixed_capacity_forward_and_backward_read_nothing_back(no_host_reads, op
 
 
 @pytest.mark.parametrize("options", [dict(router="topk", top_k=2, expert_bias=True),
-                                     dict(router="gshard", expert="swiglu", num_shared_experts=1)],
-                         ids=["topk-bias", "gshard-swiglu-shared"])
+                                     dict(router="gshard", expert="swiglu", num_shared_experts=1),
+                                     dict(router="topk", top_k=4, scoring_func="sigmoid", n_group=4, topk_group=2,
+                                          group_score="top2_sum", bias_update_rate=1e-3, num_shared_experts=1,
+                                          shared_expert_gate=True)],
+                         ids=["topk-bias", "gshard-swiglu-shared", "deepseek-v3-gated-shared"])
 def test_dropless_forward_and_backward_read_nothing_back(no_host_reads, options):
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=8, dropless=True, **options))
