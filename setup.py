@@ -15,6 +15,9 @@ setup(
         # transformers: the Mixtral model DeepSpeed's AutoEP is measured on (benchmarks/baselines.py
         # says why <5.23)
         "bench": ["tqdm", "numpy", "matplotlib", "transformers>=5.1,<5.23"],
+        # expert_parallel.integrations.huggingface: the transformers releases its conversions are verified
+        # against (SUPPORTED_TRANSFORMERS in integrations/huggingface/convert.py; docs/huggingface.md)
+        "huggingface": ["transformers>=5.22,<5.23"],
         "dev": ["pytest", "pytest-timeout", "ruff"],
     },
 )

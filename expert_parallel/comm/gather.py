@@ -1,0 +1,30 @@
+"""Gather every EP rank's expert shard: for saving a whole layer, never in a forward."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+
+def gather_experts(shard_LX: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+    """Every EP rank's experts in EP-rank order: ``[E_local, ...] -> [E, ...]`` on every rank.
+
+    Global expert ``e`` is local expert ``e % E_local`` of EP rank ``e // E_local``, so the
+    shards concatenated in the group's rank order are the layer's experts by global id. One
+    all-gather (every rank of ``group`` must call it, with shards of one shape and dtype); not
+    differentiable.
+
+    Args:
+        shard_LX: this rank's experts, ``[E_local, ...]``.
+        group: the EP group; ``None`` means a single rank (the shard itself is returned).
+    """
+    if group is None:
+        return shard_LX
+    shard_LX = shard_LX.detach().contiguous()
+    parts = [torch.empty_like(shard_LX) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, shard_LX, group=group)
+    return torch.cat(parts)

@@ -1,0 +1,14 @@
+"""Hugging Face transformers integration: ``convert`` a model's sparse-MoE blocks to expert-parallel
+``MoELayer`` s in place, ``to_hf_state_dict`` to save it back under the original keys.
+
+This package is the only code of ``expert_parallel`` that imports ``transformers``; the core runs
+without it. Supported blocks and versions: ``specs.SPECS``, ``SUPPORTED_TRANSFORMERS``; see
+docs/huggingface.md.
+"""
+
+from .block import ExpertParallelBlock
+from .convert import SUPPORTED_TRANSFORMERS, check_transformers_version, convert, to_hf_state_dict
+from .specs import SPECS, BlockSpec, WeightMap
+
+__all__ = ["SPECS", "SUPPORTED_TRANSFORMERS", "BlockSpec", "ExpertParallelBlock", "WeightMap",
+           "check_transformers_version", "convert", "to_hf_state_dict"]

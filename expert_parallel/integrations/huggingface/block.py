@@ -1,0 +1,100 @@
+"""The converted block: a Hugging Face sparse-MoE block's call and return around an ``MoELayer``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from transformers.utils.output_capturing import _active_collector
+
+from ...comm import gather_experts, lookup
+from ...config import MoEConfig
+from ...layer import MoELayer
+from .specs import BlockSpec, hf_to_ours, join_parts, ours_to_hf
+
+
+def _recording(key: str) -> Optional[list]:
+    """The list the running model collects ``key`` outputs in (``output_router_logits=True``), else
+    ``None``. Hugging Face fills it from forward hooks on its router class; our block has no module
+    of that class, so it appends its router logits itself, at the place the router would."""
+    collected = _active_collector.get()
+    if collected is None or key not in collected:
+        return None
+    return collected[key]
+
+
+class ExpertParallelBlock(nn.Module):
+    """Stands in for one Hugging Face sparse-MoE block (its ``spec.block``), built on ``MoELayer``.
+
+    ``forward(hidden_states [B, T, D]) -> [B, T, D]``, the call and return of the Hugging Face
+    blocks in transformers 5.22 (a tensor). While the model collects router logits
+    (``output_router_logits=True``), the block appends its logits ``[B*T, E]`` (fp32, from the
+    un-jittered input; one extra ``[S, D] x [D, E]`` matmul, only then) to the model's
+    ``spec.record_key`` output, so ``outputs.router_logits`` and the model's own load-balancing
+    ``aux_loss`` work as before. The layer's own ``aux_loss`` and stats are not used.
+
+    Attributes:
+        spec: the ``BlockSpec`` it was converted with.
+        moe: the ``MoELayer`` (router, this rank's experts, shared experts).
+        hf_keys: the HF block's state-dict keys, in its order (``hf_state_dict`` keeps it).
+    """
+
+    def __init__(self, spec: BlockSpec, moe: MoELayer, hf_keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.moe = moe
+        self.hf_keys = hf_keys
+
+    @classmethod
+    def from_hf(cls, block: nn.Module, spec: BlockSpec, cfg: MoEConfig,
+                ep_group: Optional[ProcessGroup]) -> ExpertParallelBlock:
+        """Build the layer for ``cfg`` and move the HF ``block`` 's tensors in: the router, this
+        rank's experts (``ep_rank * E_local`` on), the shared experts, router buffers. The tensors
+        keep the block's dtype and device; the caller's RNG is left as it was.
+
+        Raises:
+            ValueError: a tensor the spec maps is missing on either side.
+        """
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten below
+            moe = MoELayer(cfg, ep_group)
+        hf_state, ours_state = block.state_dict(), moe.state_dict()
+        missing = [wm.ours for wm in spec.weights if wm.ours not in ours_state]
+        if missing:
+            raise ValueError(f"{spec.block}: MoELayer has no {missing} for this config; this expert_parallel lacks a "
+                             "feature the spec needs (update expert_parallel, or fix the spec)")
+        first = moe.experts.first_expert
+        state = {wm.ours: hf_to_ours(hf_state[wm.hf], wm, tuple(ours_state[wm.ours].shape), first if wm.sharded else 0)
+                 for wm in spec.weights}
+        moe.load_state_dict(state, strict=False, assign=True)
+        # tensors without an HF counterpart follow; the expert compute is chosen again for the device and dtype
+        moe.to(hf_state[spec.weights[0].hf].device)
+        return cls(spec, moe, tuple(hf_state))
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """``[B, T, D] -> [B, T, D]`` (any ``[..., D]``); see the class docstring."""
+        sink = _recording(self.spec.record_key)
+        if sink is not None:
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                weight = self.moe.router.weight
+                sink.append(F.linear(hidden_states.reshape(-1, weight.shape[1]).float(), weight.float()))
+        return self.moe(hidden_states).output
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """This block's tensors under the HF block's keys, with every expert: the routed experts
+        are gathered from the EP group (one all-gather per weight; every rank of the group must
+        call this, blocks in the same order). Tensors may share storage with the parameters."""
+        group = lookup(self.moe.ep_ranks)
+        state = self.moe.state_dict()
+        parts: dict[str, dict[int, Tensor]] = {}
+        for wm in self.spec.weights:
+            value = state[wm.ours].detach()
+            if wm.sharded:
+                value = gather_experts(value, group)
+            parts.setdefault(wm.hf, {})[wm.part[0]] = ours_to_hf(value, wm)
+        return {key: join_parts(parts[key]) for key in self.hf_keys}
+
+    def extra_repr(self) -> str:
+        return f"converted from {self.spec.block}"

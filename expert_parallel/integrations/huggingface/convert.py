@@ -1,0 +1,176 @@
+"""``convert`` a transformers model's sparse-MoE blocks in place; ``to_hf_state_dict`` to save it back."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Optional
+
+import transformers
+from packaging.specifiers import SpecifierSet
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from transformers import PreTrainedModel
+
+from ...config import MoEConfig
+from .block import ExpertParallelBlock
+from .specs import SPECS_BY_BLOCK, BlockSpec
+
+# the transformers releases whose blocks, keys and output recording the specs are verified against
+SUPPORTED_TRANSFORMERS = ">=5.22,<5.23"
+# what convert sets unless overridden: no drops (the same function as the model), no layer-level loss
+# (the model computes its own load-balancing loss from the recorded router logits)
+DEFAULTS: dict[str, Any] = {"dropless": True, "aux_loss_weight": 0.0}
+# overriding any of these asks for a capacity, so the dropless default gives way
+CAPACITY_FIELDS = ("capacity", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens")
+# fixed by the model's weights (ep_size is convert's own argument)
+STRUCTURAL_FIELDS = ("d_model", "d_ff", "num_experts", "expert", "activation", "expert_bias", "num_shared_experts",
+                     "d_ff_shared", "shared_expert_gate", "selection_bias", "router_bias")
+# class names that mark a sparse-MoE block (Mixtral's SparseMoeBlock, DeepSeek's Moe / MoE)
+MOE_SUFFIXES = ("SparseMoeBlock", "Moe", "MoE")
+MOE_FIELDS = frozenset(field.name for field in dataclasses.fields(MoEConfig))
+
+
+def check_transformers_version(version: Optional[str] = None) -> None:
+    """Raise ``ValueError`` unless ``version`` (default: the installed transformers) is in
+    ``SUPPORTED_TRANSFORMERS``: the block classes, state-dict keys and output recording the specs
+    read change between releases."""
+    version = transformers.__version__ if version is None else version
+    if version not in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True):
+        raise ValueError(f"transformers {version} is installed, and expert_parallel.integrations.huggingface supports "
+                         f"transformers{SUPPORTED_TRANSFORMERS} (the versions its conversions are verified against); "
+                         f'install one: pip install "transformers{SUPPORTED_TRANSFORMERS}"')
+
+
+def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[ProcessGroup] = None,
+            **overrides: Any) -> PreTrainedModel:
+    """Replace, in place, every supported sparse-MoE block of ``model`` by an ``ExpertParallelBlock``.
+
+    Each block becomes an ``MoELayer`` holding the router, this rank's ``num_experts / ep_size``
+    experts (global expert ``e`` on EP rank ``e // E_local``) and the shared experts, with the
+    block's dtype and device; the HF block and its other experts are dropped. The model's forward,
+    ``output_router_logits`` and its ``aux_loss`` work as before. By default the layers are
+    dropless (``MoEConfig.dropless``): nothing is dropped, so the model computes the same function;
+    every EP rank must then pass the same number of tokens (a fixed ``[batch, seq]`` shape).
+
+    Call it on every rank with the same model (e.g. each rank's ``from_pretrained``); with
+    ``ep_size > 1`` it builds process groups, so ``torch.distributed`` must be initialised.
+
+    Args:
+        model: a transformers model (its config sizes the layers).
+        ep_size: ranks each block's experts are split over.
+        ep_group: the EP process group; ``None`` builds groups of ``ep_size`` consecutive ranks,
+            as ``MoELayer(cfg, None)`` does.
+        **overrides: ``MoEConfig`` fields applied on top of the spec's config: another ``router``
+            (with its options), ``capacity_factor`` / ``capacity`` / ``drop_tokens=False`` (any of
+            ``CAPACITY_FIELDS`` turns the dropless default off unless ``dropless`` is given),
+            ``expert_compute``, ``check_finite``, ...
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: transformers outside ``SUPPORTED_TRANSFORMERS``; an MoE block no spec
+            converts (naming its class); ``num_experts`` not divisible by ``ep_size``; an unknown
+            or structural override; a config value a spec does not implement. Raised on every
+            rank alike, before any block changes.
+    """
+    check_transformers_version()
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"convert takes a transformers PreTrainedModel (it reads the model's config), got "
+                         f"{type(model).__name__}; pass the model, e.g. AutoModelForCausalLM.from_pretrained(...)")
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size={ep_size!r} is invalid: it must be an integer >= 1")
+    _check_overrides(overrides)
+    plan = [(path, block, spec, _layer_config(path, spec, hf_config, ep_size, overrides))
+            for path, block, spec, hf_config in _moe_blocks(model, model.config)]
+    if not plan:
+        converted = any(isinstance(module, ExpertParallelBlock) for module in model.modules())
+        raise ValueError(f"{type(model).__name__} has no {'unconverted ' if converted else ''}sparse-MoE block to "
+                         f"convert; supported blocks: {sorted(SPECS_BY_BLOCK)}"
+                         + (" (it was converted already)" if converted else ""))
+    for path, block, spec, _ in plan:
+        _check_coverage(path, block, spec)
+    for path, block, spec, cfg in plan:
+        model.set_submodule(path, ExpertParallelBlock.from_hf(block, spec, cfg, ep_group))
+    return model
+
+
+def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every converted block back under its original Hugging Face keys
+    and layouts, with all of its experts (gathered from each block's EP group: collective, call it
+    on every rank). Save it with the model's config, on every rank (transformers writes on rank 0)::
+
+        model.save_pretrained(directory, state_dict=to_hf_state_dict(model))
+
+    ``AutoModelForCausalLM.from_pretrained(directory)`` then loads a plain transformers model,
+    without this library. Tensors may share storage with the model's parameters. Tensors of the
+    layer without an HF counterpart (e.g. ``noisy_topk``'s ``noise_weight``) are not included.
+
+    Raises:
+        ValueError: transformers outside ``SUPPORTED_TRANSFORMERS``.
+    """
+    check_transformers_version()
+    blocks = {name + ".": module for name, module in model.named_modules() if isinstance(module, ExpertParallelBlock)}
+    state: dict[str, Tensor] = {}
+    done: set[str] = set()
+    for key, value in model.state_dict().items():
+        prefix = next((prefix for prefix in blocks if key.startswith(prefix)), None)
+        if prefix is None:
+            state[key] = value
+        elif prefix not in done:  # the block's first key: all of its tensors, in their place
+            done.add(prefix)
+            state.update({prefix + name: tensor for name, tensor in blocks[prefix].hf_state_dict().items()})
+    return state
+
+
+def _moe_blocks(module: nn.Module, hf_config: Any, prefix: str = "") -> Iterator[tuple[str, nn.Module, BlockSpec, Any]]:
+    """``(path, block, spec, config of the owning model)`` of every HF sparse-MoE block under
+    ``module``; ``ValueError`` for one that no spec converts."""
+    for name, child in module.named_children():
+        path, kind = prefix + name, type(child).__name__
+        if isinstance(child, ExpertParallelBlock):
+            continue
+        if kind in SPECS_BY_BLOCK:
+            yield path, child, SPECS_BY_BLOCK[kind], hf_config
+        elif kind.endswith(MOE_SUFFIXES):
+            raise ValueError(f"{path} is a {kind}, a sparse-MoE block that no spec converts; supported blocks: "
+                             f"{sorted(SPECS_BY_BLOCK)} (add a BlockSpec for {kind} to "
+                             "expert_parallel.integrations.huggingface.specs)")
+        else:
+            yield from _moe_blocks(child, child.config if isinstance(child, PreTrainedModel) else hf_config, path + ".")
+
+
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    for name, value in overrides.items():
+        if name not in MOE_FIELDS:
+            raise ValueError(f"convert(..., {name}={value!r}): {name} is not a MoEConfig field; choose among "
+                             f"{sorted(MOE_FIELDS - set(STRUCTURAL_FIELDS) - {'ep_size'})}")
+        if name in STRUCTURAL_FIELDS:
+            raise ValueError(f"convert(..., {name}={value!r}) cannot be overridden: it is fixed by the model's "
+                             "weights; remove it")
+
+
+def _layer_config(path: str, spec: BlockSpec, hf_config: Any, ep_size: int, overrides: dict[str, Any]) -> MoEConfig:
+    """The ``MoEConfig`` of the block at ``path``: ``DEFAULTS``, the spec's fields, ``overrides``."""
+    fields = spec.moe_fields(hf_config)
+    missing = sorted(set(fields) - MOE_FIELDS)
+    if missing:
+        raise ValueError(f"converting {spec.block} ({spec.name}) needs the MoEConfig fields {missing}, which this "
+                         "expert_parallel does not have yet; update expert_parallel to a version with them")
+    num_experts = fields["num_experts"]
+    if num_experts % ep_size:
+        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ValueError(f"{path} ({spec.block}) has num_experts={num_experts}, which ep_size={ep_size} does not "
+                         f"divide; choose an ep_size that divides {num_experts} (one of {divisors})")
+    capacity_asked = any(name in overrides for name in CAPACITY_FIELDS) and "dropless" not in overrides
+    return MoEConfig(**{**DEFAULTS, **fields, **({"dropless": False} if capacity_asked else {}), **overrides,
+                        "ep_size": ep_size})
+
+
+def _check_coverage(path: str, block: nn.Module, spec: BlockSpec) -> None:
+    """Every tensor of the HF block is mapped by the spec, and every mapped one exists."""
+    have, mapped = set(block.state_dict()), {wm.hf for wm in spec.weights}
+    if have != mapped:
+        raise ValueError(f"{path} ({spec.block}) holds tensors {sorted(have - mapped)} that the spec does not map "
+                         f"and lacks {sorted(mapped - have)} that it does; this variant of {spec.block} is not "
+                         "supported (e.g. biases): extend its BlockSpec")

@@ -1,0 +1,228 @@
+"""Declarative specs: one frozen ``BlockSpec`` per Hugging Face sparse-MoE block.
+
+A spec names the block class, maps the model's config onto ``MoEConfig`` fields and lists every
+tensor of the block with its place in our ``MoELayer`` and its layout. Converting, saving and
+the checks that no tensor is left behind all read it, so supporting another architecture (OLMoE,
+GPT-OSS, ...) is a new spec, not new code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+# how an HF tensor holds one of ours; our expert weights are [N, in, out] per expert (x @ w)
+LAYOUTS = ("same", "stacked", "linear_out", "linear_in")
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """One tensor of our ``MoELayer`` and where it lives in the Hugging Face block.
+
+    Attributes:
+        ours: key in ``MoELayer.state_dict()``: ``router.weight [E, D]``, ``experts.w1`` /
+            ``experts.w3 [E_local, D, F]``, ``experts.w2 [E_local, F, D]``, ``shared_experts.*``
+            (the same with ``N_shared`` and ``d_ff_shared``), router buffers.
+        hf: key in the HF block's ``state_dict()``, e.g. ``experts.gate_up_proj``.
+        layout: how the HF tensor holds ours:
+            ``"same"``: the same tensor (router weight ``[E, D]``, a bias ``[E]``, a gate ``[1, D]``);
+            ``"stacked"``: ``[N, parts * out, in]``, one ``F.linear`` matrix per expert (HF experts'
+            ``gate_up_proj [E, 2F, D]`` and ``down_proj [E, D, F]``); ours is its transpose;
+            ``"linear_out"``: an ``nn.Linear`` weight whose output rows stack N experts,
+            ``[N * out, in]`` (a shared MLP's ``gate_proj`` / ``up_proj``, ``[N * F, D]``);
+            ``"linear_in"``: an ``nn.Linear`` weight whose input columns stack N experts,
+            ``[out, N * in]`` (a shared MLP's ``down_proj``, ``[D, N * F]``).
+        part: ``(index, parts)``: ours is slice ``index`` of ``parts`` equal slices of the HF
+            tensor's output rows (gate ``(0, 2)`` and up ``(1, 2)`` of a fused ``gate_up_proj``);
+            ``"stacked"`` only.
+
+    Raises:
+        ValueError: an unknown layout, or ``part`` on a layout that has no expert matrices.
+    """
+
+    ours: str
+    hf: str
+    layout: str = "same"
+    part: tuple[int, int] = (0, 1)
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"WeightMap({self.ours!r}).layout={self.layout!r} is invalid: choose one of "
+                             f"{list(LAYOUTS)}")
+        if self.part != (0, 1) and self.layout != "stacked":
+            raise ValueError(f"WeightMap({self.ours!r}).part={self.part} needs layout='stacked' (fused expert "
+                             f"matrices), got {self.layout!r}; drop part or fix the layout")
+
+    @property
+    def sharded(self) -> bool:
+        """Routed experts: split over the EP group (global expert ``e`` on EP rank ``e // E_local``)."""
+        return self.ours.startswith("experts.")
+
+
+def hf_to_ours(value: Tensor, wm: WeightMap, shape: tuple[int, ...], first: int = 0) -> Tensor:
+    """The HF tensor ``value`` in our layout ``shape`` (experts ``first : first + shape[0]`` of a
+    sharded one): ``[N, parts * out, in] -> [N_local, in, out]`` etc. (see ``WeightMap``). Copies
+    what it slices or transposes, so the HF tensor can be freed.
+
+    Raises:
+        ValueError: the result does not have ``shape`` (the model's config and weights disagree).
+    """
+    if wm.layout == "stacked":
+        index, parts = wm.part
+        rows = value.shape[1] // parts
+        ours = value[first:first + shape[0], index * rows:(index + 1) * rows].transpose(1, 2)
+    elif wm.layout == "linear_out":
+        ours = value.reshape(shape[0], shape[2], shape[1]).transpose(1, 2)
+    elif wm.layout == "linear_in":
+        ours = value.reshape(shape[2], shape[0], shape[1]).permute(1, 2, 0)
+    else:
+        ours = value
+    if tuple(ours.shape) != tuple(shape):
+        raise ValueError(f"{wm.hf} {tuple(value.shape)} does not fit {wm.ours} {tuple(shape)} (layout {wm.layout!r}); "
+                         "the block's weights and its config disagree")
+    return ours.contiguous()
+
+
+def ours_to_hf(value: Tensor, wm: WeightMap) -> Tensor:
+    """Inverse of ``hf_to_ours`` for a whole tensor (every expert): our layout -> this map's
+    slice of the HF tensor (``join_parts`` assembles fused slices)."""
+    if wm.layout == "stacked":
+        return value.transpose(1, 2)
+    if wm.layout == "linear_out":
+        return value.transpose(1, 2).reshape(-1, value.shape[1])
+    if wm.layout == "linear_in":
+        return value.permute(2, 0, 1).reshape(value.shape[2], -1)
+    return value
+
+
+def join_parts(parts: dict[int, Tensor]) -> Tensor:
+    """The HF tensor from its slices by part index (``[N, out, in]`` each, joined on the rows)."""
+    if len(parts) == 1:
+        return next(iter(parts.values())).contiguous()
+    return torch.cat([parts[index] for index in sorted(parts)], dim=1)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How one Hugging Face sparse-MoE block becomes an ``MoELayer``.
+
+    Attributes:
+        name: the architecture (``model_type``), for messages.
+        block: the HF block's class name, e.g. ``"MixtralSparseMoeBlock"``.
+        config: ``(MoEConfig field, HF config attribute)`` pairs.
+        fixed: ``(MoEConfig field, value)`` pairs the architecture implies.
+        weights: every tensor of the block's ``state_dict()`` (router, routed experts, shared
+            experts, buffers), each with its place in ``MoELayer`` and its layout.
+        requires: ``(HF config attribute, accepted values)``: what the conversion assumes.
+        derived: fields that depend on the config in other ways (``config -> {field: value}``).
+        record_key: the model output the router logits are recorded under
+            (``output_router_logits=True``).
+    """
+
+    name: str
+    block: str
+    config: tuple[tuple[str, str], ...]
+    weights: tuple[WeightMap, ...]
+    fixed: tuple[tuple[str, Any], ...] = ()
+    requires: tuple[tuple[str, tuple[Any, ...]], ...] = (("hidden_act", ("silu",)),)
+    derived: Optional[Callable[[Any], dict[str, Any]]] = None
+    record_key: str = "router_logits"
+
+    def moe_fields(self, hf_config: Any) -> dict[str, Any]:
+        """The ``MoEConfig`` fields of a block of a model with ``hf_config``.
+
+        Raises:
+            ValueError: the config has a value the conversion does not implement.
+        """
+        for attr, accepted in self.requires:
+            value = getattr(hf_config, attr, None)
+            if value not in accepted:
+                raise ValueError(f"{self.block}: config.{attr}={value!r} is not supported (the conversion "
+                                 f"implements {list(accepted)}); use a model with one of those values")
+        fields = {field: getattr(hf_config, attr) for field, attr in self.config}
+        fields.update(self.fixed)
+        if self.derived is not None:
+            fields.update(self.derived(hf_config))
+        return fields
+
+
+ROUTER = WeightMap("router.weight", "gate.weight")
+SWIGLU_EXPERTS = (
+    WeightMap("experts.w1", "experts.gate_up_proj", "stacked", (0, 2)),
+    WeightMap("experts.w3", "experts.gate_up_proj", "stacked", (1, 2)),
+    WeightMap("experts.w2", "experts.down_proj", "stacked"),
+)
+# the core's sigmoid gate of the shared experts (MoEConfig.shared_expert_gate, branch router-features)
+SHARED_GATE = "shared_gate.weight"
+
+
+def shared_mlp(prefix: str) -> tuple[WeightMap, ...]:
+    """A bias-free SwiGLU MLP (``gate_proj``, ``up_proj``, ``down_proj``) of width ``N * F`` as N
+    shared experts of width ``F``."""
+    return (WeightMap("shared_experts.w1", f"{prefix}.gate_proj.weight", "linear_out"),
+            WeightMap("shared_experts.w3", f"{prefix}.up_proj.weight", "linear_out"),
+            WeightMap("shared_experts.w2", f"{prefix}.down_proj.weight", "linear_in"))
+
+
+def _deepseek_v2_groups(hf_config: Any) -> dict[str, Any]:
+    """DeepSeek-V2's ``topk_method``: group-limited greedy (groups scored by their best expert)."""
+    if hf_config.topk_method == "group_limited_greedy":
+        return {"n_group": hf_config.n_group, "topk_group": hf_config.topk_group, "group_score": "max"}
+    return {}
+
+
+TOPK_SWIGLU = (("router", "topk"), ("expert", "swiglu"))
+
+MIXTRAL = BlockSpec(
+    name="mixtral", block="MixtralSparseMoeBlock",
+    config=(("d_model", "hidden_size"), ("d_ff", "intermediate_size"), ("num_experts", "num_local_experts"),
+            ("top_k", "num_experts_per_tok"), ("jitter_eps", "router_jitter_noise")),
+    fixed=(*TOPK_SWIGLU, ("gate_after_topk", True)),
+    weights=(ROUTER, *SWIGLU_EXPERTS),
+)
+
+QWEN3_MOE = BlockSpec(
+    name="qwen3_moe", block="Qwen3MoeSparseMoeBlock",
+    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "num_experts"),
+            ("top_k", "num_experts_per_tok"), ("normalize_topk", "norm_topk_prob")),
+    fixed=TOPK_SWIGLU,
+    weights=(ROUTER, *SWIGLU_EXPERTS),
+)
+
+QWEN2_MOE = BlockSpec(
+    name="qwen2_moe", block="Qwen2MoeSparseMoeBlock",
+    config=(*QWEN3_MOE.config, ("d_ff_shared", "shared_expert_intermediate_size")),
+    fixed=(*TOPK_SWIGLU, ("num_shared_experts", 1), ("shared_expert_gate", True)),
+    weights=(ROUTER, *SWIGLU_EXPERTS, *shared_mlp("shared_expert"),
+             WeightMap(SHARED_GATE, "shared_expert_gate.weight")),
+)
+
+DEEPSEEK_V2 = BlockSpec(
+    name="deepseek_v2", block="DeepseekV2Moe",
+    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "n_routed_experts"),
+            ("top_k", "num_experts_per_tok"), ("routed_scaling_factor", "routed_scaling_factor"),
+            ("num_shared_experts", "n_shared_experts"), ("d_ff_shared", "moe_intermediate_size")),
+    fixed=(*TOPK_SWIGLU, ("scoring_func", "softmax")),  # V2's router never normalises the kept scores
+    requires=(("hidden_act", ("silu",)), ("topk_method", ("greedy", "group_limited_greedy"))),
+    derived=_deepseek_v2_groups,
+    weights=(ROUTER, *SWIGLU_EXPERTS, *shared_mlp("shared_experts")),
+)
+
+DEEPSEEK_V3 = BlockSpec(
+    name="deepseek_v3", block="DeepseekV3MoE",
+    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "n_routed_experts"),
+            ("top_k", "num_experts_per_tok"), ("normalize_topk", "norm_topk_prob"),
+            ("routed_scaling_factor", "routed_scaling_factor"), ("n_group", "n_group"), ("topk_group", "topk_group"),
+            ("num_shared_experts", "n_shared_experts"), ("d_ff_shared", "moe_intermediate_size")),
+    # the bias only picks experts; Hugging Face's model never updates it (aux-loss-free balancing off)
+    fixed=(*TOPK_SWIGLU, ("scoring_func", "sigmoid"), ("group_score", "top2_sum"), ("selection_bias", True),
+           ("bias_update_rate", 0.0)),
+    weights=(ROUTER, WeightMap("router.selection_bias", "gate.e_score_correction_bias"), *SWIGLU_EXPERTS,
+             *shared_mlp("shared_experts")),
+)
+
+SPECS: tuple[BlockSpec, ...] = (MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3)
+SPECS_BY_BLOCK: dict[str, BlockSpec] = {spec.block: spec for spec in SPECS}

@@ -1,0 +1,321 @@
+"""Converted transformers models against transformers' own: logits, router logits, the model's
+aux loss and gradients at EP 1 (in process) and EP 2 (2 gloo ranks); saving back at EP 2 and
+loading with plain transformers; errors. Tiny random models, no hub access."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from expert_parallel import MoEConfig  # noqa: E402
+from expert_parallel.comm import expert_groups, reduce_gradients  # noqa: E402
+from expert_parallel.experts import StackedExperts  # noqa: E402
+from expert_parallel.integrations.huggingface import (  # noqa: E402
+    SUPPORTED_TRANSFORMERS,
+    ExpertParallelBlock,
+    convert,
+    to_hf_state_dict,
+)
+from expert_parallel.integrations.huggingface.specs import SPECS_BY_BLOCK, hf_to_ours, ours_to_hf  # noqa: E402
+from tests.harness import run_ranks  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MOE_FIELDS = {field.name for field in dataclasses.fields(MoEConfig)}
+BASE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, intermediate_size=64)
+MLA = dict(num_hidden_layers=3, first_k_dense_replace=1, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+           qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, n_shared_experts=2,
+           moe_intermediate_size=48, num_experts_per_tok=2, n_group=4, topk_group=2)
+# name -> (config class, config fields, MoEConfig fields the conversion needs beyond today's core)
+MODELS = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), ()),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         norm_topk_prob=True, head_dim=8), ()),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=64, norm_topk_prob=False),
+                  ("shared_expert_gate",)),
+    "deepseek_v2": ("DeepseekV2Config", dict(MLA, topk_method="group_limited_greedy", routed_scaling_factor=2.0),
+                    ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "group_score")),
+    "deepseek_v3": ("DeepseekV3Config", dict(MLA, norm_topk_prob=True, routed_scaling_factor=2.5),
+                    ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "group_score",
+                     "selection_bias", "bias_update_rate")),
+}
+READY = [name for name, (_, _, needs) in MODELS.items() if set(needs) <= MOE_FIELDS]
+PARAMS = [pytest.param(name, marks=pytest.mark.skipif(
+    name not in READY, reason=f"MoEConfig lacks {sorted(set(needs) - MOE_FIELDS)} (branch router-features)"))
+    for name, (_, _, needs) in MODELS.items()]
+EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")  # routed experts: sharded over EP
+BATCH, SEQ = 2, 8
+
+
+def tiny_model(name: str) -> transformers.PreTrainedModel:
+    """A random tiny model with decisive routing (router weights ~N(0, 1), so no near-ties flip
+    between two implementations) and, for DeepSeek-V3, a non-zero selection bias."""
+    config_class, fields, _ = MODELS[name]
+    config = getattr(transformers, config_class)(**{**BASE, **fields})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            if key.endswith("gate.weight"):
+                tensor.normal_(0.0, 1.0)
+            elif key.endswith(("e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj")):
+                tensor.normal_(0.0, 0.1)
+    return model
+
+
+def num_experts(name: str) -> int:
+    fields = MODELS[name][1]
+    return fields.get("num_local_experts") or fields.get("num_experts") or fields["n_routed_experts"]
+
+
+def batch(seed: int) -> torch.Tensor:
+    return torch.randint(0, BASE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_grads(model: torch.nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
+    """The gradients under the HF keys ``keys``: for a converted model, through ``to_hf_state_dict``
+    (experts gathered from the EP group) with every parameter's gradient standing in for it."""
+    params = dict(model.named_parameters())
+    if not any(isinstance(module, ExpertParallelBlock) for module in model.modules()):
+        return {key: params[key].grad.clone() for key in keys}
+    saved = {name: param.data for name, param in params.items()}
+    with torch.no_grad():
+        for param in params.values():
+            param.data = param.grad if param.grad is not None else torch.zeros_like(param)
+        state = {key: value.clone() for key, value in to_hf_state_dict(model).items() if key in keys}
+        for name, param in params.items():
+            param.data = saved[name]
+    return state
+
+
+def run(model: torch.nn.Module, input_ids: torch.Tensor, keys: set[str]) -> dict:
+    """Logits, router logits, aux loss and gradients (under the HF keys) of one training step."""
+    model.zero_grad()
+    out = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
+    out.loss.backward()
+    return {"logits": out.logits.detach(), "aux_loss": None if out.aux_loss is None else out.aux_loss.detach(),
+            "router_logits": [logits.detach().float() for logits in out.router_logits],
+            "grads": hf_grads(model, keys)}
+
+
+def assert_same_step(got: dict, want: dict, want_grads: dict) -> None:
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-4, atol=1e-5)
+    assert len(got["router_logits"]) == len(want["router_logits"]) > 0
+    for ours, theirs in zip(got["router_logits"], want["router_logits"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if want["aux_loss"] is None:
+        assert got["aux_loss"] is None
+    else:
+        torch.testing.assert_close(got["aux_loss"], want["aux_loss"], rtol=1e-5, atol=1e-6)
+    assert set(got["grads"]) == set(want_grads)
+    for key, grad in want_grads.items():
+        torch.testing.assert_close(got["grads"][key], grad, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_converted_model_equals_transformers_at_ep1(name):
+    reference = tiny_model(name)
+    keys = {key for key, _ in reference.named_parameters()}
+    model = convert(copy.deepcopy(reference))
+    want = run(reference, batch(1), keys)
+    assert sum(isinstance(m, ExpertParallelBlock) for m in model.modules()) == len(want["router_logits"])
+    assert_same_step(run(model, batch(1), keys), want, want["grads"])
+
+
+def test_greedy_generation_with_the_kv_cache_is_unchanged():
+    reference = tiny_model("mixtral").eval()
+    model = convert(copy.deepcopy(reference))
+    prompt = batch(2)[:, :5]
+    want = reference.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), want)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_state_dict_goes_back_to_the_original_keys_exactly_at_ep1(name):
+    reference = tiny_model(name)
+    state = to_hf_state_dict(convert(copy.deepcopy(reference)))
+    want = reference.state_dict()
+    assert list(state) == list(want)
+    for key, value in want.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_tiny_models_build_and_record_router_logits_on_cpu(name):
+    """The reference side of every spec runs here today (MLA attention, dense first layers)."""
+    out = tiny_model(name)(input_ids=batch(0), output_router_logits=True)
+    assert out.logits.shape == (BATCH, SEQ, BASE["vocab_size"])
+    # two MoE layers each: 2 of 2, or 2 of 3 after DeepSeek's first dense one
+    assert [tuple(logits.shape) for logits in out.router_logits] == [(BATCH * SEQ, num_experts(name))] * 2
+
+
+@pytest.mark.parametrize("name,n_shared,d_ff", [("qwen2_moe", 1, 64), ("deepseek_v2", 2, 48), ("deepseek_v3", 2, 48)])
+def test_shared_mlp_layouts_compute_the_hf_mlp(name, n_shared, d_ff):
+    """The shared-expert maps of the specs waiting for router-features, checked today: the HF
+    shared MLP (width ``n_shared * d_ff``) as ``n_shared`` stacked experts, and back."""
+    block = tiny_model(name).model.layers[-1].mlp
+    spec = SPECS_BY_BLOCK[type(block).__name__]
+    experts = StackedExperts(n_shared, BASE["hidden_size"], d_ff, gated=True, sharded=False)
+    hf_state = block.state_dict()
+    maps = [wm for wm in spec.weights if wm.ours.startswith("shared_experts.")]
+    for wm in maps:
+        param = getattr(experts, wm.ours.split(".")[1])
+        param.data = hf_to_ours(hf_state[wm.hf], wm, tuple(param.shape))
+        assert torch.equal(ours_to_hf(param.data, wm), hf_state[wm.hf])
+    x = torch.randn(5, BASE["hidden_size"])
+    mlp = block.shared_expert if name == "qwen2_moe" else block.shared_experts
+    torch.testing.assert_close(experts.dense(x), mlp(x), rtol=1e-5, atol=1e-6)
+
+
+def ep2_worker(rank: int, world: int, names: list[str], save_dir: str) -> dict:
+    """Per model: HF's step on each rank's batch (reference), ours at EP 2 on this rank's batch;
+    the state dict gathered back; one data-parallel SGD step, then save and the logits after it."""
+    results = {}
+    for name in names:
+        reference = tiny_model(name)
+        keys = {key for key, _ in reference.named_parameters()}
+        wants = [run(reference, batch(10 + r), keys) for r in range(world)]
+        model = convert(copy.deepcopy(reference), ep_size=2)
+        gathered = to_hf_state_dict(model)
+        same_state = list(gathered) == list(reference.state_dict()) and all(
+            torch.equal(gathered[key], value) for key, value in reference.state_dict().items())
+        got = run(model, batch(10 + rank), keys)
+        reduce_gradients(model, expert_groups(2))  # as a training loop does: ranks stay in step
+        torch.optim.SGD(model.parameters(), lr=0.5).step()
+        with torch.no_grad():
+            after = model(input_ids=batch(99)).logits
+        model.save_pretrained(os.path.join(save_dir, name), state_dict=to_hf_state_dict(model))
+        results[name] = {"wants": wants, "got": got, "same_state": same_state, "after": after,
+                         "local_experts": model.model.layers[-1].mlp.moe.experts.w1.shape[0]}
+    return results
+
+
+@pytest.fixture(scope="module")
+def ep2(tmp_path_factory) -> tuple[list[dict], str]:
+    save_dir = str(tmp_path_factory.mktemp("hf_ep2"))
+    return run_ranks(ep2_worker, 2, READY, save_dir, timeout=240), save_dir
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_converted_model_equals_transformers_at_ep2(ep2, name):
+    """Dense gradients are this rank's; an expert's gradient (gathered from its owner) holds both
+    ranks' tokens, as the all-to-all's backward delivers them."""
+    per_rank, _ = ep2
+    for rank, results in enumerate(per_rank):
+        result = results[name]
+        wants = result["wants"]
+        assert result["same_state"] and result["local_experts"] * 2 == num_experts(name)
+        want_grads = {key: (sum(want["grads"][key] for want in wants) if key.endswith(EXPERT_KEYS) else grad)
+                      for key, grad in wants[rank]["grads"].items()}
+        assert_same_step(result["got"], wants[rank], want_grads)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_saved_at_ep2_loads_in_plain_transformers_with_the_same_logits(ep2, name):
+    per_rank, save_dir = ep2
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(save_dir, name))
+    assert not any(isinstance(m, ExpertParallelBlock) for m in loaded.modules())
+    with torch.no_grad():
+        logits = loaded(input_ids=batch(99)).logits
+        before = tiny_model(name)(input_ids=batch(99)).logits
+    assert not torch.allclose(logits, before, atol=1e-3)  # the step changed the model
+    for results in per_rank:
+        torch.testing.assert_close(logits, results[name]["after"], rtol=1e-5, atol=1e-5)
+
+
+def test_an_unsupported_moe_block_names_its_class():
+    config = transformers.OlmoeConfig(**{**BASE, "num_experts": 4, "num_experts_per_tok": 2})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp is a OlmoeSparseMoeBlock, a sparse-MoE block that no "
+                                         r"spec converts.*add a BlockSpec"):
+        convert(transformers.AutoModelForCausalLM.from_config(config))
+
+
+def test_num_experts_not_divisible_by_ep_size_names_both_and_the_fix():
+    with pytest.raises(ValueError, match=r"num_experts=4, which ep_size=3 does not divide; choose an ep_size that "
+                                         r"divides 4 \(one of \[1, 2, 4\]\)"):
+        convert(tiny_model("mixtral"), ep_size=3)
+
+
+@pytest.mark.parametrize("version", ["5.23.0", "5.21.1", "4.57.0"])
+def test_a_transformers_version_outside_the_range_names_both(monkeypatch, version):
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(ValueError, match=rf"transformers {version} is installed.*supports "
+                                         rf"transformers{SUPPORTED_TRANSFORMERS}"):
+        convert(tiny_model("mixtral"))
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"capacity_factr": 1.0}, r"capacity_factr is not a MoEConfig field"),
+    ({"d_ff": 64}, r"d_ff=64\) cannot be overridden: it is fixed by the model's weights"),
+    ({"num_shared_experts": 1}, r"num_shared_experts=1\) cannot be overridden"),
+    ({"router": "gshard"}, r"MoEConfig.gate_after_topk=True is invalid"),
+])
+def test_bad_overrides_are_value_errors(override, match):
+    with pytest.raises(ValueError, match=match):
+        convert(tiny_model("mixtral"), **override)
+
+
+def test_overrides_apply_and_asking_for_a_capacity_turns_dropless_off():
+    default = convert(tiny_model("mixtral")).model.layers[0].mlp.moe.cfg
+    assert default.dropless and default.router == "topk" and default.gate_after_topk and default.top_k == 2
+    capped = convert(tiny_model("mixtral"), capacity_factor=0.5, expert_compute="padded").model.layers[0].mlp.moe.cfg
+    assert not capped.dropless and capped.capacity_factor == 0.5 and capped.expert_compute == "padded"
+
+
+def test_a_block_variant_with_unmapped_tensors_is_refused_before_any_change():
+    model = tiny_model("mixtral")
+    model.model.layers[1].mlp.register_parameter("bias", torch.nn.Parameter(torch.zeros(32)))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp \(MixtralSparseMoeBlock\) holds tensors \['bias'\]"):
+        convert(model)
+    assert not any(isinstance(m, ExpertParallelBlock) for m in model.modules())
+
+
+def test_converting_twice_or_a_plain_module_is_refused():
+    model = convert(tiny_model("mixtral"))
+    with pytest.raises(ValueError, match="converted already"):
+        convert(model)
+    with pytest.raises(ValueError, match="takes a transformers PreTrainedModel"):
+        convert(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(set(READY) == set(MODELS), reason="every spec's MoEConfig fields exist")
+def test_a_spec_needing_missing_core_fields_says_which():
+    name = next(name for name in MODELS if name not in READY)
+    missing = sorted(set(MODELS[name][2]) - MOE_FIELDS)
+    with pytest.raises(ValueError, match=rf"needs the MoEConfig fields \[.*'{missing[0]}'.*\].*update expert_parallel"):
+        convert(tiny_model(name))
+
+
+def test_convert_leaves_the_global_rng_as_it_was():
+    model = tiny_model("mixtral")
+    state = torch.get_rng_state()
+    convert(model)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_core_imports_without_transformers():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import expert_parallel, expert_parallel.integrations, expert_parallel.layer, expert_parallel.comm\n"
+            "try:\n    import expert_parallel.integrations.huggingface\nexcept ImportError:\n    print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_extra_pins_the_supported_range_and_ci_runs_the_readme_command():
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        assert f'"huggingface": ["transformers{SUPPORTED_TRANSFORMERS}"]' in f.read()
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read().strip().splitlines()[-1]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert ci in f.read()
+    assert "huggingface" in ci
