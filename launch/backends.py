@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,9 +17,14 @@ from torch import Tensor, nn
 from expert_parallel import RoutingStats
 from expert_parallel.comm import ExpertGroups, reduce_gradients
 
+# (model, inputs [B, T], targets [B, T]) -> (LM loss, weighted aux loss, stats of every MoE layer);
+# the backends differentiate the sum
+LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor, list[RoutingStats]]]
+
 
 def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
-    """Next-token cross-entropy (fp32), the summed aux loss and every MoE layer's stats."""
+    """The toy model's ``LossFn``: next-token cross-entropy (fp32), the summed aux loss and every
+    MoE layer's stats."""
     logits, aux_loss, stats = model(inputs)
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     return loss, aux_loss.float(), stats
@@ -31,15 +37,15 @@ class TorchBackend:
     """
 
     def __init__(self, model: nn.Module, args: argparse.Namespace, groups: ExpertGroups, rank: int,
-                 world: int, ep_size: int) -> None:
-        self.model, self.groups = model, groups
+                 world: int, ep_size: int, loss_fn: LossFn = lm_loss) -> None:
+        self.model, self.groups, self.loss_fn = model, groups, loss_fn
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         self.path = Path(args.out) / "checkpoint" / f"rank{rank}.pt"
         self.layout = {"world_size": world, "ep_size": ep_size}
 
     def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
         """One optimizer step; returns the (detached) loss, aux loss and stats."""
-        loss, aux_loss, stats = lm_loss(self.model, inputs, targets)
+        loss, aux_loss, stats = self.loss_fn(self.model, inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         (loss + aux_loss).backward()
         reduce_gradients(self.model, self.groups)
@@ -72,9 +78,11 @@ class TorchBackend:
 class DeepSpeedBackend:
     """``deepspeed.initialize`` with the JSON config of ``--deepspeed-config``; the client AdamW
     runs on DeepSpeed's MoE parameter groups. Checkpoints are engine checkpoints in
-    ``OUT/checkpoint`` (per-expert files), resumed from the latest tag."""
+    ``OUT/checkpoint`` (per-expert files for DeepSpeed MoE layers), resumed from the latest tag.
+    ``model``'s expert parameters must carry DeepSpeed's tags (``allreduce=False``, ``group_name``):
+    the drop-in MoE layers tag theirs, ``launch.deepspeed_hf.EngineModel`` a converted model's."""
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, world: int) -> None:
+    def __init__(self, model: nn.Module, args: argparse.Namespace, world: int, loss_fn: LossFn = lm_loss) -> None:
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -87,6 +95,10 @@ class DeepSpeedBackend:
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.directory = Path(args.out) / "checkpoint"
+        self.loss_fn = loss_fn
+        from launch.deepspeed_hf import EngineModel
+
+        self._converted = isinstance(model, EngineModel)  # a converted transformers model
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +107,7 @@ class DeepSpeedBackend:
 
     def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
         """One engine step (ZeRO reduces and clips as configured)."""
-        loss, aux_loss, stats = lm_loss(self.engine, inputs, targets)
+        loss, aux_loss, stats = self.loss_fn(self.engine, inputs, targets)
         self.engine.backward(loss + aux_loss)
         self.engine.step()
         return loss.detach(), aux_loss.detach(), stats
@@ -107,12 +119,19 @@ class DeepSpeedBackend:
         dist.all_gather_object(rng_states, torch.get_rng_state())
         self.engine.save_checkpoint(str(self.directory), tag=f"step{step}",
                                     client_state={"step": step, "rng": rng_states})
+        if self._converted:  # its model file holds rank 0's experts: each rank keeps its own
+            self.engine.module.save_expert_shard(self.directory / f"step{step}")
 
     def load(self) -> int:
         """Load the latest engine checkpoint; returns the step to continue from."""
         if not (self.directory / "latest").exists():
             raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {self.directory}; train without "
                                     "--resume first")
-        _, client_state = self.engine.load_checkpoint(str(self.directory))
+        tag = (self.directory / "latest").read_text().strip()
+        _, client_state = self.engine.load_checkpoint(str(self.directory), tag=tag)
+        if self._converted:
+            self.engine.module.load_expert_shard(self.directory / tag)
+            if not self.engine.zero_load_from_fp32_weights():  # ZeRO took its fp32 weights from rank 0's experts
+                self.engine.optimizer.refresh_fp32_params()
         torch.set_rng_state(client_state["rng"][dist.get_rank()])
         return client_state["step"]

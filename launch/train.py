@@ -1,44 +1,53 @@
-"""Train the demo MoE transformer LM (``launch/model.py``) on the generated corpus.
+"""Train an MoE transformer LM on a small character-level corpus: the demo model
+(``launch/model.py``) or a Hugging Face transformers MoE model converted to expert parallelism
+(``--hf-model``, ``--hf-path``).
 
 Started plainly it spawns ``--nproc`` local ranks itself (gloo on CPU); started by ``torchrun``
-(single or multi-node) or a SLURM ``srun torchrun`` it is one worker of that job.
+(single or multi-node), a SLURM ``srun torchrun`` or the ``deepspeed`` launcher it is one worker
+of that job.
 
     python -m launch.train --out runs/demo                 # 2 local ranks, ep 2, CPU
+    python -m launch.train --out runs/mixtral --hf-model mixtral
     torchrun --nproc-per-node 2 -m launch.train --out runs/demo
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m launch.train --out runs/demo
 
 Writes ``OUT/metrics.jsonl`` (rank 0, one JSON object per logged step), ``OUT/summary.json``
-and ``OUT/checkpoint/rank<R>.pt``; ``--resume`` continues from the checkpoint.
+and ``OUT/checkpoint/``; ``--resume`` continues from the checkpoint. A Hugging Face model is also
+saved back to ``OUT/hf`` (loads with plain transformers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor, nn
 from torch.multiprocessing.spawn import ProcessException
 from tqdm import tqdm
 
-from expert_parallel import MoEConfig, MoELayer
+from expert_parallel import MoELayer, RoutingStats
 from expert_parallel.comm import expert_groups
 from expert_parallel.experts import StackedExperts
-from expert_parallel.presets import PRESETS, preset
+from expert_parallel.presets import PRESETS
 from expert_parallel.spawn import free_port
-from launch.backends import DeepSpeedBackend, TorchBackend
-from launch.corpus import CharCorpus
+from launch.backends import DeepSpeedBackend, TorchBackend, lm_loss
+from launch.corpus import CORPORA, CharCorpus
+from launch.flags import check_flags, moe_config
+from launch.hf import HF_MODELS, CausalLMLoss, build_hf_model, save_hf
 from launch.model import DeepSpeedMoEFFN, MoETransformerLM
+
+__all__ = ["build_parser", "check_flags", "given_flags", "main", "train"]
 
 METRIC_KEYS = ("loss", "aux_loss", "drop_fraction", "k_eff", "load_cv")
 
@@ -52,16 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="metrics and checkpoints go here")
     parser.add_argument("--steps", type=int, default=300, help="total training steps")
-    parser.add_argument("--preset", default="gshard", choices=sorted(PRESETS), help="MoE router preset")
+    parser.add_argument("--hf-model", default=None, choices=HF_MODELS,
+                        help="train a tiny random-init transformers model of this type, converted to expert "
+                             "parallelism, instead of the demo model (needs transformers)")
+    parser.add_argument("--hf-path", default=None, metavar="DIR",
+                        help="start from this local save_pretrained directory (a supported transformers MoE model, "
+                             "e.g. OUT/hf of an earlier run) instead of random init")
+    parser.add_argument("--corpus", default="bierce", choices=CORPORA,
+                        help="bierce: The Devil's Dictionary (public domain English, launch/data/); toy: a "
+                             "generated grammar")
+    parser.add_argument("--preset", default="gshard", choices=sorted(PRESETS), help="MoE router preset (demo model)")
     parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size; None means the world size")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks to spawn when started plainly")
     parser.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
                         help="auto: nccl with CUDA, else gloo")
-    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (global)")
-    parser.add_argument("--d-model", type=int, default=64, help="model width")
-    parser.add_argument("--d-ff", type=int, default=256, help="hidden width of every expert and dense FFN")
-    parser.add_argument("--layers", type=int, default=4, help="blocks; every other one is MoE")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer (global; not with --hf-path)")
+    parser.add_argument("--d-model", type=int, default=64, help="model width (not with --hf-path)")
+    parser.add_argument("--d-ff", type=int, default=256,
+                        help="hidden width of every expert and dense FFN (not with --hf-path)")
+    parser.add_argument("--layers", type=int, default=4,
+                        help="blocks; demo model: every other one is MoE; --hf-model: all (DeepSeek-V3: all but the "
+                             "first); not with --hf-path")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (not with --hf-path)")
     parser.add_argument("--seq-len", type=int, default=64, help="characters per sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
@@ -80,17 +101,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def moe_config(args: argparse.Namespace, world_size: int) -> MoEConfig:
-    """The MoE config of the run; ValueError (one line) for a bad combination of flags."""
-    ep_size = args.ep_size or world_size
-    if world_size % ep_size:
-        raise ValueError(f"--ep-size {ep_size} does not divide the world size {world_size}; "
-                         "choose an ep size that divides it")
-    cfg = preset(args.preset, args.d_model, args.d_ff, args.experts, ep_size=ep_size)
-    if args.deepspeed_config and (cfg.num_shared_experts or cfg.router in ("soft", "expert_choice")):
-        raise ValueError(f"--preset {args.preset} with --deepspeed-config: DeepSpeed's MoE layer has no shared "
-                         "experts and routes token-choice only; pick another preset or train without DeepSpeed")
-    return cfg
+@dataclass
+class Job:
+    """What ``build_job`` makes for one rank: the backend that steps, the run's name and sizes,
+    and the converted transformers model (``None`` for the demo model)."""
+
+    backend: Union[TorchBackend, DeepSpeedBackend]
+    device: torch.device
+    name: str
+    ep_size: int
+    hf_model: Optional[nn.Module]
+
+
+def build_job(args: argparse.Namespace, corpus: CharCorpus, rank: int, world: int, device: torch.device) -> Job:
+    """The model (demo or converted transformers) and its backend (plain torch or DeepSpeed)."""
+    ep_size = args.ep_size or world
+    groups = expert_groups(ep_size)
+    hf_model = None
+    if args.hf_model or args.hf_path:
+        hf_model = build_hf_model(args, corpus.vocab_size, ep_size)  # identical init, this rank's expert shard
+        model, loss_fn, name = hf_model, CausalLMLoss(hf_model), hf_model.config.model_type
+    else:
+        cfg = moe_config(args, world)
+        torch.manual_seed(args.seed)  # dense weights identical on every rank
+        model = MoETransformerLM(corpus.vocab_size, cfg, args.layers, args.heads, args.seq_len,
+                                 moe_ffn=DeepSpeedMoEFFN if args.deepspeed_config else MoELayer)
+        torch.manual_seed(args.seed + 1 + rank % ep_size)  # each EP rank its own experts
+        for module in model.modules():
+            if isinstance(module, StackedExperts):
+                module.reset_parameters()
+        loss_fn, name = lm_loss, args.preset
+    if args.deepspeed_config:
+        if hf_model is not None:
+            from launch.deepspeed_hf import EngineModel
+
+            model = EngineModel(hf_model, ep_size)  # expert tags and DeepSpeed's expert groups
+        backend = DeepSpeedBackend(model, args, world, loss_fn)
+        return Job(backend, backend.device, name, ep_size, hf_model)
+    return Job(TorchBackend(model.to(device), args, groups, rank, world, ep_size, loss_fn), device, name, ep_size,
+               hf_model)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -98,21 +147,9 @@ def train(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}") if dist.get_backend() == "nccl" else torch.device("cpu")
-    cfg = moe_config(args, world)
-    groups = expert_groups(cfg.ep_size)
-    corpus = CharCorpus()
-    torch.manual_seed(args.seed)  # dense weights identical on every rank
-    model = MoETransformerLM(corpus.vocab_size, cfg, args.layers, args.heads, args.seq_len,
-                             moe_ffn=DeepSpeedMoEFFN if args.deepspeed_config else MoELayer)
-    torch.manual_seed(args.seed + 1 + rank % cfg.ep_size)  # each EP rank its own experts
-    for module in model.modules():
-        if isinstance(module, StackedExperts):
-            module.reset_parameters()
-    if args.deepspeed_config:
-        backend = DeepSpeedBackend(model, args, world)
-        device = backend.device
-    else:
-        backend = TorchBackend(model.to(device), args, groups, rank, world, cfg.ep_size)
+    corpus = CharCorpus.named(args.corpus)
+    job = build_job(args, corpus, rank, world, device)
+    backend, device = job.backend, job.device
     start_step = backend.load() if args.resume else 0
     if not args.resume:
         torch.manual_seed(args.seed + 7919 * rank)  # routing noise differs per rank
@@ -124,7 +161,7 @@ def train(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
         metrics_file = open(out / "metrics.jsonl", "a" if args.resume else "w")
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
-                    desc=f"train {args.preset} ep{cfg.ep_size}x{world // cfg.ep_size}", dynamic_ncols=True)
+                    desc=f"train {job.name} ep{job.ep_size}x{world // job.ep_size}", dynamic_ncols=True)
     tokens_per_step = args.batch_size * args.seq_len * world
     first_loss, last, logged_step = None, {}, start_step
     wall_start = window_start = time.perf_counter()
@@ -135,14 +172,9 @@ def train(args: argparse.Namespace) -> None:
         loss, aux_loss, stats = backend.step(inputs, targets)
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
-            values = torch.stack([loss, aux_loss, *(torch.stack([getattr(s, name) for s in stats]).float().mean()
-                                                    for name in ("dropped_fraction", "k_eff", "load_cv"))])
-            values = values.float().to(device)
-            dist.all_reduce(values)
-            values = (values / world).tolist()
             elapsed = time.perf_counter() - window_start
             steps_in_window, logged_step = done - logged_step, done
-            record = {"step": done, **dict(zip(METRIC_KEYS, values)),
+            record = {"step": done, **mean_metrics(loss, aux_loss, stats, device),
                       "tokens_per_s": tokens_per_step * steps_in_window / elapsed,
                       "step_ms": 1e3 * elapsed / steps_in_window}
             window_start = time.perf_counter()
@@ -156,17 +188,33 @@ def train(args: argparse.Namespace) -> None:
         if done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0):
             backend.save(done)
     progress.close()
+    if job.hf_model is not None:  # collective: every rank gathers its experts
+        save_hf(job.hf_model, corpus, out, rank, args.seq_len)
     if rank == 0 and last:
-        summary = {"preset": args.preset, "world_size": world, "ep_size": cfg.ep_size, "steps": args.steps,
+        summary = {"model": "demo" if job.hf_model is None else job.name, "preset": args.preset,
+                   "corpus": args.corpus, "world_size": world, "ep_size": job.ep_size, "steps": args.steps,
                    "start_step": start_step, "deepspeed": bool(args.deepspeed_config),
                    "first_logged_loss": first_loss, "final_loss": last["loss"],
                    "final_drop_fraction": last["drop_fraction"], "wall_s": time.perf_counter() - wall_start,
                    "tokens_per_s": last["tokens_per_s"]}
+        if job.hf_model is not None:
+            summary["preset"] = None  # the model routes with its own router
+            summary["hf_dir"] = str(out / "hf")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in summary.items()), flush=True)
     if metrics_file is not None:
         metrics_file.close()
+
+
+def mean_metrics(loss: Tensor, aux_loss: Tensor, stats: list[RoutingStats], device: torch.device) -> dict:
+    """``METRIC_KEYS`` averaged over the ranks (one all-reduce): the losses, and the MoE layers'
+    mean drop fraction, k_eff and load CV."""
+    values = torch.stack([loss.float(), aux_loss.float(), *(
+        torch.stack([getattr(s, name) for s in stats]).float().mean()
+        for name in ("dropped_fraction", "k_eff", "load_cv"))]).to(device)
+    dist.all_reduce(values)
+    return dict(zip(METRIC_KEYS, (values / dist.get_world_size()).tolist()))
 
 
 def _backend(args: argparse.Namespace) -> str:
@@ -201,28 +249,13 @@ def _run_rank(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def check_flags(args: argparse.Namespace, world_size: int) -> None:
-    """ValueError (one line naming the flag, its value and the fix) for flags the run cannot use."""
-    for flag in ("steps", "nproc", "log_every", "heads", "seq_len", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    if args.layers < 2:
-        raise ValueError(f"--layers {args.layers}: every other block is MoE (the 2nd, 4th, ...), so the "
-                         "model needs --layers >= 2")
-    if args.d_model % args.heads:
-        raise ValueError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}; choose "
-                         "heads that divide the model width")
-    if args.ep_size is not None and args.ep_size < 1:
-        raise ValueError(f"--ep-size {args.ep_size}: must be >= 1 (leave it out for the world size)")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr {args.lr}: must be a finite number > 0")
-    if args.ckpt_every < 0 or not args.timeout_s > 0:
-        raise ValueError(f"--ckpt-every {args.ckpt_every} must be >= 0 and --timeout-s {args.timeout_s} > 0")
-    if args.simulate_failure and not re.fullmatch(r"\d+:\d+", args.simulate_failure):
-        raise ValueError(f"--simulate-failure {args.simulate_failure!r}: expected RANK:STEP, e.g. 1:5")
-    moe_config(args, world_size)
-    if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
-        raise ValueError(f"--deepspeed-config {args.deepspeed_config}: no such file")
+def given_flags(argv: Optional[list[str]] = None) -> frozenset[str]:
+    """The destinations of the flags given in ``argv`` (default ``sys.argv[1:]``), not filled in
+    by a default; ``argv`` must parse."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -232,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else args.nproc
     try:  # bad flags fail here, in one line, before any process group exists
-        check_flags(args, world)
+        check_flags(args, world, given_flags(argv))
     except ValueError as error:
         parser.error(str(error))
     if under_launcher:
