@@ -80,7 +80,7 @@ class DeepSpeedBackend:
     runs on DeepSpeed's MoE parameter groups. Checkpoints are engine checkpoints in
     ``OUT/checkpoint`` (per-expert files for DeepSpeed MoE layers), resumed from the latest tag.
     ``model``'s expert parameters must carry DeepSpeed's tags (``allreduce=False``, ``group_name``):
-    the drop-in MoE layers tag theirs, ``launch.deepspeed_hf.EngineModel`` a converted model's."""
+    the drop-in MoE layers tag theirs, ``expert_parallel.integrations.deepspeed.EngineModel`` a converted model's."""
 
     def __init__(self, model: nn.Module, args: argparse.Namespace, world: int, loss_fn: LossFn = lm_loss) -> None:
         import deepspeed
@@ -96,7 +96,7 @@ class DeepSpeedBackend:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.directory = Path(args.out) / "checkpoint"
         self.loss_fn = loss_fn
-        from launch.deepspeed_hf import EngineModel
+        from expert_parallel.integrations.deepspeed import EngineModel
 
         self._converted = isinstance(model, EngineModel)  # a converted transformers model
 

@@ -133,7 +133,7 @@ def build_job(args: argparse.Namespace, corpus: CharCorpus, rank: int, world: in
         loss_fn, name = lm_loss, args.preset
     if args.deepspeed_config:
         if hf_model is not None:
-            from launch.deepspeed_hf import EngineModel
+            from expert_parallel.integrations.deepspeed import EngineModel
 
             model = EngineModel(hf_model, ep_size)  # expert tags and DeepSpeed's expert groups
         backend = DeepSpeedBackend(model, args, world, loss_fn)

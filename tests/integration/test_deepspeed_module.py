@@ -147,3 +147,17 @@ def test_core_router_options_pass_through_and_unknown_ones_are_named() -> None:
         MoE(8, expert, num_experts=4, k=2, router="topk", num_shared_experts=2)
     with pytest.raises(ValueError, match="jitter_eps=0.1"):
         MoE(8, expert, num_experts=4, k=1, noisy_gate_policy="Jitter", jitter_eps=0.1)
+
+
+def test_engine_model_needs_moe_layers_of_its_ep_size():
+    from expert_parallel import MoEConfig, MoELayer
+    from expert_parallel.integrations.deepspeed import EngineModel
+    with pytest.raises(ValueError, match=r"Linear has no MoELayer.*integrations.huggingface.convert"):
+        EngineModel(torch.nn.Linear(4, 4), ep_size=1)
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
+    with pytest.raises(ValueError, match=r"EngineModel\(ep_size=2\): the model's MoE layers have ep_size \[1\]"):
+        EngineModel(torch.nn.Sequential(layer), ep_size=2)
+    wrapped = EngineModel(torch.nn.Sequential(layer), ep_size=1)
+    assert all(is_moe_param(p) and p.group_name == "ep_size_1" for p in layer.experts.parameters())
+    assert not any(is_moe_param(p) for p in layer.router.parameters())
+    assert torch.equal(wrapped(torch.ones(3, 8)).output, layer(torch.ones(3, 8)).output)

@@ -1,27 +1,29 @@
-"""A converted Hugging Face model under the DeepSpeed engine (``--hf-model`` with ``--deepspeed-config``).
+"""Any model built on ``MoELayer`` (e.g. a Hugging Face model after
+``integrations.huggingface.convert``) under the DeepSpeed engine: ``deepspeed.initialize(model=
+EngineModel(model, ep_size), ...)``.
 
 DeepSpeed handles a parameter as an expert weight when it is tagged ``allreduce=False`` and
-``group_name="ep_size_<N>"``: ZeRO partitions it, and reduces its gradient, over the
-expert-data-parallel group of ``group_name`` (the replicas of the same experts) instead of the
-whole world, the start-up broadcast stays inside that group, and the gradient norm averages its
-part over that group. The engine switches this handling on (``has_moe_layers``) only when the
-model contains a ``deepspeed.moe.layer.MoE``; our own drop-in is one, but a converted model's
-blocks are ``ExpertParallelBlock`` s. Without it ZeRO would treat the expert shards of different
-EP ranks as replicas of one tensor: average their gradients and partition them over the world.
+``group_name="ep_size_<N>"``: ZeRO partitions it, and reduces its gradient, over the expert-data-
+parallel group of ``group_name`` (the replicas of the same experts) instead of the whole world, the
+start-up broadcast stays inside that group, and the gradient norm averages its part over that group.
+The engine switches this handling on (``has_moe_layers``) only when the model contains a
+``deepspeed.moe.layer.MoE``; our own drop-in is one, but a model built on ``MoELayer`` directly (a
+converted model's ``ExpertParallelBlock`` s, or your own) is not. Without it ZeRO would treat the
+expert shards of different EP ranks as replicas of one tensor: average their gradients and partition
+them over the world.
 
-``EngineModel`` is what the engine gets instead: the converted model, its expert parameters
-tagged (``expert_parallel.experts.sharded_expert_parameters``, the same structural lookup as the
-drop-in's tags), and ``ExpertGroupDeclaration``, a parameterless ``deepspeed.moe.layer.MoE`` that
-turns the engine's MoE handling on and creates DeepSpeed's expert groups, checked to be the ranks
-the converted blocks all-to-all over.
+``EngineModel`` is what the engine gets instead: the model, its expert parameters tagged
+(``expert_parallel.experts.sharded_expert_parameters``, the same structural lookup as the drop-in's
+tags), and ``ExpertGroupDeclaration``, a parameterless ``deepspeed.moe.layer.MoE`` that turns the
+engine's MoE handling on and creates DeepSpeed's expert groups, checked to be the ranks the model's
+MoE layers all-to-all over.
 
 Checkpoints: the declaration owns no experts, so the engine writes no per-expert files, and its
-model file (``mp_rank_00_model_states.pt``, written by data-parallel rank 0) holds rank 0's
-expert shards only. Each rank therefore writes its own shard next to it
-(``expert_shard_rank<R>.pt``) and loads it back after ``load_checkpoint``; the fp32 master
-weights come from ZeRO's per-rank partition files as usual (or, with
-``load_from_fp32_weights: false``, are refreshed from the loaded weights), so a resumed run
-continues exactly.
+model file (``mp_rank_00_model_states.pt``, written by data-parallel rank 0) holds rank 0's expert
+shards only. Each rank therefore writes its own shard next to it (``expert_shard_rank<R>.pt``) and
+loads it back after ``load_checkpoint``; the fp32 master weights come from ZeRO's per-rank partition
+files as usual (or, with ``load_from_fp32_weights: false``, are refreshed from the loaded weights),
+so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ import torch.distributed as dist
 from deepspeed.utils import groups
 from torch import nn
 
-from expert_parallel.experts import sharded_expert_parameters
-from launch.hf import moe_layers
+from ...experts import sharded_expert_parameters
+from ...layer import MoELayer
 
 
 class ExpertGroupDeclaration(deepspeed.moe.layer.MoE):
@@ -47,7 +49,7 @@ class ExpertGroupDeclaration(deepspeed.moe.layer.MoE):
     Args:
         ep_size: ranks each block's experts are split over.
         num_experts: routed experts per block (what the engine records in checkpoints).
-        ep_ranks: the global ranks this rank's blocks all-to-all over (``MoELayer.ep_ranks``).
+        ep_ranks: the global ranks this rank's MoE layers all-to-all over (``MoELayer.ep_ranks``).
     """
 
     def __init__(self, ep_size: int, num_experts: int, ep_ranks: tuple[int, ...]) -> None:
@@ -70,35 +72,45 @@ class ExpertGroupDeclaration(deepspeed.moe.layer.MoE):
                 self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
         ranks = tuple(dist.get_process_group_ranks(groups._get_expert_parallel_group(self.expert_group_name)))
         if ranks != self.ep_ranks:
-            raise RuntimeError(f"DeepSpeed's expert-parallel group of rank {dist.get_rank()} is {ranks}, the converted "
-                               f"blocks all-to-all over {self.ep_ranks}; leave use_data_before_expert_parallel_ off")
+            raise RuntimeError(f"DeepSpeed's expert-parallel group of rank {dist.get_rank()} is {ranks}, the "
+                               f"model's MoE layers all-to-all over {self.ep_ranks}; leave "
+                               "use_data_before_expert_parallel_ off")
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("ExpertGroupDeclaration only declares expert groups to DeepSpeed; it has no forward")
 
 
 class EngineModel(nn.Module):
-    """What ``deepspeed.initialize`` gets for a converted model: ``forward(**kwargs)`` is the
-    model's; the expert parameters carry DeepSpeed's tags; ``save_expert_shard`` /
-    ``load_expert_shard`` keep this rank's experts in an engine checkpoint.
+    """What ``deepspeed.initialize`` gets for a model built on ``MoELayer``: ``forward(*args,
+    **kwargs)`` is the model's; the expert parameters carry DeepSpeed's tags; ``save_expert_shard``
+    / ``load_expert_shard`` keep this rank's experts in an engine checkpoint.
 
     Args:
-        model: the converted transformers model (``self.model``).
+        model: the model (``self.model``), e.g. a converted transformers model.
         ep_size: its expert-parallel size.
+
+    Raises:
+        ValueError: the model has no ``MoELayer``, or its layers' EP size differs from ``ep_size``.
     """
 
     def __init__(self, model: nn.Module, ep_size: int) -> None:
         super().__init__()
-        layers = moe_layers(model)
+        layers = [module for module in model.modules() if isinstance(module, MoELayer)]
+        if not layers:
+            raise ValueError(f"EngineModel: {type(model).__name__} has no MoELayer; wrap a model built on MoELayer "
+                             "(e.g. after integrations.huggingface.convert), or use integrations.deepspeed.MoE")
+        if any(layer.cfg.ep_size != ep_size for layer in layers):
+            raise ValueError(f"EngineModel(ep_size={ep_size}): the model's MoE layers have ep_size "
+                             f"{sorted({layer.cfg.ep_size for layer in layers})}; pass that ep_size")
         self.model = model
         self.expert_groups = ExpertGroupDeclaration(ep_size, layers[0].cfg.num_experts, layers[0].ep_ranks)
         for param in sharded_expert_parameters(model):
             param.allreduce = False
             param.group_name = self.expert_groups.expert_group_name
 
-    def forward(self, **kwargs: Any) -> Any:
-        """The converted model's forward."""
-        return self.model(**kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward."""
+        return self.model(*args, **kwargs)
 
     def _experts(self) -> dict[str, nn.Parameter]:
         expert_ids = {id(param) for param in sharded_expert_parameters(self.model)}
@@ -120,12 +132,12 @@ class EngineModel(nn.Module):
         """
         path = tag_dir / f"expert_shard_rank{dist.get_rank()}.pt"
         if not path.exists():
-            raise FileNotFoundError(f"--resume: no {path.name} in {tag_dir}; resume with the world size and ep size "
-                                    "the checkpoint was written with")
+            raise FileNotFoundError(f"no {path.name} in {tag_dir}: resume with the world size and ep size the "
+                                    "checkpoint was written with")
         saved, experts = torch.load(path, map_location="cpu"), self._experts()
         if set(saved) != set(experts):
-            raise ValueError(f"--resume: {path} holds experts {sorted(set(saved) ^ set(experts))[:3]}... that this "
-                             "model does not (or the reverse); resume with the same model and ep size")
+            raise ValueError(f"{path} holds experts {sorted(set(saved) ^ set(experts))[:3]}... that this model "
+                             "does not (or the reverse); resume with the same model and ep size")
         with torch.no_grad():
             for name, param in experts.items():
                 param.copy_(saved[name])
