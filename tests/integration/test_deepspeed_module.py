@@ -154,7 +154,7 @@ def test_engine_model_needs_moe_layers_of_its_ep_size():
     from expert_parallel.integrations.deepspeed import EngineModel
     with pytest.raises(ValueError, match=r"Linear has no MoELayer.*integrations.huggingface.convert"):
         EngineModel(torch.nn.Linear(4, 4), ep_size=1)
-    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4, second_policy="all"))  # deterministic
     with pytest.raises(ValueError, match=r"EngineModel\(ep_size=2\): the model's MoE layers have ep_size \[1\]"):
         EngineModel(torch.nn.Sequential(layer), ep_size=2)
     wrapped = EngineModel(torch.nn.Sequential(layer), ep_size=1)
