@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,21 +94,12 @@ class StackedExperts(Experts):
         grouped_mm = _grouped_mm if dtype == torch.bfloat16 else _grouped_mm_eager
 
         def gmm(a: Tensor, w: Tensor) -> Tensor:
-            return grouped_mm(a.to(dtype), w.to(dtype), offsets_L)
+            return grouped_mm(a, w.to(dtype), offsets_L)
 
-        def bias(b: Tensor) -> Tensor:  # a zero row for the rows past the last offset
-            return F.pad(b.to(dtype), (0, 0, 0, 1))[expert_N]
+        def bias(b: Optional[Tensor]) -> Optional[Tensor]:  # per row; a zero row past the last offset
+            return None if b is None else F.pad(b.to(dtype), (0, 0, 0, 1))[expert_N]
 
-        hidden = gmm(x_ND, self.w1)
-        if self.b1 is not None:
-            hidden = hidden + bias(self.b1)
-        hidden = self.act(hidden)
-        if self.w3 is not None:
-            hidden = hidden * gmm(x_ND, self.w3)
-        out = gmm(hidden, self.w2)
-        if self.b2 is not None:
-            out = out + bias(self.b2)
-        return out
+        return self._ffn(x_ND.to(dtype), self.w1, self.w3, self.w2, bias(self.b1), bias(self.b2), matmul=gmm)
 
     def dense(self, x_SD: Tensor) -> Tensor:
         """Every token through every expert, summed: ``[S, D] -> [S, D]``, ``sum_e expert_e(x)``.
@@ -125,15 +116,16 @@ class StackedExperts(Experts):
         return self._ffn(x_SD, w1_DH, w3_DH, self.w2.reshape(num_experts * d_ff, d_model), b1, b2)
 
     def _ffn(self, x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, b1: Optional[Tensor],
-             b2: Optional[Tensor]) -> Tensor:
-        """``act(x @ w1 + b1) [* (x @ w3)] @ w2 + b2`` for matching (batched or plain) shapes."""
-        hidden = x @ w1
+             b2: Optional[Tensor], matmul: Callable[[Tensor, Tensor], Tensor] = torch.matmul) -> Tensor:
+        """``act(x @ w1 + b1) [* (x @ w3)] @ w2 + b2`` for matching (batched, plain or, with the
+        grouped ``matmul``, grouped) shapes."""
+        hidden = matmul(x, w1)
         if b1 is not None:
             hidden = hidden + b1
         hidden = self.act(hidden)
         if w3 is not None:
-            hidden = hidden * (x @ w3)
-        out = hidden @ w2
+            hidden = hidden * matmul(x, w3)
+        out = matmul(hidden, w2)
         if b2 is not None:
             out = out + b2
         return out
