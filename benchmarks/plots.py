@@ -60,16 +60,16 @@ def plot_phases(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
     for i, record in enumerate(records):
         floor_step = record.get("excess_over", "floor")
         phases, floor = record["timings_ms"]["phases"], record["timings_ms"][floor_step]
-        name = "filled floor" if floor_step == "floor_filled" else "floor"
+        floor_name = "filled floor" if floor_step == "floor_filled" else "floor"
         bottom = 0.0
         for j, name in enumerate(PHASES):
             ms = sum(phases.get(f"{d}/{name}", {"median": 0.0})["median"] for d in ("fwd", "bwd"))
             ax.bar(i - 0.2, ms, 0.38, bottom=bottom, color=colors[j], label=name if i == 0 else None)
             bottom += ms
         ax.bar(i + 0.2, floor["matmuls"]["median"], 0.38, color=colors[4], hatch="//", edgecolor="white",
-               label=f"{name}: matmuls" if i == 0 else None)
+               label=f"{floor_name}: matmuls" if i == 0 else None)
         ax.bar(i + 0.2, floor["all_to_all"]["median"], 0.38, bottom=floor["matmuls"]["median"], color=colors[3],
-               hatch="//", edgecolor="white", label=f"{name}: raw all-to-all" if i == 0 else None)
+               hatch="//", edgecolor="white", label=f"{floor_name}: raw all-to-all" if i == 0 else None)
     ax.set_xticks(range(len(records)), [_label(r) for r in records], fontsize=8)
     ax.set_ylabel("ms per forward+backward (median)")
     ax.set_title("Phases of one step (left) vs the floor (right)")
