@@ -138,10 +138,9 @@ class MoELayer(nn.Module):
         # ranks, not the group: the module stays deep-copyable and picklable
         self.ep_ranks = _resolve_ep_ranks(cfg, ep_group)
         self.router = Router.from_config(cfg)
-        ep_rank = self.ep_ranks.index(dist.get_rank()) if dist.is_initialized() else 0
         self.experts = StackedExperts(cfg.num_local_experts, cfg.d_model, cfg.d_ff,
                                       gated=cfg.expert == "swiglu", activation=cfg.activation,
-                                      bias=cfg.expert_bias, first_expert=ep_rank * cfg.num_local_experts)
+                                      bias=cfg.expert_bias, first_expert=self.first_expert)
         self.shared_experts = StackedExperts(
             cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, gated=cfg.expert == "swiglu",
             activation=cfg.activation, bias=cfg.expert_bias, sharded=False,
@@ -149,6 +148,17 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
         self.filled_compute = self._choose_expert_compute()
+
+    @property
+    def first_expert(self) -> int:
+        """Global id of this rank's local expert 0, ``ep_rank * E_local``: this rank's experts are rows
+        ``first_expert : first_expert + E_local`` of the layer's logical ``[E, ...]`` expert tensors (the
+        one definition that checkpoints and the Hugging Face conversion slice and gather by)."""
+        if self.ep_ranks is None:
+            raise RuntimeError("the layer has no EP group yet (DeepSpeed creates it in deepspeed.initialize); "
+                               "initialise the engine, or call forward once, first")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return self.ep_ranks.index(rank) * self.cfg.num_local_experts
 
     def forward(self, x: Tensor) -> MoEOutput:
         """``x [..., d_model] -> MoEOutput`` (see the class docstring)."""

@@ -10,7 +10,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
         proc.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
     try:
-        _collect(results, world_size, timeout, outcomes)
+        _collect(results, world_size, timeout, outcomes, procs)
     except TimeoutError as timed_out:
         failed = {rank: value for rank, (ok, value) in outcomes.items() if not ok}
         if failed:  # the failure is the cause; its peers were likely waiting for it
@@ -84,17 +84,25 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
     return [torch.load(io.BytesIO(outcomes[rank][1]), weights_only=False) for rank in range(world_size)]
 
 
-def _collect(results: Any, world_size: int, timeout: float, outcomes: dict[int, tuple[bool, Any]]) -> None:
+def _collect(results: Any, world_size: int, timeout: float, outcomes: dict[int, tuple[bool, Any]],
+             procs: Sequence[Any] = ()) -> None:
     """Fill ``outcomes`` from the ``results`` queue until every rank reported; ``TimeoutError``
     naming the missing ranks once ``timeout`` seconds have passed since the call (one deadline for
-    the whole run, not a wait per result)."""
+    the whole run, not a wait per result). A rank whose process died without reporting (killed,
+    ``os._exit``) counts as failed at once, so its peers' errors follow without waiting for the deadline."""
     deadline = time.monotonic() + timeout
     while len(outcomes) < world_size:
         try:
-            rank, ok, value = results.get(timeout=max(deadline - time.monotonic(), 0.0))
+            rank, ok, value = results.get(timeout=min(max(deadline - time.monotonic(), 0.0), 0.5))
         except queue.Empty:
-            missing = sorted(set(range(world_size)) - set(outcomes))
-            raise TimeoutError(f"ranks {missing} did not finish within {timeout}s") from None
+            for rank, proc in enumerate(procs):
+                if rank not in outcomes and proc.exitcode not in (None, 0):
+                    outcomes[rank] = (False, f"the process exited with code {proc.exitcode} before reporting "
+                                             "(killed, or os._exit)\n")
+            if time.monotonic() >= deadline:
+                missing = sorted(set(range(world_size)) - set(outcomes))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout}s") from None
+            continue
         outcomes[rank] = (ok, value)
 
 

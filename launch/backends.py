@@ -1,11 +1,10 @@
 """How the demo job steps and checkpoints: plain torch (AdamW, gradient all-reduce, per-rank
-checkpoint files) or the DeepSpeed engine (ZeRO, bf16, engine checkpoints)."""
+checkpoints that resume at any topology) or the DeepSpeed engine (ZeRO, bf16, engine checkpoints)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expert_parallel import RoutingStats
+from expert_parallel.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
 from expert_parallel.comm import ExpertGroups, reduce_gradients
 
 # (model, inputs [B, T], targets [B, T]) -> (LM loss, weighted aux loss, stats of every MoE layer);
@@ -33,15 +33,17 @@ def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, 
 class TorchBackend:
     """AdamW; dense gradients averaged over the world, expert gradients over their replicas.
 
-    Checkpoints are ``OUT/checkpoint/rank<R>.pt`` (model, optimizer, step, RNG state).
+    Checkpoints are topology-free (``expert_parallel.checkpoint``): ``OUT/checkpoint/step<N>/``,
+    the last complete one named by ``OUT/checkpoint/latest``; a resume may change the world size
+    and the EP size (the global batch, ``--batch-size`` times the world size, must stay the same).
     """
 
     def __init__(self, model: nn.Module, args: argparse.Namespace, groups: ExpertGroups, rank: int,
                  world: int, ep_size: int, loss_fn: LossFn = lm_loss) -> None:
         self.model, self.groups, self.loss_fn = model, groups, loss_fn
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        self.path = Path(args.out) / "checkpoint" / f"rank{rank}.pt"
-        self.layout = {"world_size": world, "ep_size": ep_size}
+        self.root = Path(args.out) / "checkpoint"
+        self.rank, self.global_batch = rank, args.batch_size * world
 
     def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
         """One optimizer step; returns the (detached) loss, aux loss and stats."""
@@ -53,26 +55,26 @@ class TorchBackend:
         return loss.detach(), aux_loss.detach(), stats
 
     def save(self, step: int) -> None:
-        """Write this rank's checkpoint atomically (a crash mid-save never leaves a torn file)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
-                 "rng": torch.get_rng_state(), **self.layout}
-        torch.save(state, self.path.with_suffix(".tmp"))
-        os.replace(self.path.with_suffix(".tmp"), self.path)
+        """Save ``step<N>`` (every rank its shard), then point ``latest`` at it: a job killed
+        mid-save leaves ``latest`` on the previous checkpoint. The two newest are kept."""
+        save_checkpoint(self.root / f"step{step}", self.model, self.optimizer,
+                        extra={"step": step, "global_batch": self.global_batch})
+        if self.rank == 0:
+            mark_latest(self.root, f"step{step}", keep=2)
 
     def load(self) -> int:
-        """Restore this rank's checkpoint; returns the step to continue from."""
-        if not self.path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.path}; train without --resume first")
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        saved = {key: state[key] for key in self.layout}
-        if saved != self.layout:
-            raise ValueError(f"--resume: checkpoint was written with {saved}, this job has {self.layout}; "
-                             "resume with the same world size and ep size")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])  # the routing noise continues where it stopped
-        return state["step"]
+        """Restore the latest checkpoint at this job's topology; returns the step to continue from
+        (the data position: batches are drawn by step from the global batch)."""
+        path = latest_checkpoint(self.root)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.root} (no 'latest' file); train without "
+                                    "--resume first")
+        extra = load_checkpoint(path, self.model, self.optimizer)
+        if extra["global_batch"] != self.global_batch:
+            raise ValueError(f"--resume: {path} was trained with a global batch of {extra['global_batch']} sequences, "
+                             f"this job has {self.global_batch} (--batch-size x world size); set --batch-size so "
+                             "that the global batch stays the same")
+        return extra["step"]
 
 
 class DeepSpeedBackend:

@@ -74,13 +74,16 @@ class CharCorpus:
         """The text of a 1-D tensor of character ids."""
         return "".join(self.vocab[i] for i in ids.tolist())
 
-    def batch(self, step: int, rank: int, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        """Inputs and next-character targets ``[batch_size, seq_len]`` for ``(step, rank)``.
+    def batch(self, step: int, rank: int, batch_size: int, seq_len: int, world: int = 1) -> tuple[Tensor, Tensor]:
+        """Rank ``rank``'s share of step ``step``'s global batch (``world * batch_size`` windows):
+        inputs and next-character targets ``[batch_size, seq_len]``.
 
-        A pure function of its arguments, so a resumed run sees exactly the batches it would have.
+        A pure function of the step and the global batch, so a resumed run sees exactly the batches
+        it would have, at any world size that keeps the global batch.
         """
-        generator = torch.Generator().manual_seed(1_000_003 * step + rank)
-        starts = torch.randint(0, self.ids.numel() - seq_len - 1, (batch_size,), generator=generator)
+        generator = torch.Generator().manual_seed(1_000_003 * step)
+        starts = torch.randint(0, self.ids.numel() - seq_len - 1, (world * batch_size,), generator=generator)
+        starts = starts[rank * batch_size:(rank + 1) * batch_size]
         offsets = torch.arange(seq_len + 1)
         window = self.ids[starts.unsqueeze(1) + offsets]
         return window[:, :-1], window[:, 1:]

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="weights, data order and routing noise")
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
     parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoint (plain/torchrun: at any world and ep size with the same "
+                             "global batch; deepspeed: the engine's checkpoint, same topology)")
     parser.add_argument("--deepspeed-config", default=None, metavar="JSON",
                         help="train with the DeepSpeed engine and this config (e.g. launch/ds_zero2_bf16.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -168,7 +170,7 @@ def train(args: argparse.Namespace) -> None:
     for step in progress:
         if (rank, step) == (fail_rank, fail_step):
             os._exit(3)  # abrupt, like a crashed node: no cleanup, no goodbye to the peers
-        inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len))
+        inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len, world))
         loss, aux_loss, stats = backend.step(inputs, targets)
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:

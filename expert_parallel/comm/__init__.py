@@ -5,10 +5,10 @@ from .agreement import Agreement, agree, device_for_backend
 from .all_to_all import all_to_all
 from .balance import update_selection_biases
 from .dispatcher import dispatch, exchange, exchange_back, exchange_fill, undispatch
-from .gather import gather_experts
+from .gather import gather_experts, gather_objects
 from .grads import reduce_gradients
 from .groups import ExpertGroups, expert_groups, lookup, register
 
 __all__ = ["Agreement", "ExpertGroups", "agree", "all_to_all", "device_for_backend", "dispatch", "exchange",
-           "exchange_back", "exchange_fill", "expert_groups", "gather_experts", "lookup", "reduce_gradients",
-           "register", "undispatch", "update_selection_biases"]
+           "exchange_back", "exchange_fill", "expert_groups", "gather_experts", "gather_objects", "lookup",
+           "reduce_gradients", "register", "undispatch", "update_selection_biases"]

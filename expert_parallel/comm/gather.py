@@ -1,8 +1,9 @@
-"""Gather every EP rank's expert shard: for saving a whole layer, never in a forward."""
+"""Gathers for saving and checkpointing, never in a forward: every EP rank's expert shard, every
+rank's small Python object."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,3 +29,13 @@ def gather_experts(shard_LX: Tensor, group: Optional[ProcessGroup]) -> Tensor:
     parts = [torch.empty_like(shard_LX) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, shard_LX, group=group)
     return torch.cat(parts)
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's picklable ``value``, in rank order (one object all-gather over the world;
+    ``[value]`` without a process group). Collective; syncs the host."""
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

@@ -106,6 +106,23 @@ def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
     assert json.loads((resumed / "summary.json").read_text())["start_step"] == 20
 
 
+def test_resume_at_another_world_and_ep_size_keeps_the_global_batch(tmp_path: Path) -> None:
+    args = ["--out", str(tmp_path), "--log-every", "2", "--ckpt-every", "2", "--d-model", "32", "--d-ff", "64",
+            "--seq-len", "32", "--preset", "mixtral"]
+    saved = _run([sys.executable, "-m", "launch.train", "--steps", "2", "--batch-size", "8", *args])
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    wrong = _run([sys.executable, "-m", "launch.train", "--steps", "4", "--resume", "--nproc", "1", "--batch-size", "8",
+                  *args])
+    assert "was trained with a global batch of 16 sequences, this job has 8" in wrong.stderr
+    resumed = _run([sys.executable, "-m", "launch.train", "--steps", "4", "--resume", "--nproc", "4", "--ep-size", "4",
+                    "--batch-size", "4", *args])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["start_step"], summary["world_size"], summary["ep_size"]) == (2, 4, 4)
+    assert [r["step"] for r in _metrics(tmp_path)] == [2, 4]
+    assert (tmp_path / "checkpoint" / "latest").read_text().strip() == "step4"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--ep-size", "3"], "--ep-size 3 does not divide the world size 2"),
     (["--experts", "5"], "num_experts=5 is invalid"),
@@ -295,7 +312,7 @@ def test_hf_path_starts_from_a_saved_model(hf_runs, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # step 1's loss is the saved model's on the first batches: plain transformers computes it too
     corpus, model = CharCorpus.named("bierce"), transformers.AutoModelForCausalLM.from_pretrained(saved)
-    expected = sum(_char_loss(model, lm_window(*corpus.batch(0, rank, 8, 32))) for rank in (0, 1)) / 2
+    expected = sum(_char_loss(model, lm_window(*corpus.batch(0, rank, 8, 32, 2))) for rank in (0, 1)) / 2
     records = _metrics(tmp_path)
     assert records[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert records[0]["loss"] < _metrics(hf_runs("deepseek_v3")[0])[0]["loss"] - 0.3  # trained, not a fresh init

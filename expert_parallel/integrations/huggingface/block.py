@@ -65,7 +65,7 @@ class ExpertParallelBlock(nn.Module):
         if missing:
             raise ValueError(f"{spec.block}: MoELayer has no {missing} for this config; this expert_parallel lacks a "
                              "feature the spec needs (update expert_parallel, or fix the spec)")
-        first = moe.experts.first_expert
+        first = moe.first_expert
         state = {wm.ours: hf_to_ours(hf_state[wm.hf], wm, tuple(ours_state[wm.ours].shape), first if wm.sharded else 0)
                  for wm in spec.weights}
         moe.load_state_dict(state, strict=False, assign=True)

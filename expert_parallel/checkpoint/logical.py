@@ -1,0 +1,158 @@
+"""The logical, topology-free view of a model and its optimizer.
+
+Every tensor gets a key that no topology changes: ``model.<fqn>`` for parameters and persistent
+buffers, ``optim.<fqn>.<name>`` for optimizer state (Adam's ``exp_avg``, ``exp_avg_sq``,
+``step``). A routed-expert tensor is the layer's logical tensor ``[E, ...]`` (``experts.w1 [E, D,
+F]``): this rank holds rows ``layer.first_expert : + E_local``, and its optimizer moments are
+sharded the same way. Dense tensors are the same on every rank and are saved once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..comm import gather_experts, lookup
+from ..experts import StackedExperts, sharded_expert_parameters
+from ..layer import MoELayer
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """Where one rank's expert tensor sits in the layer's logical tensor: rows
+    ``first_expert : first_expert + local`` of ``[num_experts, ...]``, split over ``ep_ranks``."""
+
+    num_experts: int
+    first_expert: int
+    local: int
+    ep_ranks: tuple[int, ...]
+
+    @property
+    def expert_ids(self) -> range:
+        """Global ids of this rank's rows."""
+        return range(self.first_expert, self.first_expert + self.local)
+
+    def full_shape(self, local_shape: torch.Size) -> tuple[int, ...]:
+        """The logical shape for a local ``[local, ...]`` tensor."""
+        return (self.num_experts, *local_shape[1:])
+
+    def gather(self, local_LX: Tensor) -> Tensor:
+        """Every EP rank's rows, ``[E_local, ...] -> [E, ...]`` (an all-gather over ``ep_ranks``;
+        collective: every rank of the group calls it)."""
+        return gather_experts(local_LX, lookup(self.ep_ranks))
+
+
+def expert_shards(model: nn.Module) -> dict[str, ExpertShard]:
+    """``{parameter fqn: ExpertShard}`` for every routed-expert parameter of ``model``, found by
+    structure (the sharded experts of each ``MoELayer``).
+
+    Raises:
+        ValueError: a sharded experts module outside an ``MoELayer`` or not stacked (one module per
+            expert): its place in a logical tensor is unknown.
+    """
+    shards: dict[int, ExpertShard] = {}
+    for layer in model.modules():
+        if isinstance(layer, MoELayer) and layer.experts.sharded:
+            if not isinstance(layer.experts, StackedExperts):
+                raise ValueError(f"{type(layer.experts).__name__} holds one module per expert; topology-free "
+                                 "checkpoints need stacked experts (StackedExperts): build the layer with a "
+                                 "stacked expert, or use the DeepSpeed engine's own checkpoints")
+            shard = ExpertShard(layer.cfg.num_experts, layer.first_expert, layer.cfg.num_local_experts, layer.ep_ranks)
+            shards.update({id(param): shard for param in layer.experts.parameters()})
+    names = {id(param): name for name, param in model.named_parameters()}
+    orphans = [names.get(id(param), "?") for param in sharded_expert_parameters(model) if id(param) not in shards]
+    if orphans:
+        raise ValueError(f"expert parameters {orphans} belong to no MoELayer, so their place among the layer's "
+                         "experts is unknown; checkpoint models whose experts live in MoELayer modules")
+    return {name: shards[key] for key, name in names.items() if key in shards}
+
+
+def model_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """``{"model.<fqn>": tensor}``: parameters and persistent buffers, detached, sharing storage
+    with the model (a load writes into them in place)."""
+    tensors = {f"model.{name}": param.detach() for name, param in model.named_parameters()}
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                tensors[f"model.{module_name + '.' if module_name else ''}{name}"] = buffer.detach()
+    return tensors
+
+
+def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict],
+                                                                                   dict[str, dict]]:
+    """The optimizer's state under logical keys.
+
+    Returns:
+        ``({"optim.<fqn>.<name>": tensor}, param_groups with "params" as fqn lists, {fqn: non-tensor
+        state})``. The tensors are the optimizer's own (a load writes into them in place).
+
+    Raises:
+        ValueError: the optimizer holds a parameter that is not in ``model``.
+    """
+    names = {id(param): name for name, param in model.named_parameters()}
+    groups, tensors, others = [], {}, {}
+    for group in optimizer.param_groups:
+        missing = [i for i, param in enumerate(group["params"]) if id(param) not in names]
+        if missing:
+            raise ValueError(f"the optimizer holds parameters (group positions {missing}) that are not in the model; "
+                             "build the optimizer from model.parameters()")
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [names[id(param)] for param in group["params"]]})
+    for param, state in optimizer.state.items():
+        name = names[id(param)]
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{name}.{key}"] = value
+            else:
+                others.setdefault(name, {})[key] = value
+    return tensors, groups, others
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-parameter state if it has none yet (a fresh optimizer), so a
+    load has tensors to fill: one step with zero gradients and learning rate 0 (parameters are
+    unchanged), gradients cleared after. The same approach as torch's distributed state-dict helpers."""
+    if optimizer.state:
+        return
+    params = [param for group in optimizer.param_groups for param in group["params"] if param.requires_grad]
+    if any(param.grad is not None for param in params):
+        raise ValueError("load the optimizer before the first backward (its gradients are set); or zero_grad("
+                         "set_to_none=True) first")
+    lrs = [group.get("lr") for group in optimizer.param_groups]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    for group in optimizer.param_groups:
+        if "lr" in group:
+            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], Tensor) else 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        if lr is not None:
+            group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def expert_key_shards(keys: list[str], shards: dict[str, ExpertShard],
+                      tensors: dict[str, Tensor]) -> dict[str, ExpertShard]:
+    """Which logical keys are expert tensors: ``model.<fqn>`` of an expert parameter, and its
+    optimizer state of the same shape (``optim.<fqn>.<name>``; a scalar such as Adam's ``step`` is dense)."""
+    found = {}
+    for key in keys:
+        kind, _, rest = key.partition(".")
+        fqn = rest if kind == "model" else rest.rpartition(".")[0]
+        shard = shards.get(fqn)
+        if shard is not None and tensors[key].dim() > 0 and tensors[key].shape[0] == shard.local:
+            found[key] = shard
+    return found
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The world size (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,0 +1,376 @@
+"""Save and load topology-free checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+A checkpoint is a directory: DCP's storage files (``__<rank>_0.distcp``, one per saving rank) and
+``.metadata``, then ``manifest.json``, written last. Expert tensors are DTensors sharded on their
+expert dimension over a ``[replica, ep]`` device mesh, so DCP stores each expert row once and a
+load at another EP size, data-parallel size or world size reads exactly the rows each rank now
+holds. Dense tensors are replicated and stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from ..comm import gather_objects
+from .logical import (
+    ExpertShard,
+    expert_key_shards,
+    expert_shards,
+    init_optimizer_state,
+    model_tensors,
+    optimizer_tensors,
+    rank,
+    world_size,
+)
+from .manifest import (
+    MANIFEST,
+    CheckpointError,
+    bytes_digest,
+    describe_experts,
+    file_digest,
+    read_manifest,
+    tensor_digest,
+    tensor_entry,
+    write_manifest,
+)
+
+LATEST = "latest"
+OBJECTS = "objects"  # one pickled blob: user extra, optimizer groups and non-tensor state, every rank's RNG
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    extra: Optional[dict[str, Any]] = None) -> Path:
+    """Save ``model`` (and ``optimizer``'s state, every rank's RNG, ``extra``) to ``directory``.
+
+    Collective: every rank calls it with its own model shard. Expert tensors are saved as their
+    rows of the logical ``[E, ...]`` tensors, dense ones once; then ``manifest.json`` (shapes,
+    dtypes, per-tensor and per-expert SHA-256, per-file SHA-256) is written, last: a directory
+    without it is an unfinished save. Syncs the host (checksums on host copies).
+
+    Args:
+        directory: a new directory (or one to overwrite), on storage every rank can reach.
+        model: the model (any module; experts in ``MoELayer`` s are found by structure).
+        optimizer: its optimizer (state keyed by parameter name), or ``None``.
+        extra: picklable trainer state (step, data position, ...), the same on every rank;
+            ``load_checkpoint`` returns it.
+
+    Raises:
+        RuntimeError: replicas that should be equal differ (a dense tensor between ranks, or an
+            expert between its data-parallel replicas): the run has diverged; nothing is marked complete.
+    """
+    directory = Path(directory)
+    state, keys = _logical_state(model, optimizer)
+    rng = gather_objects(_rng_state(model))
+    objects = {"extra": extra or {}, "optim_groups": keys.optim_groups, "optim_other": keys.optim_other, "rng": rng}
+    blob = pickle.dumps(objects)
+    state[OBJECTS] = blob
+    dcp.save(state, checkpoint_id=directory)
+    digests = gather_objects(_digests(state, keys))
+    files = sorted({info.relative_path for info in FileSystemReader(directory).read_metadata().storage_data.values()})
+    file_digests = gather_objects({name: file_digest(directory / name) for name in files[rank()::world_size()]})
+    entries = _manifest_entries(state, keys, digests)  # raises on every rank alike
+    if rank() == 0:
+        write_manifest(directory, {
+            "world_size": world_size(),
+            "ep_sizes": sorted({len(shard.ep_ranks) for shard in keys.experts.values()}),
+            "tensors": entries,
+            "objects": {OBJECTS: bytes_digest(blob)},
+            "files": {name: digest for part in file_digests for name, digest in part.items()},
+        })
+    gather_objects(None)  # nobody returns before the manifest exists
+    return directory
+
+
+def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Load a ``save_checkpoint`` directory into ``model`` (and ``optimizer``) at this job's
+    topology, whatever the topology that saved it; returns the saved ``extra``.
+
+    Collective. Each rank reads the rows of the expert tensors it now holds, the dense tensors and
+    the optimizer state; every loaded tensor (every expert row) is checked against the manifest's
+    checksum before the call returns. RNG: every rank's generator is restored exactly when the
+    world size is the one that saved; at another world size each rank gets a new stream seeded
+    from the saved streams and its rank (streams cannot be split or merged). Syncs the host.
+
+    Raises:
+        CheckpointError (a ValueError), on every rank: no manifest (an unfinished save), a tensor
+            missing from the checkpoint or not in the model, a shape or dtype that differs, a
+            missing or truncated storage file, data whose checksum differs from the manifest (a
+            corrupted file, or an expert's rows found in another expert's place). The message names
+            the tensor, the experts and the file.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if optimizer is not None:
+        init_optimizer_state(optimizer)
+    state, keys = _logical_state(model, optimizer)
+    state[OBJECTS] = b""
+    _check_keys(state, keys, manifest, optimizer is not None)
+    _check_files(directory, state)
+    try:
+        dcp.load(state, checkpoint_id=directory)
+    except Exception as error:  # noqa: BLE001 - reported with the file that caused it, if one did
+        raise CheckpointError(_corrupt_files(directory, manifest) or f"reading {directory} failed: {error}") from error
+    problems = gather_objects(_verify(state, keys, manifest))
+    first = next(((r, p) for r, p in enumerate(problems) if p), None)
+    if first is not None:
+        raise CheckpointError(f"{directory}: rank {first[0]}: {first[1]}")
+    objects = pickle.loads(state[OBJECTS])
+    if optimizer is not None:
+        _restore_optimizer(optimizer, model, objects)
+    if restore_rng:
+        _restore_rng(objects["rng"], model)
+    return objects["extra"]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint that ``root/latest`` names (the last complete save), or ``None``."""
+    pointer = Path(root) / LATEST
+    return Path(root) / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def mark_latest(root: str | os.PathLike, name: str, keep: int = 2) -> None:
+    """Point ``root/latest`` at ``root/name`` (atomically) and delete older checkpoints beyond the
+    newest ``keep``. Call it on one rank after ``save_checkpoint`` returned (the save is complete).
+    A job killed during a save never reaches this, so ``latest`` still names the previous checkpoint."""
+    root = Path(root)
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
+    complete = sorted((path for path in root.iterdir() if (path / MANIFEST).is_file() and path.name != name),
+                      key=lambda path: path.stat().st_mtime)
+    for old in complete[:max(len(complete) - (keep - 1), 0)] if keep >= 1 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Keys:
+    """What ``_logical_state`` learned about the keys: which are expert rows (and where), the
+    optimizer's groups and non-tensor state."""
+
+    def __init__(self, experts: dict[str, ExpertShard], optim_groups: list, optim_other: dict) -> None:
+        self.experts, self.optim_groups, self.optim_other = experts, optim_groups, optim_other
+
+
+def _logical_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict[str, Any], _Keys]:
+    """The flat DCP state: dense tensors as they are, expert tensors as DTensors on their mesh."""
+    tensors = model_tensors(model)
+    groups, other = [], {}
+    if optimizer is not None:
+        optim, groups, other = optimizer_tensors(model, optimizer)
+        tensors.update(optim)
+    experts = expert_key_shards(list(tensors), expert_shards(model), tensors)
+    meshes = _meshes({shard.ep_ranks for shard in experts.values()}, model)
+    state: dict[str, Any] = dict(tensors)
+    for key, shard in experts.items():
+        local = tensors[key]
+        if shard.ep_ranks in meshes:
+            full = shard.full_shape(local.shape)
+            state[key] = DTensor.from_local(local, meshes[shard.ep_ranks], [Replicate(), Shard(0)], run_check=False,
+                                            shape=torch.Size(full), stride=_contiguous_strides(full))
+    return state, _Keys(experts, groups, other)
+
+
+def _meshes(layouts: set[tuple[int, ...]], model: nn.Module) -> dict[tuple[int, ...], DeviceMesh]:
+    """A ``[replica, ep]`` device mesh for each of this rank's EP groups (the world's EP groups of
+    the same layout as rows). ``{}`` without a process group (experts are whole then)."""
+    if world_size() == 1:
+        return {}
+    ordered = sorted(layouts)
+    everyone = gather_objects(ordered)
+    if any(len(layout) != len(ordered) for layout in everyone):
+        raise RuntimeError("ranks disagree on how many distinct EP groups the model's layers use; every rank must "
+                           "checkpoint the same model")
+    device_type = next(model.parameters()).device.type
+    meshes = {}
+    for index, ep_ranks in enumerate(ordered):
+        rows = sorted({layout[index] for layout in everyone})
+        if sorted(r for row in rows for r in row) != list(range(world_size())) or len({len(r) for r in rows}) > 1:
+            raise RuntimeError(f"the EP groups {rows} do not split the world into equal groups; topology-free "
+                               "checkpoints need every rank in exactly one EP group of the same size")
+        # DCP reads only the mesh coordinates: no process groups are created for it
+        meshes[ep_ranks] = DeviceMesh(device_type, torch.tensor(rows), mesh_dim_names=("replica", "ep"),
+                                      _init_backend=False)
+    return meshes
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _local(value: Any) -> Any:
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def _digests(state: dict[str, Any], keys: _Keys) -> dict[str, Any]:
+    """This rank's checksums: dense tensors whole, expert tensors row by row ``{global id: sha}``."""
+    digests: dict[str, Any] = {}
+    for key, value in state.items():
+        if key in keys.experts:
+            shard, local = keys.experts[key], _local(value)
+            digests[key] = {g: tensor_digest(local[i]) for i, g in enumerate(shard.expert_ids)}
+        elif isinstance(value, Tensor):
+            digests[key] = tensor_digest(value)
+    return digests
+
+
+def _manifest_entries(state: dict[str, Any], keys: _Keys, digests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge every rank's checksums into manifest entries; ``RuntimeError`` if replicas differ."""
+    entries = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        if key in keys.experts:
+            rows: dict[int, tuple[int, str]] = {}
+            for r, part in enumerate(digests):
+                for g, digest in part[key].items():
+                    if rows.setdefault(g, (r, digest))[1] != digest:
+                        raise RuntimeError(f"checkpoint not saved: expert {g} of {key!r} differs between its replicas "
+                                           f"on ranks {rows[g][0]} and {r}; their gradients were not reduced alike")
+            entries[key] = {**tensor_entry(value, tuple(value.shape)), "experts": [rows[g][1] for g in sorted(rows)]}
+        else:
+            differing = [r for r, part in enumerate(digests) if part[key] != digests[0][key]]
+            if differing:
+                raise RuntimeError(f"checkpoint not saved: {key!r} differs between rank 0 and ranks {differing}, which "
+                                   "should hold the same copy; the data-parallel replicas have diverged")
+            entries[key] = {**tensor_entry(value, tuple(value.shape)), "sha256": digests[0][key]}
+    return entries
+
+
+def _check_keys(state: dict[str, Any], keys: _Keys, manifest: dict[str, Any], with_optimizer: bool) -> None:
+    """Every model (and optimizer) tensor is in the checkpoint with the same shape and dtype, and
+    the checkpoint holds no model tensor the model lacks."""
+    saved = manifest["tensors"]
+    wanted = {key for key in state if key.startswith("model.") or (with_optimizer and key.startswith("optim."))}
+    missing = sorted(wanted - set(saved))
+    if missing:
+        fix = ("it was saved without optimizer state; load without the optimizer" if all(
+            key.startswith("optim.") for key in missing) else "the model differs from the one that saved it")
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from the checkpoint ({len(missing)} missing in all); "
+                              f"{fix}")
+    unexpected = sorted(key for key in saved if key.startswith("model.") and key not in state)
+    if unexpected:
+        raise CheckpointError(f"the checkpoint holds {unexpected[0]!r} ({len(unexpected)} in all), which the model "
+                              "does not have; build the model with the configuration that saved it")
+    for key in sorted(wanted):
+        value, entry = state[key], saved[key]
+        shape, dtype = list(value.shape), str(value.dtype).removeprefix("torch.")
+        if shape != entry["shape"]:
+            raise CheckpointError(f"tensor {key!r} has shape {entry['shape']} in the checkpoint but {shape} in the "
+                                  "model; build the model with the configuration that saved it (expert tensors are "
+                                  "compared whole, [num_experts, ...], whatever the EP size)")
+        if dtype != entry["dtype"]:
+            raise CheckpointError(f"tensor {key!r} is {entry['dtype']} in the checkpoint but {dtype} in the model; "
+                                  f"cast the model to {entry['dtype']} before loading (and back after)")
+
+
+def _check_files(directory: Path, state: dict[str, Any]) -> None:
+    """Every storage file that holds a wanted tensor exists and is long enough."""
+    try:
+        metadata = FileSystemReader(directory).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no .metadata: the storage files are incomplete; load an earlier "
+                              "checkpoint") from None
+    short: dict[str, list[str]] = {}
+    for index, info in metadata.storage_data.items():
+        if index.fqn not in state:
+            continue
+        path = directory / info.relative_path
+        if not path.is_file() or path.stat().st_size < info.offset + info.length:
+            row = index.offset[0] if index.offset else 0
+            what = f"{index.fqn} (from row {row})" if row else index.fqn
+            short.setdefault(info.relative_path, []).append(what)
+    if short:
+        name, tensors = next(iter(sorted(short.items())))
+        state_word = "missing" if not (directory / name).is_file() else "truncated"
+        raise CheckpointError(f"storage file {name} of {directory} is {state_word}; it holds {', '.join(tensors[:4])}"
+                              + (f" and {len(tensors) - 4} more" if len(tensors) > 4 else "")
+                              + "; restore the file or load an earlier checkpoint")
+
+
+def _corrupt_files(directory: Path, manifest: dict[str, Any]) -> Optional[str]:
+    """A message naming the first storage file whose checksum differs from the manifest, and the
+    tensors it holds; ``None`` if every file is intact."""
+    metadata = FileSystemReader(directory).read_metadata()
+    for name, digest in sorted(manifest["files"].items()):
+        if file_digest(directory / name) != digest:
+            held = sorted({index.fqn for index, info in metadata.storage_data.items() if info.relative_path == name})
+            return (f"storage file {name} of {directory} is corrupted (its SHA-256 differs from the manifest); it "
+                    f"holds {', '.join(held[:4])}" + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+                    + "; restore the file or load an earlier checkpoint")
+    return None
+
+
+def _verify(state: dict[str, Any], keys: _Keys, manifest: dict[str, Any]) -> Optional[str]:
+    """This rank's first loaded tensor (or expert row) whose checksum is not the manifest's."""
+    saved = manifest["tensors"]
+    if bytes_digest(state[OBJECTS]) != manifest["objects"][OBJECTS]:
+        return "the trainer state (extra, optimizer groups, RNG) differs from the saved one: the file is corrupted"
+    for key, value in state.items():
+        if key not in saved:
+            continue
+        if key in keys.experts:
+            shard, local, rows = keys.experts[key], _local(value), saved[key]["experts"]
+            for i, g in enumerate(shard.expert_ids):
+                digest = tensor_digest(local[i])
+                if digest != rows[g]:
+                    found = [e for e, row in enumerate(rows) if row == digest]
+                    where = (f"it holds the saved data of {describe_experts(found)}: an expert loaded into the wrong "
+                             "slot (swapped files?)" if found else "the data is corrupted")
+                    return f"tensor {key!r} {describe_experts([g])}: checksum differs from the manifest; {where}"
+        elif tensor_digest(value) != saved[key]["sha256"]:
+            return f"tensor {key!r}: checksum differs from the manifest; the data is corrupted"
+    return None
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, objects: dict[str, Any]) -> None:
+    """The saved hyperparameters of each group (same parameters by name) and non-tensor state."""
+    _, groups, _ = optimizer_tensors(model, optimizer)
+    saved = objects["optim_groups"]
+    if [g["params"] for g in groups] != [g["params"] for g in saved]:
+        raise CheckpointError("the optimizer's parameter groups differ from the saved ones (by parameter name); build "
+                              "the optimizer with the same groups as the run that saved it")
+    for group, saved_group in zip(optimizer.param_groups, saved):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+    names = {name: param for name, param in model.named_parameters()}
+    for name, values in objects["optim_other"].items():
+        optimizer.state[names[name]].update(values)
+
+
+def _rng_state(model: nn.Module) -> dict[str, bytes]:
+    """This rank's CPU generator state, and its accelerator's when the model lives on one, as bytes
+    (bytes pickle the same on every rank; the manifest checksums the pickled trainer state)."""
+    state = {"cpu": torch.get_rng_state()}
+    device = next(model.parameters()).device
+    if device.type != "cpu":  # the accelerator's generator (CUDA, XPU, ...) of the model's device
+        state[device.type] = torch.get_device_module(device.type).get_rng_state(device)
+    return {name: bytes(value.tolist()) for name, value in state.items()}
+
+
+def _restore_rng(saved: list[dict[str, bytes]], model: nn.Module) -> None:
+    """Restore this rank's saved generators when the world size is unchanged; otherwise seed new
+    ones from the saved streams and this rank (so resumed runs stay deterministic)."""
+    if len(saved) != world_size():
+        streams = b"".join(part["cpu"] for part in saved)
+        torch.manual_seed(int(hashlib.sha256(streams + rank().to_bytes(8, "little")).hexdigest()[:15], 16))
+        return
+    me = {name: torch.tensor(list(value), dtype=torch.uint8) for name, value in saved[rank()].items()}
+    torch.set_rng_state(me["cpu"])
+    device = next(model.parameters()).device
+    if device.type != "cpu" and device.type in me:
+        torch.get_device_module(device.type).set_rng_state(me[device.type], device)
