@@ -305,9 +305,9 @@ def main(args: argparse.Namespace) -> None:
               f"{flat['step']:8.2f} / {flat['chunked_step']:8.2f} at {flat['best_chunks']:2} chunks; hierarchical "
               f"{hier['step']:8.2f} / {hier['chunked_step']:8.2f} at {hier['best_chunks']:2} chunks "
               f"(experts {flat['expert_math']:.2f}, a2a {flat['all_to_all']:.2f}, local {flat['local']:.2f})")
-    v3 = deepseek_v3(cluster)
+    v3 = deepseek_v3(CLUSTERS["h800-deepep"])  # the hardware DeepSeek-V3 trained on
     variants = ("flat", "flat_chunked", "hierarchical", "hierarchical_chunked")
-    print("DeepSeek-V3 shape on EP64: routed-MoE GPU-ms per token "
+    print("DeepSeek-V3 shape on EP64 of h800-deepep: routed-MoE GPU-ms per token "
           + ", ".join(f"{k} {v3[k]['gpu_ms_per_token']:.3f}" for k in variants)
           + f"; the whole model's published budget {v3['published_gpu_ms_per_token']:.3f}")
     path = results.write("model", args.dtype, {
