@@ -98,7 +98,9 @@ def _print_layer(record: dict[str, Any]) -> None:
           f"{cfg['capacity']}), skew {cfg['skew']:g}, ours = {'filled' if cfg['filled_compute'] else 'padded'}")
     if load:
         print(f"  load: max/mean {load['max_over_mean']:.2f}, dropped {100 * load['dropped_fraction']:.1f}%, filled "
-              f"rows per rank {load['filled_rows_per_rank']} ({100 * load['filled_fraction']:.0f}% of the slots)")
+              f"rows per rank {load['filled_rows_per_rank']} ({100 * load['filled_fraction']:.0f}% of the slots); "
+              f"dispatch sends {load['wire_bytes_per_rank'][0] / 2**20:.2f} MiB/rank, "
+              f"{100 * load['padding_fraction']:.0f}% padding")
     for step, phases in timings.items():
         parts = "  ".join(f"{name} {value['median']:.2f}" for name, value in phases.items() if name != "total")
         total = phases["total"]

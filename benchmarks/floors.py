@@ -33,7 +33,8 @@ def routing_load(layer: MoELayer, x_SD: Tensor, group: Any) -> dict[str, Any]:
     """One forward of ``layer`` on ``x``: this rank's routing load, JSON-ready.
 
     Returns ``tokens_per_expert`` (this rank's choices per global expert, before capacity),
-    ``capacity`` (C), ``dropped_fraction`` and ``filled_rows`` ``[E_local]``: the rows each local
+    ``capacity`` (C), ``dropped_fraction``, ``wire_bytes`` and ``padding_fraction`` (the
+    ``RoutingStats`` of the dispatch this rank sends), and ``filled_rows`` ``[E_local]``: the rows each local
     expert computes here, the sum over the EP group's source ranks of ``min(count, C)`` for it
     (exchanged with ``comm.exchange_fill``, a collective: call it on every rank).
     """
@@ -41,7 +42,8 @@ def routing_load(layer: MoELayer, x_SD: Tensor, group: Any) -> dict[str, Any]:
     fill_E = stats.tokens_per_expert.clamp(max=stats.capacity)
     fill_RL = exchange_fill(fill_E, layer.cfg.ep_size, group)
     return {"tokens_per_expert": stats.tokens_per_expert.tolist(), "capacity": int(stats.capacity),
-            "dropped_fraction": float(stats.dropped_fraction), "filled_rows": fill_RL.sum(dim=0).tolist()}
+            "dropped_fraction": float(stats.dropped_fraction), "wire_bytes": int(stats.wire_bytes),
+            "padding_fraction": float(stats.padding_fraction), "filled_rows": fill_RL.sum(dim=0).tolist()}
 
 
 def floor_step(spec: RunSpec, world: int, matmuls: Callable[[], None], group: Any, device: torch.device) -> Step:
@@ -93,7 +95,9 @@ def load_summary(per_rank: list[dict[str, Any]], ep_size: Optional[int] = None) 
     """The realised load over the ranks' ``load`` records (``routing_load``): global
     ``tokens_per_expert`` (summed), its ``max_over_mean``, the mean ``dropped_fraction``, the
     filled rows per rank and ``filled_fraction``, the busiest rank's filled rows over its padded
-    slots (``E_local * R * C``). ``None`` for records without a load (old runs)."""
+    slots (``E_local * R * C``); ``wire_bytes_per_rank`` (one forward's dispatch, padding included;
+    a training step moves 4x) and the mean ``padding_fraction`` of those bytes. ``None`` for
+    records without a load (old runs)."""
     loads = [r.get("load") for r in per_rank]
     if not loads or any(load is None for load in loads):
         return None
@@ -104,4 +108,11 @@ def load_summary(per_rank: list[dict[str, Any]], ep_size: Optional[int] = None) 
     mean = sum(tokens_E) / len(tokens_E)
     return {"tokens_per_expert": tokens_E, "max_over_mean": max(tokens_E) / mean if mean else None,
             "dropped_fraction": sum(load["dropped_fraction"] for load in loads) / len(loads),
-            "filled_rows_per_rank": rows, "filled_fraction": max(rows) / slots if slots else None}
+            "filled_rows_per_rank": rows, "filled_fraction": max(rows) / slots if slots else None,
+            "wire_bytes_per_rank": [load.get("wire_bytes") for load in loads],
+            "padding_fraction": _mean([load.get("padding_fraction") for load in loads])}
+
+
+def _mean(values: list[Optional[float]]) -> Optional[float]:
+    """The mean, or ``None`` when a value is missing (runs from before the field)."""
+    return None if None in values else sum(values) / len(values)

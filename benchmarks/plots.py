@@ -151,28 +151,51 @@ def plot_scaling(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
     return _save(fig, folder, "scaling")
 
 
+def _plot_published(ax: Any, rows: list[dict[str, Any]], table: str) -> None:
+    """One DeepEP table: published us per EP size (markers) and the model's, nominal and fitted."""
+    for i, op in enumerate(("dispatch", "combine")):
+        mine = [r for r in rows if r["table"] == table and r["op"] == op]
+        ep = [r["ep"] for r in mine]
+        ax.plot(ep, [r["published_us"] for r in mine], "o", color=f"C{i}", label=f"{op}: published")
+        ax.plot(ep, [r["h800-deepep_us"] for r in mine], "-", color=f"C{i}", label=f"{op}: model, fitted")
+        ax.plot(ep, [r["h800_us"] for r in mine], ":", color=f"C{i}", label=f"{op}: model, nominal")
+    worst = max(abs(r["h800-deepep_error"]) for r in rows if r["table"] == table)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("EP size (8 GPUs per node)")
+    ax.set_ylabel("us per all-to-all")
+    ax.set_title(f"DeepEP {table} kernels, H800 (fitted: max |error| {100 * worst:.0f}%)", fontsize=9)
+    ax.legend(fontsize=6)
+
+
 def plot_model(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
-    """Predicted step time and efficiency, 8 to 1024 GPUs."""
+    """The cost model: DeepEP's published all-to-all times against the model (nominal H800
+    figures and the constants fitted to them), and the predicted step of the chosen cluster, flat
+    vs hierarchical all-to-all, unchunked and at the best ``num_chunks``."""
+    records = [r for r in records if "cluster" in r]  # older model files predate the published check
     if not records:
         return None
     plt = _pyplot()
     record = records[-1]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    _plot_published(axes[0], record["published"], "normal")
+    _plot_published(axes[1], record["published"], "low-latency")
     rows = record["predictions"] + [dict(r, preset=f"{r['preset']} (E = GPUs)")
                                     for r in record["predictions_experts_per_gpu"]]
-    for name in dict.fromkeys(r["preset"] for r in rows):
+    ax = axes[2]
+    for i, name in enumerate(dict.fromkeys(r["preset"] for r in rows)):
         mine = [r for r in rows if r["preset"] == name]
-        left.plot([r["gpus"] for r in mine], [r["step"] for r in mine], marker="o", label=name)
-        right.plot([r["gpus"] for r in mine], [r["efficiency"] for r in mine], marker="o", label=name)
-    for ax, label in ((left, "predicted ms per forward+backward"), (right, "efficiency (expert math / step)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("GPUs (8 per node)")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-    cluster = record["gpu_cluster"]
-    fig.suptitle(f"alpha-beta model, weak scaling: NVLink {cluster['intra_bytes_per_s'] / 1e9:.0f} GB/s, "
-                 f"inter-node {cluster['inter_bytes_per_s'] / 1e9:.0f} GB/s per GPU, "
-                 f"{cluster['flops_per_s'] / 1e12:.0f} TFLOP/s", fontsize=9)
+        gpus = [r["gpus"] for r in mine]
+        ax.plot(gpus, [r["flat"]["step"] for r in mine], "-", color=f"C{i}", label=f"{name}: flat")
+        ax.plot(gpus, [r["flat"]["chunked_step"] for r in mine], "o-", color=f"C{i}", markersize=3,
+                label=f"{name}: flat, best chunks")
+        ax.plot(gpus, [r["hierarchical"]["step"] for r in mine], "--", color=f"C{i}", label=f"{name}: hierarchical")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"GPUs ({record['cluster']['gpus_per_node']} per node)")
+    ax.set_ylabel("predicted ms per forward+backward")
+    ax.set_title(f"{record['cluster_name']}: weak scaling, filled compute", fontsize=9)
+    ax.legend(fontsize=6, loc="center right")
     return _save(fig, folder, "model")
 
 

@@ -32,6 +32,9 @@ SHAPES: dict[str, Shape] = {
     "fine-grained": Shape(2048, 1024, 64, 2),
     # Switch Transformer: top-1 over 64 ReLU FFN experts
     "switch": Shape(1024, 4096, 64, 1, expert="ffn", activation="relu"),
+    # DeepSeek-V3: d 7168, 256 routed SwiGLU experts of d_ff 2048, top-8 (its shared expert left
+    # out); 4096 tokens per GPU as in DeepEP's published benchmarks
+    "deepseek-v3": Shape(7168, 2048, 256, 8),
     # CPU versions: the same expert counts, k and d_ff/d_model ratios, scaled down
     "mixtral-small": Shape(256, 896, 8, 2, tokens=2048),
     "fine-grained-small": Shape(256, 128, 64, 2, tokens=2048),

@@ -191,7 +191,8 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             with self._phase("shared") as phase:
                 y_SD = y_SD + self._shared(phase.input(x_SD))
-        stats = routing_stats(routing, plan, nonfinite)
+        stats = routing_stats(routing, plan, nonfinite, cfg.ep_size, self.experts.first_expert // cfg.num_local_experts,
+                              x_SD.shape[1] * x_SD.element_size())
         aux_loss = weighted_aux_loss(routing.losses, cfg, routing.probs_SE)
         return MoEOutput(y_SD.reshape(x.shape).to(x.dtype), aux_loss, stats)
 

@@ -25,6 +25,14 @@ class RoutingStats(NamedTuple):
         load_cv: coefficient of variation (std / mean) of ``tokens_per_expert``.
         capacity: slots per expert (long scalar).
         nonfinite_tokens: tokens whose router logits hold NaN or inf (long scalar).
+        wire_bytes: bytes this rank sends in the dispatch all-to-all of one forward (long
+            scalar): the static ``[E, C, D]`` buffer minus the block it keeps for itself,
+            ``(E - E_local) * C * D * element_size``, padding included; 0 when ``ep_size == 1``.
+            Only the dispatch of the forward: the return all-to-all sends as much again, and the
+            backward repeats both, so one training step moves ``4 * wire_bytes`` per MoE layer.
+        padding_fraction: empty slots / all slots of the blocks sent (scalar): the share of
+            ``wire_bytes`` that is capacity padding, from the plan's fill counts (over the whole
+            buffer when ``ep_size == 1`` and nothing is sent).
 
     For ``soft`` and ``expert_choice`` the K = E columns are the experts, not choice ranks:
     ``k_eff`` is the mean number of experts per token (E for soft, ``E * C / S`` for expert
@@ -41,6 +49,8 @@ class RoutingStats(NamedTuple):
     load_cv: Tensor
     capacity: Tensor
     nonfinite_tokens: Tensor
+    wire_bytes: Tensor
+    padding_fraction: Tensor
 
     @property
     def dropped_fraction_first(self) -> Tensor:
@@ -55,13 +65,17 @@ class RoutingStats(NamedTuple):
 
 
 @torch.no_grad()
-def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor) -> RoutingStats:
+def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor, ep_size: int,
+                  ep_rank: int, row_bytes: int) -> RoutingStats:
     """Compute ``RoutingStats`` without any host sync.
 
     Args:
         routing: the router's decision for ``S`` tokens.
         plan: the slot plan built from it.
         nonfinite_tokens: count of tokens with non-finite logits (long scalar).
+        ep_size: ``R``, ranks of the EP group (the buffer is ``[R, E_local, C, D]`` on the wire).
+        ep_rank: this rank's index in the EP group (the block it keeps).
+        row_bytes: bytes of one slot of the dispatched buffer, ``D * element_size``.
     """
     active_KS = routing.active_SK.t()
     dispatched_K = active_KS.sum(dim=1).float()
@@ -71,6 +85,7 @@ def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor
     mean_load = count_E.mean()
     load_cv = count_E.std(correction=0) / mean_load.clamp_min(1e-9)
     second = dispatched_K[1] / tokens if dispatched_K.numel() > 1 else dispatched_K.new_zeros(())
+    wire_bytes, padding = _wire(plan, ep_size, ep_rank, row_bytes)
     return RoutingStats(
         tokens_per_expert=plan.count_E,
         dropped_fraction=dropped_K.sum() / dispatched_K.sum().clamp_min(1.0),
@@ -80,4 +95,17 @@ def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor
         load_cv=load_cv,
         capacity=plan.count_E.new_full((), plan.capacity),  # a fill, not a host-to-device copy
         nonfinite_tokens=nonfinite_tokens,
+        wire_bytes=wire_bytes,
+        padding_fraction=padding,
     )
+
+
+def _wire(plan: DispatchPlan, ep_size: int, ep_rank: int, row_bytes: int) -> tuple[Tensor, Tensor]:
+    """``(wire_bytes, padding_fraction)`` of the dispatch (see ``RoutingStats``); no host sync."""
+    fill_RL = plan.fill_E.view(ep_size, -1)
+    block_slots = fill_RL.shape[1] * plan.capacity
+    if ep_size == 1:  # nothing is sent: the padding of the whole buffer
+        return plan.count_E.new_zeros(()), 1.0 - fill_RL.sum().float() / block_slots
+    sent_slots = (ep_size - 1) * block_slots
+    filled = fill_RL.sum() - fill_RL[ep_rank].sum()
+    return plan.count_E.new_full((), sent_slots * row_bytes), 1.0 - filled.float() / sent_slots

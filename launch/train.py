@@ -49,7 +49,7 @@ from launch.model import DeepSpeedMoEFFN, MoETransformerLM
 
 __all__ = ["build_parser", "check_flags", "given_flags", "main", "train"]
 
-METRIC_KEYS = ("loss", "aux_loss", "drop_fraction", "k_eff", "load_cv")
+METRIC_KEYS = ("loss", "aux_loss", "drop_fraction", "k_eff", "load_cv", "padding_fraction", "wire_mib")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -210,11 +210,13 @@ def train(args: argparse.Namespace) -> None:
 
 
 def mean_metrics(loss: Tensor, aux_loss: Tensor, stats: list[RoutingStats], device: torch.device) -> dict:
-    """``METRIC_KEYS`` averaged over the ranks (one all-reduce): the losses, and the MoE layers'
-    mean drop fraction, k_eff and load CV."""
+    """``METRIC_KEYS`` averaged over the ranks (one all-reduce): the losses, the MoE layers' mean
+    drop fraction, k_eff, load CV and padding fraction, and ``wire_mib``, the MiB one rank's
+    forward dispatches send, summed over the MoE layers (a step moves 4x)."""
     values = torch.stack([loss.float(), aux_loss.float(), *(
         torch.stack([getattr(s, name) for s in stats]).float().mean()
-        for name in ("dropped_fraction", "k_eff", "load_cv"))]).to(device)
+        for name in ("dropped_fraction", "k_eff", "load_cv", "padding_fraction")),
+        torch.stack([s.wire_bytes for s in stats]).float().sum() / 2**20]).to(device)
     dist.all_reduce(values)
     return dict(zip(METRIC_KEYS, (values / dist.get_world_size()).tolist()))
 

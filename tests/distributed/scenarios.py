@@ -120,6 +120,21 @@ def _check_grads(case: Case, rank: int, res: dict[str, Any], refs: dict[int, dic
         _close(grads[name], expected, f"{where}: {name} grad")
 
 
+def _check_wire(case: Case, stats: dict[str, Any], count_E: list[int], capacity: int, ep_rank: int,
+                where: str) -> None:
+    """``wire_bytes`` and ``padding_fraction`` from the reference counts: the dispatch sends the
+    ``[E_local, C, D]`` fp32 blocks of the other EP ranks, whose filled slots are ``min(count, C)``."""
+    local = case.num_experts // case.ep_size
+    fill = [min(count, capacity) for count in count_E]
+    sent_slots = (case.ep_size - 1) * local * capacity
+    assert int(stats["wire_bytes"]) == sent_slots * case.d_model * 4, f"{where}: wire_bytes"
+    if sent_slots:
+        want = 1 - (sum(fill) - sum(fill[ep_rank * local:(ep_rank + 1) * local])) / sent_slots
+    else:
+        want = 1 - sum(fill) / (case.num_experts * capacity)
+    assert abs(float(stats["padding_fraction"]) - want) < 1e-6, f"{where}: padding_fraction"
+
+
 def check_case(case: Case, results: list[dict[str, Any]], compare_ep1_layer: bool = True) -> dict:
     """Assert every rank's output, stats and gradients against the single-process references.
 
@@ -149,6 +164,7 @@ def check_case(case: Case, results: list[dict[str, Any]], compare_ep1_layer: boo
         assert torch.equal(stats["tokens_per_expert"].long(), ref["count"]), f"{where}: tokens_per_expert"
         dropped = ref["dropped"] / max(ref["dispatched"], 1)
         assert abs(float(stats["dropped_fraction"]) - dropped) < 1e-6, f"{where}: dropped_fraction"
+        _check_wire(case, stats, ref["count"].tolist(), capacity_of[rank], group.index(rank), where)
         if compare_ep1_layer:
             _close(res["y"], ep1[rank]["y"], f"{where}: output vs EP=1 layer")
         if case.backward:

@@ -43,7 +43,7 @@ def _assert_trained(out: Path, steps: int = 30) -> list[dict]:
     assert [r["step"] for r in records] == list(range(10, steps + 1, 10))
     for record in records:
         assert set(record) >= {"step", "loss", "aux_loss", "drop_fraction", "k_eff", "load_cv",
-                               "tokens_per_s", "step_ms"}
+                               "padding_fraction", "wire_mib", "tokens_per_s", "step_ms"}
     assert records[-1]["loss"] < 0.8 * records[0]["loss"], records
     assert json.loads((out / "summary.json").read_text())["steps"] == steps
     return records
