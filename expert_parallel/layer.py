@@ -154,7 +154,9 @@ class MoELayer(nn.Module):
         """Global id of this rank's local expert 0, ``ep_rank * E_local``: this rank's experts are rows
         ``first_expert : first_expert + E_local`` of the layer's logical ``[E, ...]`` expert tensors (the
         one definition that checkpoints and the Hugging Face conversion slice and gather by)."""
-        if self.ep_ranks is None:
+        if self.ep_ranks is None:  # the DeepSpeed drop-in before the engine made its groups
+            if self.cfg.ep_size == 1:
+                return 0
             raise RuntimeError("the layer has no EP group yet (DeepSpeed creates it in deepspeed.initialize); "
                                "initialise the engine, or call forward once, first")
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -76,7 +76,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
     objects = {"extra": extra or {}, "optim_groups": keys.optim_groups, "optim_other": keys.optim_other, "rng": rng}
     blob = pickle.dumps(objects)
     state[OBJECTS] = blob
-    dcp.save(state, checkpoint_id=directory)
+    dcp.save(state, checkpoint_id=directory, no_dist=world_size() == 1)
     digests = gather_objects(_digests(state, keys))
     files = sorted({info.relative_path for info in FileSystemReader(directory).read_metadata().storage_data.values()})
     file_digests = gather_objects({name: file_digest(directory / name) for name in files[rank()::world_size()]})
@@ -120,7 +120,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
     _check_keys(state, keys, manifest, optimizer is not None)
     _check_files(directory, state)
     try:
-        dcp.load(state, checkpoint_id=directory)
+        dcp.load(state, checkpoint_id=directory, no_dist=world_size() == 1)
     except Exception as error:  # noqa: BLE001 - reported with the file that caused it, if one did
         raise CheckpointError(_corrupt_files(directory, manifest) or f"reading {directory} failed: {error}") from error
     problems = gather_objects(_verify(state, keys, manifest))

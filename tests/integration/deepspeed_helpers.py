@@ -147,6 +147,12 @@ class TinyModel(nn.Module):
         return nn.functional.mse_loss(self.out(hidden).float().squeeze(-1), target) + 0.01 * l_aux
 
 
+def tiny_model_ep1(seed: int = 0) -> TinyModel:
+    """``TinyModel`` with our drop-in at EP 1, as ``make_engine("ours", 1, ...)`` builds it (no engine)."""
+    torch.manual_seed(seed)
+    return TinyModel(moe_class("ours"), 1, **PARITY_MOE)
+
+
 def make_engine(which: str, ep_size: int, stage: int, bf16: bool, seed: int = 0, distinct_experts: bool = False,
                 **moe_kwargs: Any):
     """A DeepSpeed engine around ``TinyModel`` (client AdamW on DeepSpeed's MoE param groups).

@@ -36,7 +36,8 @@ def test_loss_matches_deepspeeds_moe_step_by_step(training, run):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> list[dict]:
     directory = str(tmp_path_factory.mktemp("ckpt"))
-    return run_ranks(helpers.checkpoint_worker, 2, directory, 1, timeout=240)
+    results = run_ranks(helpers.checkpoint_worker, 2, directory, 1, timeout=240)
+    return [{**result, "directory": directory} for result in results]
 
 
 def test_save_load_gives_bit_identical_parameters_and_the_same_next_loss(checkpoint):
@@ -80,6 +81,23 @@ def test_weights_saved_at_ep1_compute_the_same_function_at_ep2(checkpoint):
         result = per_rank["ep1_to_ep2"]
         torch.testing.assert_close(result["ep2_output"], result["ep1_output"], rtol=1e-5, atol=1e-6,
                                    msg=lambda m, r=rank: f"rank {r}: {m}")
+
+
+def test_engine_checkpoint_converts_to_a_topology_free_one_with_every_expert_in_place(checkpoint, tmp_path):
+    from expert_parallel.checkpoint import load_checkpoint, read_manifest
+    from expert_parallel.checkpoint.__main__ import main as cli
+
+    out = tmp_path / "converted"
+    assert cli(["from-deepspeed", checkpoint[0]["directory"], str(out), "--tag", "step2",
+                "--model", "tests.integration.deepspeed_helpers:tiny_model_ep1"]) == 0
+    assert not any(key.startswith("optim.") for key in read_manifest(out)["tensors"])  # weights only, as documented
+    model = helpers.tiny_model_ep1(seed=77)
+    assert load_checkpoint(out, model) == {"converted_from": f"{checkpoint[0]['directory']}/step2"}
+    loaded = dict(model.named_parameters())
+    for rank, result in enumerate(checkpoint):  # rank r's experts are rows 2r, 2r+1 of the logical tensors
+        for name, value in result["saved"].items():
+            whole = loaded[name].detach()
+            assert torch.equal(whole[2 * rank:2 * rank + 2] if ".experts." in name else whole, value), name
 
 
 def test_zero3_is_rejected_by_deepspeed_with_a_clear_message():
