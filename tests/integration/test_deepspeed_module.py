@@ -110,7 +110,10 @@ def test_deepspeed_options_map_onto_the_config():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(use_tutel=True), r"use_tutel=True\) is not supported"),
-    (dict(enable_expert_tensor_parallelism=True), r"enable_expert_tensor_parallelism"),
+    (dict(enable_expert_tensor_parallelism=True, expert=make_expert("residual")),
+     r"enable_expert_tensor_parallelism=True\) is not supported: .*ResidualExpert runs as a generic expert"),
+    (dict(enable_expert_tensor_parallelism=True, expert_impl="generic"),
+     r"enable_expert_tensor_parallelism=True\) is not supported: .*Sequential runs as a generic expert"),
     (dict(noisy_gate_policy="Gaussian"), r"noisy_gate_policy='Gaussian'.*choose one of"),
     (dict(router="gshard", k=2, use_rts=True), r"use_rts=True.*not router='gshard'"),
     (dict(router="gshard", k=2, top2_2nd_expert_sampling=False), r"top2_2nd_expert_sampling"),
@@ -123,6 +126,15 @@ def test_unsupported_options_raise_a_clear_error(kwargs, match):
     expert = kwargs.pop("expert", make_expert("mlp"))
     with pytest.raises(ValueError, match=match):
         MoE(D_MODEL, expert, num_experts=4, **kwargs)
+
+
+def test_expert_tensor_parallelism_without_an_mpu_is_deepspeeds_no_op():
+    # DeepSpeed splits experts over the mpu's TP group only; without an mpu nothing is split
+    reference, ours = _pair(enable_expert_tensor_parallelism=True)
+    assert ours.enable_expert_tensor_parallelism == reference.enable_expert_tensor_parallelism
+    assert ours(torch.randn(2, 6, D_MODEL))[0].shape == (2, 6, D_MODEL)
+    cfg = ours.deepspeed_moe.cfg
+    assert (cfg.tp_size, cfg.expert_tensor_parallel, ours.deepspeed_moe.tp_ranks) == (1, False, (0,))
 
 
 def test_used_token_masks_raise_instead_of_being_ignored():
