@@ -7,10 +7,10 @@ shape as a suffix, e.g. ``x_SD``, ``buffer_ECD``):
     E        routed experts of the layer, all EP ranks together
     E_local  experts held by one EP rank, ``E / R``
     R        ranks of the EP group (``ep_size``)
-    C_tp     the slots of each expert one TP rank sends, ``C / tp_size``
     K        choices per token (``top_k``; ``E`` for ``soft`` and ``expert_choice``)
     A        (token, choice) assignments, ``K * S``
     C        capacity: slots per expert in the static buffers
+    C_tp     the slots of each expert one TP rank sends, ``C / tp_size``
     N        slots of a flattened buffer, ``E * C``
     M        rows each local expert computes on its rank, ``R * C``
     D        d_model

@@ -1,4 +1,5 @@
-"""Gather every EP rank's expert shard: for saving a whole layer, never in a forward."""
+"""Gather every EP rank's expert shard (for saving a whole layer, never in a forward), and the
+all-gather along a dimension it is made of."""
 
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ def gather_experts(shard_LX: Tensor, group: Optional[ProcessGroup]) -> Tensor:
     """
     if group is None:
         return shard_LX
-    shard_LX = shard_LX.detach().contiguous()
-    parts = [torch.empty_like(shard_LX) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, shard_LX, group=group)
-    return torch.cat(parts)
+    return all_gather_along(shard_LX.detach(), 0, group)
+
+
+def all_gather_along(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+    """Every rank's ``x`` (one shape and dtype on all) concatenated along ``dim`` in the group's
+    rank order: one all-gather; not differentiable (``comm.tp_gather`` is)."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)

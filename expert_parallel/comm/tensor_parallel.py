@@ -17,19 +17,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from .gather import all_gather_along
+
 
 def _share(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
     """This rank's block of ``dim``, split evenly over ``group`` in rank order."""
     size = dist.get_world_size(group)
     return x.narrow(dim, dist.get_rank(group) * (x.shape[dim] // size), x.shape[dim] // size)
-
-
-def _all_gather(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
-    """Every rank's ``x`` concatenated along ``dim`` in rank order (one all-gather)."""
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
 
 
 class _Drop(torch.autograd.Function):
@@ -40,14 +34,14 @@ class _Drop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
+        return all_gather_along(grad, ctx.dim, ctx.group), None, None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:  # type: ignore[override]
         ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+        return all_gather_along(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
