@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -169,6 +171,10 @@ def test_engine_model_needs_moe_layers_of_its_ep_size():
     layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4, second_policy="all"))  # deterministic
     with pytest.raises(ValueError, match=r"EngineModel\(ep_size=2\): the model's MoE layers have ep_size \[1\]"):
         EngineModel(torch.nn.Sequential(layer), ep_size=2)
+    tensor_parallel = copy.deepcopy(layer)
+    tensor_parallel.cfg = layer.cfg.replace(tp_size=2)  # as built on a TP group (needs no process group here)
+    with pytest.raises(ValueError, match=r"tp_size \[2\].*use integrations.deepspeed.MoE with an mpu"):
+        EngineModel(torch.nn.Sequential(tensor_parallel), ep_size=1)
     wrapped = EngineModel(torch.nn.Sequential(layer), ep_size=1)
     assert all(is_moe_param(p) and p.group_name == "ep_size_1" for p in layer.experts.parameters())
     assert not any(is_moe_param(p) for p in layer.router.parameters())
