@@ -21,7 +21,8 @@ LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
 FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", "routed_scaling_factor",
                 "bias_update_rate", *LOSS_WEIGHTS.values())
 BOOL_FIELDS = ("drop_tokens", "dropless", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
-               "gate_after_topk", "normalize_topk", "selection_bias", "router_bias", "shared_expert_gate")
+               "gate_after_topk", "normalize_topk", "selection_bias", "router_bias", "shared_expert_gate",
+               "expert_tensor_parallel")
 
 
 def reject(field: str, value: object, fix: str) -> None:
@@ -77,6 +78,18 @@ class MoEConfig:
         aux_loss_weight: weight of the load-balancing loss in ``MoEOutput.aux_loss`` (routers
             that have one: switch, gshard, topk, deepspeed).
         ep_size: expert-parallel group size; ``num_experts`` must be a multiple of it.
+        tp_size: tensor-parallel group size of the rest of the model: the ``tp_size`` ranks of a
+            TP group hold the same tokens (and must route them alike: same input, router weights and
+            RNG state), so each sends only its ``1/tp_size`` of every expert's slots through the
+            all-to-all and the TP group all-gathers the returned slots before the combine
+            (DeepSpeed's ``drop_tokens`` / ``gather_tokens``). The capacity is rounded up to a
+            multiple of ``tp_size``. 1 (default) disables it.
+        expert_tensor_parallel: also split every routed expert over the TP group (DeepSpeed's
+            ``enable_expert_tensor_parallelism``, Megatron's expert TP): TP rank ``t`` holds
+            columns ``t*F/tp:(t+1)*F/tp`` of ``w1`` / ``w3`` / ``b1`` and those rows of ``w2``; the
+            TP group all-gathers the received slots before the experts, sums the partial outputs
+            (one all-reduce, then ``b2``) and keeps its own slots again for the return all-to-all.
+            Needs ``tp_size > 1`` and ``d_ff`` divisible by ``tp_size``.
         check_finite: raise ``ValueError`` on NaN/inf router logits (costs a host sync).
         jitter_eps: in training, multiply the router input by ``U(1 - eps, 1 + eps)`` noise
             (Switch Transformer; DeepSpeed's ``noisy_gate_policy="Jitter"`` is ``0.01``); any router.
@@ -146,6 +159,8 @@ class MoEConfig:
     expert_bias: bool = False
     aux_loss_weight: float = 0.01
     ep_size: int = 1
+    tp_size: int = 1
+    expert_tensor_parallel: bool = False
     check_finite: bool = False
     jitter_eps: float = 0.0
     router_gumbel: bool = False
@@ -168,7 +183,7 @@ class MoEConfig:
     router_bias: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "d_ff", "num_experts", "ep_size"):
+        for name in ("d_model", "d_ff", "num_experts", "ep_size", "tp_size"):
             _check_int(name, getattr(self, name), 1)
         for name in FLOAT_FIELDS:
             _check_number(name, getattr(self, name))
@@ -221,6 +236,7 @@ class MoEConfig:
             reject("shared_expert_gate", True, "it gates the shared experts, and num_shared_experts=0; set "
                    "num_shared_experts >= 1 or shared_expert_gate=False")
         self._check_router_scores()
+        self._check_tensor_parallel()
         # routing/ imports this module, so its registry is read here, at validation time
         from .routing.registry import validate_router
         validate_router(self)
@@ -239,6 +255,23 @@ class MoEConfig:
                    "as they are)")
         if not self.bias_update_rate >= 0:
             reject("bias_update_rate", self.bias_update_rate, "it must be >= 0 (0 disables the bias update)")
+
+    def _check_tensor_parallel(self) -> None:
+        """``tp_size`` against the capacity and ``expert_tensor_parallel`` against ``d_ff``."""
+        if self.capacity is not None and self.capacity % self.tp_size:
+            reject("capacity", self.capacity, f"each of the tp_size={self.tp_size} tensor-parallel ranks sends "
+                   "an equal share of every expert's slots; choose a capacity divisible by tp_size")
+        if self.expert_tensor_parallel and self.tp_size == 1:
+            reject("expert_tensor_parallel", True, "it splits the experts over the tensor-parallel group, and "
+                   "tp_size=1; set tp_size > 1 or expert_tensor_parallel=False")
+        if self.expert_tensor_parallel and self.d_ff % self.tp_size:
+            reject("d_ff", self.d_ff, f"expert_tensor_parallel splits it over tp_size={self.tp_size} ranks; "
+                   "choose d_ff divisible by tp_size")
+
+    @property
+    def expert_tp_size(self) -> int:
+        """Ranks each routed expert is split over: ``tp_size`` with ``expert_tensor_parallel``, else 1."""
+        return self.tp_size if self.expert_tensor_parallel else 1
 
     @property
     def num_local_experts(self) -> int:

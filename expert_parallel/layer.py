@@ -10,6 +10,7 @@ shape as a suffix, e.g. ``x_SD``, ``buffer_ECD``):
     K        choices per token (``top_k``; ``E`` for ``soft`` and ``expert_choice``)
     A        (token, choice) assignments, ``K * S``
     C        capacity: slots per expert in the static buffers
+    C_tp     the slots of each expert one TP rank sends, ``C / tp_size``
     N        slots of a flattened buffer, ``E * C``
     M        rows each local expert computes on its rank, ``R * C``
     D        d_model
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -38,6 +40,10 @@ from .comm import (
     expert_groups,
     lookup,
     register,
+    tp_copy,
+    tp_drop,
+    tp_gather,
+    tp_reduce,
     undispatch,
 )
 from .config import MoEConfig
@@ -66,18 +72,23 @@ class MoEOutput(NamedTuple):
     stats: RoutingStats
 
 
-def _resolve_ep_ranks(cfg: MoEConfig, ep_group: Optional[ProcessGroup]) -> tuple[int, ...]:
-    """Global ranks of the EP group: the one passed in, else built from ``cfg.ep_size``."""
-    if ep_group is None:
-        return expert_groups(cfg.ep_size).ep_ranks
+def _resolve_ranks(cfg: MoEConfig, group: Optional[ProcessGroup], kind: str) -> tuple[int, ...]:
+    """Global ranks of the EP (``kind="ep"``) or TP (``"tp"``) group: the one passed in, else built
+    from ``cfg`` (``comm.expert_groups``; a TP group of one rank needs none)."""
+    size = getattr(cfg, f"{kind}_size")
+    if group is None:
+        if kind == "tp" and size == 1:
+            return register(None)
+        built = expert_groups(cfg.ep_size, cfg.tp_size, cfg.expert_tensor_parallel)
+        return built.ep_ranks if kind == "ep" else built.tp_ranks
     if not dist.is_initialized():
-        raise RuntimeError(f"ep_group was given with ep_size={cfg.ep_size} but torch.distributed "
+        raise RuntimeError(f"{kind}_group was given with {kind}_size={size} but torch.distributed "
                            "is not initialised; call init_process_group first")
-    group_size = dist.get_world_size(ep_group)
-    if group_size != cfg.ep_size:
-        raise ValueError(f"MoEConfig.ep_size={cfg.ep_size} does not match the size {group_size} of "
-                         f"ep_group; set ep_size={group_size} or pass a group of {cfg.ep_size} ranks")
-    return register(ep_group)
+    group_size = dist.get_world_size(group)
+    if group_size != size:
+        raise ValueError(f"MoEConfig.{kind}_size={size} does not match the size {group_size} of "
+                         f"{kind}_group; set {kind}_size={group_size} or pass a group of {size} ranks")
+    return register(group)
 
 
 class _Phase:
@@ -121,26 +132,38 @@ class MoELayer(nn.Module):
         shared_gate: ``nn.Linear(D, 1, bias=False)`` scaling the shared experts' output by
             ``sigmoid(x @ shared_gate.weight.T)`` (``shared_expert_gate``, Qwen2-MoE), or ``None``.
 
+    With ``cfg.tp_size > 1`` the ranks of a TP group hold the same tokens and route them alike;
+    each sends its ``1/tp_size`` of every expert's slots and the TP group gathers the returned
+    slots before the combine. With ``cfg.expert_tensor_parallel`` the experts are also split over
+    the TP group (``experts`` holds this TP rank's slice of ``d_ff``; see ``MoEConfig``).
+
     Args:
         cfg: the validated configuration.
-        ep_group: the EP process group; ``None`` builds it from ``cfg.ep_size`` (consecutive
-            rank blocks, or the local rank alone when ``ep_size == 1``).
+        ep_group: the EP process group; ``None`` builds it from ``cfg.ep_size`` and
+            ``cfg.tp_size`` (``comm.expert_groups``: consecutive rank blocks without TP, or the
+            local rank alone when ``ep_size == 1``).
+        tp_group: the TP process group of the rest of the model (its ranks hold the same
+            tokens); ``None`` builds it from ``cfg.tp_size`` (blocks of consecutive ranks).
 
     Raises:
-        ValueError: ``ep_group`` size differs from ``cfg.ep_size``, or the world size is not a
-            multiple of ``ep_size``.
-        RuntimeError: ``ep_size > 1`` without an initialised process group.
+        ValueError: a group's size differs from ``cfg.ep_size`` / ``cfg.tp_size``, or the world
+            size is not a multiple of ``ep_size * tp_size``.
+        RuntimeError: ``ep_size`` or ``tp_size > 1`` without an initialised process group.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group: Optional[ProcessGroup] = None) -> None:
+    def __init__(self, cfg: MoEConfig, ep_group: Optional[ProcessGroup] = None,
+                 tp_group: Optional[ProcessGroup] = None) -> None:
         super().__init__()
         self.cfg = cfg
-        # ranks, not the group: the module stays deep-copyable and picklable
-        self.ep_ranks = _resolve_ep_ranks(cfg, ep_group)
+        # ranks, not the groups: the module stays deep-copyable and picklable
+        self.ep_ranks = _resolve_ranks(cfg, ep_group, "ep")
+        self.tp_ranks = _resolve_ranks(cfg, tp_group, "tp")
         self.router = Router.from_config(cfg)
-        self.experts = StackedExperts(cfg.num_local_experts, cfg.d_model, cfg.d_ff,
+        tp_rank = self.tp_ranks.index(dist.get_rank()) if cfg.expert_tensor_parallel else 0
+        self.experts = StackedExperts(cfg.num_local_experts, cfg.d_model, cfg.d_ff // cfg.expert_tp_size,
                                       gated=cfg.expert == "swiglu", activation=cfg.activation,
-                                      bias=cfg.expert_bias, first_expert=self.first_expert)
+                                      bias=cfg.expert_bias, first_expert=self.first_expert,
+                                      tp_rank=tp_rank, tp_size=cfg.expert_tp_size)
         self.shared_experts = StackedExperts(
             cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, gated=cfg.expert == "swiglu",
             activation=cfg.activation, bias=cfg.expert_bias, sharded=False,
@@ -181,15 +204,17 @@ class MoELayer(nn.Module):
             capacity = layer_capacity(cfg, agreed.capacity_input, self.training, routing.capacity is not None,
                                       x_SD.shape[0])
             plan = slots.plan(capacity)
+        tp_group = lookup(self.tp_ranks)
         with self._phase("pack") as phase:
-            buffer_ECD = pack(phase.input(x_SD), plan)
+            buffer_ECD = tp_drop(pack(phase.input(x_SD), plan), 1, tp_group)  # TP: this rank's [E, C_tp, D]
         if self.filled_compute:
-            buffer_ECD = self._filled_experts(buffer_ECD, plan.fill_E, group)
+            buffer_ECD = self._filled_experts(buffer_ECD, self._sent_fill(plan.fill_E, capacity), group)
         else:
             buffer_ECD = self._padded_experts(buffer_ECD, group)
         with self._phase("combine") as phase:
+            buffer_ECD = tp_gather(phase.input(buffer_ECD), 1, tp_group)  # TP: every rank's slots, [E, C, D]
             weight_SK = kept_weights(routing.weight_SK, plan, routing.renormalize_kept)
-            y_SD = combine(phase.input(buffer_ECD), plan, weight_SK)  # fp32
+            y_SD = combine(buffer_ECD, plan, weight_SK)  # fp32
         if self.shared_experts is not None:
             with self._phase("shared") as phase:
                 y_SD = y_SD + self._shared(phase.input(x_SD))
@@ -212,7 +237,9 @@ class MoELayer(nn.Module):
         with self._phase("dispatch") as phase:
             expert_in = dispatch(phase.input(buffer_ECD), self.cfg.ep_size, group)
         with self._phase("experts") as phase:
-            expert_out = self.experts(phase.input(expert_in))
+            etp, reduce = self._expert_tp()  # expert TP: every TP rank's slots through this d_ff slice
+            expert_in = tp_copy(tp_gather(phase.input(expert_in), 1, etp), etp)
+            expert_out = tp_drop(self.experts(expert_in, **reduce), 1, etp)
         with self._phase("return") as phase:
             return undispatch(phase.input(expert_out), self.cfg.ep_size, group)
 
@@ -224,11 +251,31 @@ class MoELayer(nn.Module):
             received_RLCD = exchange(phase.input(buffer_ECD), self.cfg.ep_size, group)
             fill_RL = exchange_fill(fill_E, self.cfg.ep_size, group)
         with self._phase("experts") as phase:
-            rows = expert_rows(fill_RL, buffer_ECD.shape[1])
-            out_ND = self.experts.grouped(rows.gather(phase.input(received_RLCD)), rows.offsets_L, rows.expert_N)
-            out_RLCD = rows.scatter(out_ND, received_RLCD)
+            etp, reduce = self._expert_tp()  # expert TP: every TP rank's slots through this d_ff slice
+            received_RLCD = tp_copy(tp_gather(phase.input(received_RLCD), 2, etp), etp)
+            rows = expert_rows(fill_RL, received_RLCD.shape[2])
+            out_ND = self.experts.grouped(rows.gather(received_RLCD), rows.offsets_L, rows.expert_N, **reduce)
+            out_RLCD = tp_drop(rows.scatter(out_ND, received_RLCD), 2, etp)
         with self._phase("return") as phase:
             return exchange_back(phase.input(out_RLCD), group)
+
+    def _expert_tp(self) -> tuple[Optional[ProcessGroup], dict]:
+        """The TP group the experts are split over (``None`` without expert TP) and the experts'
+        keyword arguments: ``reduce``, the sum of their partial outputs over it."""
+        if not self.cfg.expert_tensor_parallel:
+            return None, {}
+        group = lookup(self.tp_ranks)
+        return group, {"reduce": partial(tp_reduce, group=group)}
+
+    def _sent_fill(self, fill_E: Tensor, capacity: int) -> Tensor:
+        """Filled slots per expert ``[E]`` among those the experts receive from this rank: its TP
+        share ``[t*C_tp, (t+1)*C_tp)`` of every expert's slots with TP, all of them without TP or
+        with expert TP (the TP group gathers every share before the experts). No host sync."""
+        if self.cfg.tp_size == 1 or self.cfg.expert_tensor_parallel:
+            return fill_E
+        share = capacity // self.cfg.tp_size
+        start = self.tp_ranks.index(dist.get_rank()) * share
+        return (fill_E - start).clamp(0, share)
 
     def _choose_expert_compute(self) -> bool:
         """Filled (grouped GEMM) or padded expert compute, from ``cfg.expert_compute`` and what

@@ -60,6 +60,10 @@ def expert_shards(model: nn.Module) -> dict[str, ExpertShard]:
                 raise ValueError(f"{type(layer.experts).__name__} holds one module per expert; topology-free "
                                  "checkpoints need stacked experts (StackedExperts): build the layer with a "
                                  "stacked expert, or use the DeepSpeed engine's own checkpoints")
+            if layer.cfg.expert_tensor_parallel:
+                raise ValueError("topology-free checkpoints do not take expert tensor parallelism yet (each expert's "
+                                 "d_ff is split over the TP group); use the DeepSpeed engine's checkpoints, or "
+                                 "expert_tensor_parallel=False")
             shard = ExpertShard(layer.cfg.num_experts, layer.first_expert, layer.cfg.num_local_experts, layer.ep_ranks)
             shards.update({id(param): shard for param in layer.experts.parameters()})
     names = {id(param): name for name, param in model.named_parameters()}

@@ -1,5 +1,5 @@
 """Gathers for saving and checkpointing, never in a forward: every EP rank's expert shard, every
-rank's small Python object."""
+rank's small Python object; and the all-gather along a dimension it is made of."""
 
 from __future__ import annotations
 
@@ -25,10 +25,16 @@ def gather_experts(shard_LX: Tensor, group: Optional[ProcessGroup]) -> Tensor:
     """
     if group is None:
         return shard_LX
-    shard_LX = shard_LX.detach().contiguous()
-    parts = [torch.empty_like(shard_LX) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, shard_LX, group=group)
-    return torch.cat(parts)
+    return all_gather_along(shard_LX.detach(), 0, group)
+
+
+def all_gather_along(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+    """Every rank's ``x`` (one shape and dtype on all) concatenated along ``dim`` in the group's
+    rank order: one all-gather; not differentiable (``comm.tp_gather`` is)."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
 
 
 def gather_objects(value: Any) -> list[Any]:

@@ -1,8 +1,13 @@
-"""Expert-parallel (EP) and expert-data-parallel process groups.
+"""Expert-parallel (EP), expert-data-parallel, tensor-parallel (TP) and data-parallel groups.
 
-World = ``ep_size * dp``. EP groups are blocks of consecutive ranks (``[0..ep)``, ``[ep..2ep)``,
-...), as DeepSpeed lays them out; the expert-data-parallel group of a rank holds the ranks with
-the same position in every block (the replicas of the same experts).
+World = ``tp * dp`` ranks. TP groups are blocks of ``tp`` consecutive ranks (Megatron's layout);
+the data-parallel group of a rank holds the ranks with the same TP rank (``r, r + tp, ...``).
+EP groups are formed within each data-parallel group, as DeepSpeed does for a model with an mpu
+(``_get_expert_parallel_ranks``): blocks of ``ep_size`` consecutive entries of it. With
+``tp == 1`` that is blocks of consecutive ranks (``[0..ep)``, ``[ep..2ep)``, ...). The
+expert-data-parallel group of a rank holds the ranks with the same experts: the same position in
+every EP block, and with experts not split over TP (``expert_tensor_parallel=False``) every TP
+rank of those too (they hold the whole experts and compute different slots).
 
 Modules never hold a process group (so they deep-copy and pickle); they hold the tuple of global
 ranks, and ``lookup`` returns the group registered for it.
@@ -25,15 +30,20 @@ _BUILT: set[tuple[int, ...]] = set()
 
 @dataclass(frozen=True)
 class ExpertGroups:
-    """The two groups a rank takes part in (``None`` means the single-rank local case).
+    """The groups a rank takes part in (``None`` means the single-rank local case).
 
     Attributes:
         ep_ranks: global ranks of this rank's EP group, in EP order.
-        expert_dp_ranks: global ranks holding replicas of this rank's experts.
+        expert_dp_ranks: global ranks holding replicas of this rank's experts (or expert slices).
+        tp_ranks: global ranks of this rank's TP group, in TP order (this rank alone without TP).
+        dp_ranks: global ranks of this rank's data-parallel group (the world without TP): dense
+            gradients are averaged over it.
     """
 
     ep_ranks: tuple[int, ...]
     expert_dp_ranks: tuple[int, ...]
+    tp_ranks: tuple[int, ...]
+    dp_ranks: tuple[int, ...]
 
     @property
     def ep_group(self) -> Optional[ProcessGroup]:
@@ -44,6 +54,16 @@ class ExpertGroups:
     def expert_dp_group(self) -> Optional[ProcessGroup]:
         """The expert-data-parallel process group (``None`` when it has one rank)."""
         return lookup(self.expert_dp_ranks)
+
+    @property
+    def tp_group(self) -> Optional[ProcessGroup]:
+        """The TP process group (``None`` when it has one rank)."""
+        return lookup(self.tp_ranks)
+
+    @property
+    def dp_group(self) -> Optional[ProcessGroup]:
+        """The data-parallel process group (``None`` when it has one rank)."""
+        return lookup(self.dp_ranks)
 
 
 def register(group: Optional[ProcessGroup]) -> tuple[int, ...]:
@@ -72,33 +92,48 @@ def lookup(ranks: tuple[int, ...]) -> Optional[ProcessGroup]:
     return _GROUPS[ranks]
 
 
-def expert_groups(ep_size: int) -> ExpertGroups:
-    """Build (once per ``ep_size``) and return this rank's EP and expert-data-parallel groups.
+def expert_groups(ep_size: int, tp_size: int = 1, expert_tensor_parallel: bool = False) -> ExpertGroups:
+    """Build (once per layout) and return this rank's groups (see the module docstring).
 
     Must be called on every rank (it creates process groups collectively).
 
+    Args:
+        ep_size: EP group size (``MoEConfig.ep_size``).
+        tp_size: TP group size (``MoEConfig.tp_size``).
+        expert_tensor_parallel: the experts are split over the TP group (``MoEConfig``'s), which
+            narrows the expert-data-parallel groups to one TP rank.
+
     Raises:
-        RuntimeError: ``ep_size > 1`` without an initialised process group.
-        ValueError: the world size is not a multiple of ``ep_size``.
+        RuntimeError: ``ep_size * tp_size > 1`` without an initialised process group.
+        ValueError: the world size is not a multiple of ``ep_size * tp_size``.
     """
     if not dist.is_initialized():
-        if ep_size > 1:
+        if ep_size * tp_size > 1:
             raise RuntimeError(
-                f"ep_size={ep_size} needs an initialised torch.distributed process group; call "
-                "torch.distributed.init_process_group first (or use ep_size=1)"
+                f"ep_size={ep_size} and tp_size={tp_size} need an initialised torch.distributed process "
+                "group; call torch.distributed.init_process_group first (or use ep_size=1 and tp_size=1)"
             )
-        return ExpertGroups((0,), (0,))
+        return ExpertGroups((0,), (0,), (0,), (0,))
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world % ep_size:
+    if world % (ep_size * tp_size):
+        times = f" times tp_size={tp_size}" if tp_size > 1 else ""
         raise ValueError(
-            f"ep_size={ep_size} does not divide the world size {world}; choose an ep_size that "
-            "divides it (world = ep_size * data-parallel size)"
+            f"ep_size={ep_size}{times} does not divide the world size {world}; choose an ep_size (and tp_size) "
+            "whose product divides it (world = tp_size * data-parallel size, a multiple of ep_size)"
         )
-    blocks = [tuple(range(start, start + ep_size)) for start in range(0, world, ep_size)]
-    replicas = [tuple(range(pos, world, ep_size)) for pos in range(ep_size)]
-    for ranks in blocks + replicas:
+    tps = [tuple(range(start, start + tp_size)) for start in range(0, world, tp_size)]
+    dps = [tuple(range(lane, world, tp_size)) for lane in range(tp_size)]
+    eps = [dp[start:start + ep_size] for dp in dps for start in range(0, len(dp), ep_size)]
+    # ranks at EP position p hold the same experts: in every EP block of one TP lane, or of all lanes
+    expert_dps = [tuple(sorted(ep[pos] for ep in eps if not expert_tensor_parallel or ep[0] % tp_size == lane))
+                  for lane in range(tp_size if expert_tensor_parallel else 1) for pos in range(ep_size)]
+    for ranks in tps + dps + eps + expert_dps:
         if len(ranks) > 1 and ranks not in _BUILT:
             # new_group is collective: every rank creates every group in the same order
             _GROUPS[ranks] = dist.new_group(list(ranks)) if len(ranks) < world else dist.group.WORLD
             _BUILT.add(ranks)
-    return ExpertGroups(blocks[rank // ep_size], replicas[rank % ep_size])
+
+    def mine(candidates: list[tuple[int, ...]]) -> tuple[int, ...]:
+        return next(ranks for ranks in candidates if rank in ranks)
+
+    return ExpertGroups(mine(eps), mine(expert_dps), mine(tps), mine(dps))

@@ -12,6 +12,9 @@ from torch import Tensor, nn
 from ..activations import ACTIVATIONS
 from .base import Experts
 
+# sums the partial outputs of TP-split experts over their TP group (the layer passes comm's)
+Reduce = Callable[[Tensor], Tensor]
+
 
 class StackedExperts(Experts):
     """``num_experts`` independent FFN (or SwiGLU) experts held as stacked tensors.
@@ -31,13 +34,17 @@ class StackedExperts(Experts):
         sharded: this rank's shard of the EP group's experts (see ``experts.base.Experts``).
         first_expert: the global id of local expert 0 (``ep_rank * E_local`` in a layer); it seeds
             the init (see ``reset_parameters``).
+        tp_rank, tp_size: expert tensor parallelism: these experts are slice ``tp_rank`` of
+            ``tp_size`` equal slices of ``d_ff`` (columns of ``w1`` / ``w3`` / ``b1``, rows of
+            ``w2``; ``b2`` whole), and ``d_ff`` is the slice's width. Their outputs are partial
+            sums: pass ``reduce`` to ``forward`` / ``grouped`` to sum them before ``b2``.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool = False,
                  activation: str = "gelu", bias: bool = False, sharded: bool = True,
-                 first_expert: int = 0) -> None:
+                 first_expert: int = 0, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__(sharded)
-        self.first_expert = first_expert
+        self.first_expert, self.tp_rank, self.tp_size = first_expert, tp_rank, tp_size
         self.activation = "silu" if gated else activation
         self.act = ACTIVATIONS[self.activation]()
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -53,27 +60,40 @@ class StackedExperts(Experts):
         One seed is drawn from the global RNG; global expert ``g`` draws its weights from a
         generator seeded with ``seed + g``. So ranks that share a seed (the usual data-parallel
         set-up) still start with different experts, and a seed gives every global expert the same
-        weights at any EP size. Meta tensors are left alone.
+        weights at any EP size. A TP slice (``tp_size > 1``) draws the whole expert and keeps its
+        slice, so it equals that slice of the unsplit expert. Meta tensors are left alone.
         """
         seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_(0, 2 ** 62))
         if self.w1.is_meta:
             return
-        d_model, d_ff = self.w1.shape[1], self.w1.shape[2]
+        d_model, d_ff = self.w1.shape[1], self.w1.shape[2] * self.tp_size
         fan_in = {"w1": d_model, "w3": d_model, "b1": d_model, "w2": d_ff, "b2": d_ff}
+        # the dimension of d_ff in each (per-expert) parameter; b2 has none
+        split = {"w1": 1, "w3": 1, "b1": 0, "w2": 0}
         with torch.no_grad():
             for local in range(self.w1.shape[0]):
                 generator = torch.Generator(self.w1.device).manual_seed(seed + self.first_expert + local)
                 for name, param in self.named_parameters():
                     bound = 1.0 / math.sqrt(fan_in[name])
-                    param[local].uniform_(-bound, bound, generator=generator)
+                    shape = list(param.shape[1:])
+                    if name in split:
+                        shape[split[name]] *= self.tp_size
+                    full = torch.empty(shape, device=param.device, dtype=param.dtype)
+                    full.uniform_(-bound, bound, generator=generator)
+                    if name in split:
+                        width = shape[split[name]] // self.tp_size
+                        full = full.narrow(split[name], self.tp_rank * width, width)
+                    param[local].copy_(full)
 
-    def forward(self, x_END: Tensor) -> Tensor:
-        """Apply expert ``e`` to row block ``e``: ``[E, N, D] -> [E, N, D]`` (batched matmuls)."""
+    def forward(self, x_END: Tensor, reduce: Optional[Reduce] = None) -> Tensor:
+        """Apply expert ``e`` to row block ``e``: ``[E, N, D] -> [E, N, D]`` (batched matmuls).
+        ``reduce`` (TP slices) sums the partial outputs ``[E, N, D]`` over the slices before ``b2``."""
         b1 = None if self.b1 is None else self.b1.unsqueeze(1)
         b2 = None if self.b2 is None else self.b2.unsqueeze(1)
-        return self._ffn(x_END, self.w1, self.w3, self.w2, b1, b2)
+        return self._ffn(x_END, self.w1, self.w3, self.w2, b1, b2, reduce=reduce)
 
-    def grouped(self, x_ND: Tensor, offsets_L: Tensor, expert_N: Optional[Tensor] = None) -> Tensor:
+    def grouped(self, x_ND: Tensor, offsets_L: Tensor, expert_N: Optional[Tensor] = None,
+                reduce: Optional[Reduce] = None) -> Tensor:
         """Only the filled rows: ``[N, D] -> [N, D]``, rows ``offsets_L[l-1]:offsets_L[l]`` through
         expert ``l`` (``torch._grouped_mm``, forward and backward); rows from ``offsets_L[-1]`` on
         are not computed (their output is unspecified). No host sync.
@@ -83,6 +103,7 @@ class StackedExperts(Experts):
             offsets_L: cumulative row ends per expert, ``int32`` on the device.
             expert_N: the expert of every row, ``E`` for rows past the last offset (needed only
                 with biases: those rows get a zero bias, so no gradient of theirs reaches one).
+            reduce: sums the partial outputs ``[N, D]`` of TP slices before ``b2`` (see ``forward``).
         """
         dtype = x_ND.dtype
         if torch.is_autocast_enabled(x_ND.device.type):
@@ -99,7 +120,8 @@ class StackedExperts(Experts):
         def bias(b: Optional[Tensor]) -> Optional[Tensor]:  # per row; a zero row past the last offset
             return None if b is None else F.pad(b.to(dtype), (0, 0, 0, 1))[expert_N]
 
-        return self._ffn(x_ND.to(dtype), self.w1, self.w3, self.w2, bias(self.b1), bias(self.b2), matmul=gmm)
+        return self._ffn(x_ND.to(dtype), self.w1, self.w3, self.w2, bias(self.b1), bias(self.b2), matmul=gmm,
+                         reduce=reduce)
 
     def dense(self, x_SD: Tensor) -> Tensor:
         """Every token through every expert, summed: ``[S, D] -> [S, D]``, ``sum_e expert_e(x)``.
@@ -116,9 +138,10 @@ class StackedExperts(Experts):
         return self._ffn(x_SD, w1_DH, w3_DH, self.w2.reshape(num_experts * d_ff, d_model), b1, b2)
 
     def _ffn(self, x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, b1: Optional[Tensor],
-             b2: Optional[Tensor], matmul: Callable[[Tensor, Tensor], Tensor] = torch.matmul) -> Tensor:
-        """``act(x @ w1 + b1) [* (x @ w3)] @ w2 + b2`` for matching (batched, plain or, with the
-        grouped ``matmul``, grouped) shapes."""
+             b2: Optional[Tensor], matmul: Callable[[Tensor, Tensor], Tensor] = torch.matmul,
+             reduce: Optional[Reduce] = None) -> Tensor:
+        """``reduce(act(x @ w1 + b1) [* (x @ w3)] @ w2) + b2`` for matching (batched, plain or, with
+        the grouped ``matmul``, grouped) shapes; no ``reduce`` is the identity."""
         hidden = matmul(x, w1)
         if b1 is not None:
             hidden = hidden + b1
@@ -126,6 +149,8 @@ class StackedExperts(Experts):
         if w3 is not None:
             hidden = hidden * matmul(x, w3)
         out = matmul(hidden, w2)
+        if reduce is not None:
+            out = reduce(out)
         if b2 is not None:
             out = out + b2
         return out

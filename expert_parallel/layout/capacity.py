@@ -57,7 +57,9 @@ def layer_capacity(cfg: MoEConfig, agreed_input: int, training: bool, proposed: 
     A fixed ``cfg.capacity`` wins; ``dropless`` takes the local token count ``S`` (every EP rank
     passes the same); ``drop_tokens=False`` or a router's proposal is used as it is
     (at least 1); otherwise ``expert_capacity`` of the largest token count with the capacity factor
-    of the mode (``capacity_factor`` in training, ``eval_capacity_factor`` in eval).
+    of the mode (``capacity_factor`` in training, ``eval_capacity_factor`` in eval). The derived
+    capacity is rounded up to a multiple of ``cfg.tp_size`` (each TP rank sends ``C / tp_size``
+    slots of every expert).
 
     Args:
         cfg: the layer config.
@@ -67,10 +69,12 @@ def layer_capacity(cfg: MoEConfig, agreed_input: int, training: bool, proposed: 
         num_tokens: ``S``, this rank's token count.
     """
     if cfg.capacity is not None:
-        return cfg.capacity
+        return cfg.capacity  # validated divisible by tp_size
     if cfg.dropless:
-        return max(num_tokens, 1)
-    if not cfg.drop_tokens or proposed:
-        return max(agreed_input, 1)
-    return expert_capacity(agreed_input, cfg.num_experts, cfg.num_choices, cfg.capacity_factor_for(training),
-                           cfg.min_capacity)
+        capacity = max(num_tokens, 1)
+    elif not cfg.drop_tokens or proposed:
+        capacity = max(agreed_input, 1)
+    else:
+        capacity = expert_capacity(agreed_input, cfg.num_experts, cfg.num_choices, cfg.capacity_factor_for(training),
+                                   cfg.min_capacity)
+    return -(-capacity // cfg.tp_size) * cfg.tp_size  # every TP rank sends an equal share of the slots

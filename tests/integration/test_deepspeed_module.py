@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -110,7 +112,10 @@ def test_deepspeed_options_map_onto_the_config():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(use_tutel=True), r"use_tutel=True\) is not supported"),
-    (dict(enable_expert_tensor_parallelism=True), r"enable_expert_tensor_parallelism"),
+    (dict(enable_expert_tensor_parallelism=True, expert=make_expert("residual")),
+     r"enable_expert_tensor_parallelism=True\) is not supported: .*ResidualExpert runs as a generic expert"),
+    (dict(enable_expert_tensor_parallelism=True, expert_impl="generic"),
+     r"enable_expert_tensor_parallelism=True\) is not supported: .*Sequential runs as a generic expert"),
     (dict(noisy_gate_policy="Gaussian"), r"noisy_gate_policy='Gaussian'.*choose one of"),
     (dict(router="gshard", k=2, use_rts=True), r"use_rts=True.*not router='gshard'"),
     (dict(router="gshard", k=2, top2_2nd_expert_sampling=False), r"top2_2nd_expert_sampling"),
@@ -123,6 +128,15 @@ def test_unsupported_options_raise_a_clear_error(kwargs, match):
     expert = kwargs.pop("expert", make_expert("mlp"))
     with pytest.raises(ValueError, match=match):
         MoE(D_MODEL, expert, num_experts=4, **kwargs)
+
+
+def test_expert_tensor_parallelism_without_an_mpu_is_deepspeeds_no_op():
+    # DeepSpeed splits experts over the mpu's TP group only; without an mpu nothing is split
+    reference, ours = _pair(enable_expert_tensor_parallelism=True)
+    assert ours.enable_expert_tensor_parallelism == reference.enable_expert_tensor_parallelism
+    assert ours(torch.randn(2, 6, D_MODEL))[0].shape == (2, 6, D_MODEL)
+    cfg = ours.deepspeed_moe.cfg
+    assert (cfg.tp_size, cfg.expert_tensor_parallel, ours.deepspeed_moe.tp_ranks) == (1, False, (0,))
 
 
 def test_used_token_masks_raise_instead_of_being_ignored():
@@ -157,6 +171,10 @@ def test_engine_model_needs_moe_layers_of_its_ep_size():
     layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4, second_policy="all"))  # deterministic
     with pytest.raises(ValueError, match=r"EngineModel\(ep_size=2\): the model's MoE layers have ep_size \[1\]"):
         EngineModel(torch.nn.Sequential(layer), ep_size=2)
+    tensor_parallel = copy.deepcopy(layer)
+    tensor_parallel.cfg = layer.cfg.replace(tp_size=2)  # as built on a TP group (needs no process group here)
+    with pytest.raises(ValueError, match=r"tp_size \[2\].*use integrations.deepspeed.MoE with an mpu"):
+        EngineModel(torch.nn.Sequential(tensor_parallel), ep_size=1)
     wrapped = EngineModel(torch.nn.Sequential(layer), ep_size=1)
     assert all(is_moe_param(p) and p.group_name == "ep_size_1" for p in layer.experts.parameters())
     assert not any(is_moe_param(p) for p in layer.router.parameters())

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from expert_parallel import MoEConfig, MoELayer
+from expert_parallel.layout import layer_capacity
 from tests.unit.layer_helpers import D_MODEL, make_input, make_layer
 
 BASE = dict(d_model=8, d_ff=16, num_experts=4)
@@ -49,6 +50,11 @@ def _config(**overrides) -> MoEConfig:
     (dict(min_capacity=-1), r"min_capacity=-1 .*>= 0"),
     (dict(second_threshold=0.7), r"second_threshold=0.7 .*\[0, 0.5\]"),
     (dict(aux_loss_weight=-0.1), r"aux_loss_weight=-0.1 .*>= 0"),
+    (dict(tp_size=0), r"tp_size=0 .*integer >= 1"),
+    (dict(expert_tensor_parallel=1, tp_size=2), r"expert_tensor_parallel=1 .*True or False"),
+    (dict(expert_tensor_parallel=True), r"expert_tensor_parallel=True .*tp_size=1; set tp_size > 1"),
+    (dict(tp_size=2, capacity=5), r"capacity=5 .*tp_size=2 .*divisible by tp_size"),
+    (dict(tp_size=3, expert_tensor_parallel=True), r"d_ff=16 .*tp_size=3 .*divisible by tp_size"),
 ])
 def test_invalid_config_raises_value_error_naming_field_and_value(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -65,6 +71,8 @@ def test_invalid_config_raises_value_error_naming_field_and_value(overrides, pat
     dict(expert="swiglu", expert_bias=True),
     dict(min_capacity=0, aux_loss_weight=0.0),
     dict(capacity_factor=1, eval_capacity_factor=np.float32(1.5)),  # any finite real number
+    dict(tp_size=3, capacity=6),  # experts not split: d_ff need not divide
+    dict(tp_size=2, expert_tensor_parallel=True),
 ])
 def test_valid_configs_are_accepted(overrides):
     cfg = _config(**overrides)
@@ -79,6 +87,18 @@ def test_replace_validates_again():
 
 def test_num_local_experts_splits_experts_over_ep_ranks():
     assert _config(num_experts=8, ep_size=4).num_local_experts == 2
+
+
+def test_capacity_is_rounded_up_to_a_multiple_of_tp_size():
+    # 16 tokens, top-2 of 4 experts, factor 1.25: 10 slots; each of 3 TP ranks sends an equal share
+    assert layer_capacity(_config(min_capacity=0), 16, True, False, 16) == 10
+    assert layer_capacity(_config(min_capacity=0, tp_size=3), 16, True, False, 16) == 12
+    assert layer_capacity(_config(dropless=True, tp_size=4), 0, True, False, 6) == 8
+
+
+def test_tp_size_above_one_without_process_group_raises_runtime_error():
+    with pytest.raises(RuntimeError, match=r"tp_size=2 need an initialised"):
+        MoELayer(_config(tp_size=2))
 
 
 def test_layer_input_of_wrong_width_names_d_model():

@@ -64,8 +64,8 @@ def from_deepspeed(engine_dir: str | os.PathLike, out: str | os.PathLike, model:
     inner = model.model if isinstance(model, EngineModel) else model
     for layer in inner.modules():
         if isinstance(layer, MoELayer) and layer.cfg.ep_size != 1:
-            raise CheckpointError(f"build the model with ep_size=1 to convert (a layer has ep_size={layer.cfg.ep_size}); "
-                                  "the converted checkpoint then loads at any EP size")
+            raise CheckpointError(f"build the model with ep_size=1 to convert (a layer has ep_size="
+                                  f"{layer.cfg.ep_size}); the converted checkpoint then loads at any EP size")
     drop_ins = [module for module in model.modules()
                 if isinstance(module, deepspeed.moe.layer.MoE) and not isinstance(module, ExpertGroupDeclaration)]
     for layer_id, module in enumerate(drop_ins):

@@ -90,7 +90,8 @@ class EngineModel(nn.Module):
         ep_size: its expert-parallel size.
 
     Raises:
-        ValueError: the model has no ``MoELayer``, or its layers' EP size differs from ``ep_size``.
+        ValueError: the model has no ``MoELayer``, its layers' EP size differs from ``ep_size``, or
+            they are tensor-parallel (``tp_size > 1``).
     """
 
     def __init__(self, model: nn.Module, ep_size: int) -> None:
@@ -102,6 +103,11 @@ class EngineModel(nn.Module):
         if any(layer.cfg.ep_size != ep_size for layer in layers):
             raise ValueError(f"EngineModel(ep_size={ep_size}): the model's MoE layers have ep_size "
                              f"{sorted({layer.cfg.ep_size for layer in layers})}; pass that ep_size")
+        if any(layer.cfg.tp_size > 1 for layer in layers):
+            raise ValueError(f"EngineModel: the model's MoE layers have tp_size "
+                             f"{sorted({layer.cfg.tp_size for layer in layers})}, and it declares DeepSpeed's "
+                             "expert groups without tensor parallelism; use "
+                             "integrations.deepspeed.MoE with an mpu for tensor-parallel MoE layers")
         self.model = model
         self.expert_groups = ExpertGroupDeclaration(ep_size, layers[0].cfg.num_experts, layers[0].ep_ranks)
         for param in sharded_expert_parameters(model):

@@ -24,6 +24,7 @@ import deepspeed.moe.layer
 import torch
 import torch.distributed as dist
 from deepspeed.utils import groups
+from deepspeed.utils.bwc import bwc_tensor_model_parallel_group, bwc_tensor_model_parallel_world_size
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -50,17 +51,20 @@ ROUTER_EXTRAS = ("gate_after_topk", "normalize_topk", "jitter_eps", "z_loss_weig
 
 
 class DeepSpeedMoELayer(MoELayer):
-    """``MoELayer`` whose EP group comes from DeepSpeed and whose experts are given.
+    """``MoELayer`` whose EP and TP groups come from DeepSpeed and whose experts are given.
 
     Its state dict uses DeepSpeed's names: ``gate.wg.weight`` for the router, and the experts'
-    own (``experts.deepspeed_experts.<i>.<...>``). The EP ranks stay ``None`` until
-    ``bind_group`` (DeepSpeed creates groups after the model is built).
+    own (``experts.deepspeed_experts.<i>.<...>``). The EP and TP ranks stay ``None`` until
+    ``bind_group`` (DeepSpeed creates groups after the model is built). ``cfg.d_ff`` is the given
+    experts' width until then; with expert tensor parallelism they are one TP slice of it.
     """
 
     def __init__(self, cfg: MoEConfig, experts: nn.Module) -> None:
         nn.Module.__init__(self)  # not MoELayer.__init__: it would build groups and random experts
         self.cfg = cfg
         self.ep_ranks: Optional[tuple[int, ...]] = None
+        self.tp_ranks: Optional[tuple[int, ...]] = None
+        self.slice_d_ff = cfg.d_ff
         with torch.random.fork_rng(devices=[]):
             self.router = Router.from_config(cfg)
         self.experts = experts
@@ -70,9 +74,17 @@ class DeepSpeedMoELayer(MoELayer):
         self.register_state_dict_post_hook(_router_to_gate)
         self.register_load_state_dict_pre_hook(_gate_to_router)
 
-    def bind_group(self, group: Optional[dist.ProcessGroup]) -> None:
-        """Use ``group`` (DeepSpeed's EP group of this rank; ``None``: this rank alone)."""
-        self.ep_ranks = register(group)
+    def bind_group(self, group: Optional[dist.ProcessGroup], tp_group: Optional[dist.ProcessGroup] = None,
+                   expert_tensor_parallel: bool = False) -> None:
+        """Use ``group`` (DeepSpeed's EP group of this rank; ``None``: this rank alone) and
+        ``tp_group`` (the mpu's tensor-parallel group; ``None``: no TP), with the experts split
+        over ``tp_group`` when ``expert_tensor_parallel`` (the config follows: ``tp_size``,
+        ``expert_tensor_parallel``, and ``d_ff`` the whole experts' width)."""
+        self.ep_ranks, self.tp_ranks = register(group), register(tp_group)
+        tp_size = len(self.tp_ranks)
+        expert_tensor_parallel = expert_tensor_parallel and tp_size > 1
+        self.cfg = self.cfg.replace(tp_size=tp_size, expert_tensor_parallel=expert_tensor_parallel,
+                                    d_ff=self.slice_d_ff * (tp_size if expert_tensor_parallel else 1))
 
 
 def _router_to_gate(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
@@ -98,7 +110,11 @@ class MoE(deepspeed.moe.layer.MoE):
         num_experts, ep_size, k, capacity_factor, eval_capacity_factor, min_capacity,
         use_residual, noisy_gate_policy, drop_tokens: as in DeepSpeed.
         use_rts: random token selection (top-1); ``None`` means DeepSpeed's default (True).
-        use_tutel, enable_expert_tensor_parallelism: must stay False (raise otherwise).
+        enable_expert_tensor_parallelism: with an ``mpu`` given to ``deepspeed.initialize``, split
+            the experts over its tensor-parallel group (``expert`` is then one TP slice of an
+            expert, as in DeepSpeed; it must be a plain MLP or SwiGLU block). With an mpu, tokens
+            are split over the TP group around the all-to-alls in any case, as DeepSpeed does.
+        use_tutel: must stay False (raise otherwise).
         top2_2nd_expert_sampling: Gumbel-sampled second expert (top-2); ``None``: default True.
 
     Keyword-only extras:
@@ -138,15 +154,12 @@ class MoE(deepspeed.moe.layer.MoE):
                   "pass one of the two")
         if use_tutel:
             _fail("use_tutel", use_tutel, "our dispatch does not use Tutel kernels; remove use_tutel")
-        if enable_expert_tensor_parallelism:
-            _fail("enable_expert_tensor_parallelism", True, "experts are not tensor-parallel here; "
-                  "remove the option (or keep deepspeed.moe.layer.MoE for this layer)")
         if noisy_gate_policy not in NOISY_GATE_POLICIES:
             _fail("noisy_gate_policy", noisy_gate_policy, f"choose one of {list(NOISY_GATE_POLICIES)}")
         if expert_impl not in EXPERT_IMPLS:
             _fail("expert_impl", expert_impl, f"choose one of {list(EXPERT_IMPLS)}")
         self.use_residual = use_residual
-        self.enable_expert_tensor_parallelism = False
+        self.enable_expert_tensor_parallelism = enable_expert_tensor_parallelism
         self.ep_size = ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
         self.num_experts = num_experts
@@ -154,6 +167,11 @@ class MoE(deepspeed.moe.layer.MoE):
         if expert_impl == "stacked" and spec is None:
             _fail("expert_impl", "stacked", f"{type(expert).__name__} is not a plain Linear-activation-"
                   "Linear MLP or a bias-free SwiGLU block; use expert_impl='auto' or 'generic'")
+        if enable_expert_tensor_parallelism and spec is None:
+            _fail("enable_expert_tensor_parallelism", True, "tensor-parallel experts are stacked experts split "
+                  f"over d_ff, and {type(expert).__name__} runs as a generic expert (not a plain Linear-activation-"
+                  "Linear MLP or bias-free SwiGLU block, or expert_impl='generic'); pass such an expert or "
+                  "enable_expert_tensor_parallelism=False")
         cfg = MoEConfig(
             d_model=hidden_size, d_ff=spec.d_ff if spec else hidden_size, num_experts=num_experts,
             top_k=k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
@@ -203,7 +221,10 @@ class MoE(deepspeed.moe.layer.MoE):
         self._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
     def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """DeepSpeed's expert / expert-data-parallel groups, from its own helpers."""
+        """DeepSpeed's expert / expert-data-parallel groups, from its own helpers, as its ``MoE``
+        makes them: with an mpu (``deepspeed.initialize(mpu=...)``) and expert tensor parallelism,
+        EP groups within the mpu's data-parallel ranks; otherwise its consecutive blocks. The TP
+        group is the mpu's."""
         if not dist.is_initialized():
             if self.ep_size > 1:
                 raise RuntimeError(f"MoE(ep_size={self.ep_size}) needs torch.distributed; call "
@@ -217,9 +238,16 @@ class MoE(deepspeed.moe.layer.MoE):
             deepspeed.init_distributed(dist_backend=dist.get_backend())
         if self.expert_group_name not in groups._get_expert_parallel_group_dict():
             log_rank0(f"creating expert groups {self.expert_group_name}")
-            groups._create_expert_and_data_parallel(
-                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
-        self.deepspeed_moe.bind_group(groups._get_expert_parallel_group(self.expert_group_name))
+            if groups.mpu is None or not self.enable_expert_tensor_parallelism:
+                groups._create_expert_and_data_parallel(
+                    self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+            else:
+                groups._create_expert_data_and_model_parallel(
+                    self.ep_size, mpu=groups.mpu, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        tp_size = bwc_tensor_model_parallel_world_size(groups.mpu)
+        self.deepspeed_moe.bind_group(groups._get_expert_parallel_group(self.expert_group_name),
+                                      bwc_tensor_model_parallel_group(groups.mpu) if tp_size > 1 else None,
+                                      self.enable_expert_tensor_parallelism)
 
     def forward(self, hidden_states: Tensor,
                 used_token: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
