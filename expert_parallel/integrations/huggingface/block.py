@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from transformers.utils.output_capturing import _active_collector
 
-from ...comm import gather_experts, lookup
+from ...checkpoint import expert_shards
 from ...config import MoEConfig
 from ...layer import MoELayer
 from .specs import BlockSpec, hf_to_ours, join_parts, ours_to_hf
@@ -86,13 +86,13 @@ class ExpertParallelBlock(nn.Module):
         """This block's tensors under the HF block's keys, with every expert: the routed experts
         are gathered from the EP group (one all-gather per weight; every rank of the group must
         call this, blocks in the same order). Tensors may share storage with the parameters."""
-        group = lookup(self.moe.ep_ranks)
+        shards = expert_shards(self.moe)  # the checkpoint's logical tensors: one way to gather experts
         state = self.moe.state_dict()
         parts: dict[str, dict[int, Tensor]] = {}
         for wm in self.spec.weights:
             value = state[wm.ours].detach()
             if wm.sharded:
-                value = gather_experts(value, group)
+                value = shards[wm.ours].gather(value)
             parts.setdefault(wm.hf, {})[wm.part[0]] = ours_to_hf(value, wm)
         return {key: join_parts(parts[key]) for key in self.hf_keys}
 
