@@ -29,20 +29,32 @@ from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
 from .comm import (
+    A2AGroup,
     Agreement,
+    NodeRanks,
     agree,
-    dispatch,
-    exchange,
-    exchange_back,
+    by_expert,
+    by_source,
+    exchange_back_start,
     exchange_fill,
+    exchange_start,
     expert_groups,
     lookup,
     register,
-    undispatch,
+    resolve_ranks_per_node,
 )
 from .config import MoEConfig
 from .experts import StackedExperts, grouped_gemm_supported
-from .layout import assign_slots, capacity_input, combine, expert_rows, kept_weights, layer_capacity, pack
+from .layout import (
+    assign_slots,
+    capacity_input,
+    chunk_bounds,
+    combine,
+    expert_rows,
+    kept_weights,
+    layer_capacity,
+    pack,
+)
 from .routing import Router, route, weighted_aux_loss
 from .stats import RoutingStats, routing_stats
 
@@ -132,6 +144,9 @@ class MoELayer(nn.Module):
         RuntimeError: ``ep_size > 1`` without an initialised process group.
     """
 
+    # the sub-groups of a2a="hierarchical" (ranks, not groups: the module stays picklable); None: flat
+    node_ranks: Optional[NodeRanks] = None
+
     def __init__(self, cfg: MoEConfig, ep_group: Optional[ProcessGroup] = None) -> None:
         super().__init__()
         self.cfg = cfg
@@ -149,6 +164,9 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
         self.filled_compute = self._choose_expert_compute()
+        if cfg.a2a == "hierarchical" and cfg.ep_size > 1:
+            self.node_ranks = NodeRanks.build(self.ep_ranks, resolve_ranks_per_node(cfg.ranks_per_node,
+                                                                                    cfg.ep_size))
 
     def forward(self, x: Tensor) -> MoEOutput:
         """``x [..., d_model] -> MoEOutput`` (see the class docstring)."""
@@ -171,10 +189,7 @@ class MoELayer(nn.Module):
             plan = slots.plan(capacity)
         with self._phase("pack") as phase:
             buffer_ECD = pack(phase.input(x_SD), plan)
-        if self.filled_compute:
-            buffer_ECD = self._filled_experts(buffer_ECD, plan.fill_E, group)
-        else:
-            buffer_ECD = self._padded_experts(buffer_ECD, group)
+        buffer_ECD = self._routed_experts(buffer_ECD, plan.fill_E, group)
         with self._phase("combine") as phase:
             weight_SK = kept_weights(routing.weight_SK, plan, routing.renormalize_kept)
             y_SD = combine(phase.input(buffer_ECD), plan, weight_SK)  # fp32
@@ -193,29 +208,54 @@ class MoELayer(nn.Module):
             y_SD = torch.sigmoid(self.shared_gate(x_SD)) * y_SD
         return y_SD
 
-    def _padded_experts(self, buffer_ECD: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        """Dispatch, every slot through its expert (one batched matmul per weight over
-        ``[E_local, R*C, D]``), return: ``[E, C, D] -> [E, C, D]``."""
-        with self._phase("dispatch") as phase:
-            expert_in = dispatch(phase.input(buffer_ECD), self.cfg.ep_size, group)
-        with self._phase("experts") as phase:
-            expert_out = self.experts(phase.input(expert_in))
-        with self._phase("return") as phase:
-            return undispatch(phase.input(expert_out), self.cfg.ep_size, group)
+    def _routed_experts(self, buffer_ECD: Tensor, fill_E: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        """Dispatch, experts, return: ``[E, C, D] -> [E, C, D]``, chunk by chunk (``num_chunks``).
 
-    def _filled_experts(self, buffer_ECD: Tensor, fill_E: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        """Dispatch (and the filled counts, a tiny all-to-all), only the filled slots through their
-        experts (compacted, grouped GEMM with device offsets), return: ``[E, C, D] -> [E, C, D]``.
-        Every shape is static; empty slots come back unspecified and combine never reads them."""
-        with self._phase("dispatch") as phase:
-            received_RLCD = exchange(phase.input(buffer_ECD), self.cfg.ep_size, group)
-            fill_RL = exchange_fill(fill_E, self.cfg.ep_size, group)
-        with self._phase("experts") as phase:
-            rows = expert_rows(fill_RL, buffer_ECD.shape[1])
-            out_ND = self.experts.grouped(rows.gather(phase.input(received_RLCD)), rows.offsets_L, rows.expert_N)
-            out_RLCD = rows.scatter(out_ND, received_RLCD)
-        with self._phase("return") as phase:
-            return exchange_back(phase.input(out_RLCD), group)
+        The capacity splits into ``chunk_bounds(C, num_chunks)``; with more than one chunk every
+        all-to-all is started asynchronously: chunk ``i+1``'s dispatch and chunk ``i``'s return are
+        in flight while the experts compute chunk ``i``, and the backward mirrors it (``comm.
+        PendingAllToAll``). Each chunk fires ``dispatch`` (its exchange received, the next one
+        started), ``experts`` and ``return`` (its return started; the last waits for every return).
+        Filled compute also exchanges the filled counts once (a tiny all-to-all); a chunk's counts
+        are ``clamp(fill - first slot, 0, chunk size)``, on the device. Every shape is static; with
+        filled compute the empty slots come back unspecified and combine never reads them.
+        """
+        cfg, exchange_group = self.cfg, self._exchange_group(group)
+        bounds = chunk_bounds(buffer_ECD.shape[1], cfg.num_chunks)
+        overlap = len(bounds) > 1
+        chunks = buffer_ECD.split([size for _, size in bounds], dim=1)
+        sent, returned = [], []
+        for index, (first, size) in enumerate(bounds):
+            with self._phase("dispatch") as phase:
+                if index == 0:
+                    fill_RL = exchange_fill(fill_E, cfg.ep_size, exchange_group) if self.filled_compute else None
+                    sent.append(exchange_start(phase.input(chunks[0]), cfg.ep_size, exchange_group, overlap))
+                received_RLCD = sent[index].wait()
+                if index + 1 < len(bounds):
+                    sent.append(exchange_start(phase.input(chunks[index + 1]), cfg.ep_size, exchange_group))
+            with self._phase("experts") as phase:
+                chunk_fill_RL = None if fill_RL is None else (fill_RL - first).clamp(0, size)
+                out_RLCD = self._compute(phase.input(received_RLCD), chunk_fill_RL)
+            with self._phase("return") as phase:
+                returned.append(exchange_back_start(phase.input(out_RLCD), exchange_group, overlap))
+                if index + 1 == len(bounds):
+                    out_RLCD = torch.cat([pending.wait() for pending in returned], dim=2)
+        return out_RLCD.view(buffer_ECD.shape)
+
+    def _compute(self, received_RLCD: Tensor, fill_RL: Optional[Tensor]) -> Tensor:
+        """The local experts on the received slots ``[R, E_local, C, D] -> [R, E_local, C, D]``:
+        with ``fill_RL`` (filled slots per block) only the filled ones (compacted, grouped GEMM
+        with device offsets), else every slot (one batched matmul per weight over ``[E_local,
+        R*C, D]``)."""
+        if fill_RL is None:
+            return by_source(self.experts(by_expert(received_RLCD)), received_RLCD.shape[0])
+        rows = expert_rows(fill_RL, received_RLCD.shape[2])
+        out_ND = self.experts.grouped(rows.gather(received_RLCD), rows.offsets_L, rows.expert_N)
+        return rows.scatter(out_ND, received_RLCD)
+
+    def _exchange_group(self, group: Optional[ProcessGroup]) -> A2AGroup:
+        """What the all-to-alls run over: the EP group, or its hierarchy (``a2a="hierarchical"``)."""
+        return group if self.node_ranks is None or group is None else self.node_ranks.groups()
 
     def _choose_expert_compute(self) -> bool:
         """Filled (grouped GEMM) or padded expert compute, from ``cfg.expert_compute`` and what
