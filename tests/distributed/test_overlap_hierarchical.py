@@ -22,9 +22,11 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
+from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.comm import Hierarchy, NodeRanks, all_to_all, all_to_all_start, expert_groups
 from expert_parallel.routing.registry import ROUTERS
 from tests.harness import run_ranks
+from tests.unit.test_sync_free import host_reads_forbidden
 
 from .reference import Case
 from .scenarios import check_case, run_case
@@ -100,9 +102,29 @@ def _router_layers(rank: int) -> dict[str, Any]:
     return results
 
 
+def _host_reads(rank: int) -> dict[str, str]:
+    """Fixed-capacity hierarchical chunked layers (filled and padded), forward and backward with
+    every host read forbidden (``test_sync_free.host_reads_forbidden``): what raised, per layer."""
+    found = {}
+    for compute in ("filled", "padded"):
+        torch.manual_seed(0)
+        layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=8, ep_size=WORLD, capacity=5, num_chunks=2,
+                                   router="topk", top_k=2, expert_compute=compute, **NODE))
+        x = torch.randn(3 * rank, 16, requires_grad=True)  # rank 0: no tokens
+        try:
+            with host_reads_forbidden():
+                out = layer(x)
+                (out.output.sum() + out.aux_loss).backward()
+            found[compute] = ""
+        except AssertionError as error:
+            found[compute] = str(error)
+            dist.barrier()  # the other ranks may wait in a collective: let the test fail, not hang
+    return found
+
+
 def _worker(rank: int, world_size: int) -> dict[str, Any]:
     return {"a2a": _a2a_checks(rank), "cases": [run_case(rank, case) for case in CASES],
-            "routers": _router_layers(rank), "groups_built": dist.get_world_size()}
+            "routers": _router_layers(rank), "host_reads": _host_reads(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +153,11 @@ def test_hierarchical_all_to_all_equals_the_flat_one_forward_and_backward(spawne
 def test_chunked_and_hierarchical_layers_equal_the_references(spawned, index):
     case = CASES[index]
     check_case(case, [res["cases"][index] for res in spawned])
+
+
+def test_fixed_capacity_hierarchical_chunked_layer_reads_nothing_back(spawned):
+    for rank, res in enumerate(spawned):
+        assert res["host_reads"] == {"filled": "", "padded": ""}, f"rank {rank}: {res['host_reads']}"
 
 
 def test_cases_split_capacities_unevenly(spawned):
