@@ -238,8 +238,9 @@ class MoELayer(nn.Module):
                 out_RLCD = self._compute(phase.input(received_RLCD), chunk_fill_RL)
             with self._phase("return") as phase:
                 returned.append(exchange_back_start(phase.input(out_RLCD), exchange_group, overlap))
-                if index + 1 == len(bounds):
-                    out_RLCD = torch.cat([pending.wait() for pending in returned], dim=2)
+                if index + 1 == len(bounds):  # one chunk: no concatenation copy
+                    out_RLCD = torch.cat([pending.wait() for pending in returned], dim=2) if overlap else (
+                        returned[0].wait())
         return out_RLCD.view(buffer_ECD.shape)
 
     def _compute(self, received_RLCD: Tensor, fill_RL: Optional[Tensor]) -> Tensor:

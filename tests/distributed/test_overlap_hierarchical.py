@@ -30,10 +30,11 @@ from tests.unit.test_sync_free import host_reads_forbidden
 
 from .reference import Case
 from .scenarios import check_case, run_case
+from .test_dispatch_routing import CAPACITY, _codes
 
 WORLD = 4
 NODE = dict(a2a="hierarchical", ranks_per_node=2)
-SLOTS = 3
+SLOTS = CAPACITY  # coded buffers [R(dest), SLOTS, 3]: (source, destination, slot), as for dispatch
 
 CASES = [
     Case("ep4-hierarchical-chunks3-gshard-empty-rank", 4, ((7,), (0,), (11,), (5,)), num_experts=8,
@@ -56,15 +57,6 @@ VARIANTS = {"chunks2": dict(num_chunks=2), "chunks4": dict(num_chunks=4), "hiera
 ROUTER_TOKENS = (10, 0, 7, 13)
 
 
-def _coded(rank: int, world: int) -> torch.Tensor:
-    """``[R(dest), SLOTS, 3]``: (source, destination, slot) in every row."""
-    x = torch.empty(world, SLOTS, 3)
-    x[..., 0] = rank
-    x[..., 1] = torch.arange(world).view(-1, 1).float()
-    x[..., 2] = torch.arange(SLOTS).float()
-    return x
-
-
 def _a2a_checks(rank: int) -> dict[str, Any]:
     """The hierarchical all-to-all for 2, 1 and 4 ranks per node, and the flat one: outputs of
     the blocking and started versions, and input gradients from a received-side coded upstream."""
@@ -72,11 +64,11 @@ def _a2a_checks(rank: int) -> dict[str, Any]:
     ep_ranks = tuple(range(WORLD))
     out: dict[str, Any] = {}
     for name, group in [("flat", flat)] + [(f"node{p}", NodeRanks.build(ep_ranks, p).groups()) for p in (2, 1, 4)]:
-        x = _coded(rank, WORLD).requires_grad_()
+        x = _codes(rank, WORLD).requires_grad_()
         y = all_to_all(x, group)
-        upstream = _coded(rank, WORLD) * 100.0  # received block r gets (me, r, slot) * 100
+        upstream = _codes(rank, WORLD) * 100.0  # received block r gets (me, r, slot) * 100
         y.backward(upstream)
-        x2 = _coded(rank, WORLD).requires_grad_()
+        x2 = _codes(rank, WORLD).requires_grad_()
         pending = [all_to_all_start(x2 * (k + 1), group) for k in range(2)]  # two in flight at once
         y2 = [p.wait() for p in pending]
         (y2[0] + y2[1]).backward(upstream)
@@ -138,8 +130,7 @@ def test_hierarchical_all_to_all_equals_the_flat_one_forward_and_backward(spawne
         want = torch.stack([sources, torch.full((WORLD, SLOTS), float(rank)),
                             torch.arange(SLOTS).float().expand(WORLD, SLOTS)], dim=-1)
         # the gradient of sent block d is d's upstream of received block `rank`: (d, rank, slot) * 100
-        want_grad = torch.stack([sources, torch.full((WORLD, SLOTS), float(rank)),
-                                 torch.arange(SLOTS).float().expand(WORLD, SLOTS)], dim=-1) * 100.0
+        want_grad = want * 100.0
         for name, got in res["a2a"].items():
             where = f"rank {rank} {name}"
             assert got["hierarchy"] == (name != "flat"), where
