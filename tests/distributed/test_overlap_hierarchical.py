@@ -7,10 +7,12 @@ One spawn of 4 gloo ranks (2 "nodes" x 2 with ``ranks_per_node=2``) runs everyth
   closed form of an all-to-all (and the flat one);
 * GShard/Switch layers with chunks and the hierarchy against the float64 loop and the EP=1 layer
   (``scenarios.check_case``): EP 2 and 4, uneven batches, a rank with no tokens, capacities not
-  divisible by the chunks, filled and padded expert compute;
-* every router of the registry, chunked (2, 4), hierarchical and both, against the plain layer
+  divisible by the chunks, filled and padded expert compute, a ``torch.compile``'d and a
+  deep-copied layer;
+* every router of the registry, chunked (2, 4 chunks) and hierarchical with 3 chunks, against the plain layer
   (one chunk, flat) with the same weights, tokens and seeds on the same rank: outputs, aux losses
-  and the gradients of the input and every parameter.
+  and the gradients of the input and every parameter;
+* a fixed-capacity hierarchical chunked layer reads nothing back to the host.
 """
 
 from __future__ import annotations
@@ -41,18 +43,20 @@ CASES = [
          options=dict(second_policy="all", capacity_factor=1.5, num_chunks=3, **NODE), seed=51),
     Case("ep4-hierarchical-padded-switch", 4, ((6,), (9,), (0,), (4,)),
          options=dict(router="switch", capacity_factor=1.5, expert_compute="padded", **NODE), seed=52),
-    Case("ep2-chunks4-capacity5-swiglu-bias", 2, ((9,), (0,), (12,), (3,)),
+    Case("ep2-chunks4-capacity5-swiglu-bias-compiled", 2, ((9,), (0,), (12,), (3,)),
          options=dict(second_policy="all", capacity=5, num_chunks=4, expert="swiglu", expert_bias=True),
-         seed=53),
-    Case("ep2-chunks2-padded-hierarchical-gshard-random", 2, ((8,), (13,), (4,), (0,)),
-         options=dict(capacity_factor=0.75, num_chunks=2, expert_compute="padded", **NODE), seed=54),
+         seed=53, build="compile"),
+    Case("ep2-chunks2-padded-hierarchical-gshard-random-deepcopy", 2, ((8,), (13,), (4,), (0,)),
+         options=dict(capacity_factor=0.75, num_chunks=2, expert_compute="padded", **NODE), seed=54,
+         build="deepcopy"),
 ]
 
 # every router of the registry, with what it needs; the variants run against the plain layer
 ROUTER_OPTIONS = {"gshard": dict(second_policy="random"), "switch": {}, "topk": dict(top_k=3, normalize_topk=True),
                   "noisy_topk": dict(top_k=2, load_loss_weight=0.1), "soft": {},
                   "expert_choice": dict(capacity_factor=1.0), "deepspeed": dict(top_k=2, second_policy="all")}
-VARIANTS = {"chunks2": dict(num_chunks=2), "chunks4": dict(num_chunks=4), "hierarchical": NODE,
+# (the blocking hierarchical exchange alone is router-agnostic: CASES cover it)
+VARIANTS = {"chunks2": dict(num_chunks=2), "chunks4": dict(num_chunks=4),
             "hierarchical-chunks3": dict(num_chunks=3, **NODE)}
 ROUTER_TOKENS = (10, 0, 7, 13)
 
@@ -155,7 +159,7 @@ def test_cases_split_capacities_unevenly(spawned):
     """The cases cover what their names say: a capacity that the chunks do not divide, and one
     below the chunk count (fewer chunks)."""
     capacities = {case.name: int(spawned[0]["cases"][i]["stats"]["capacity"]) for i, case in enumerate(CASES)}
-    assert capacities["ep2-chunks4-capacity5-swiglu-bias"] == 5
+    assert capacities["ep2-chunks4-capacity5-swiglu-bias-compiled"] == 5
     assert capacities["ep4-hierarchical-chunks3-gshard-empty-rank"] % 3
     router_capacities = {int(res["routers"][key][1]["stats"]["capacity"]) for res in spawned for key in res["routers"]}
     assert any(c % 4 for c in router_capacities) and any(c < 4 for c in router_capacities), router_capacities
