@@ -9,9 +9,9 @@ One spawn of 4 gloo ranks (2 "nodes" x 2 with ``ranks_per_node=2``) runs everyth
   (``scenarios.check_case``): EP 2 and 4, uneven batches, a rank with no tokens, capacities not
   divisible by the chunks, filled and padded expert compute, a ``torch.compile``'d and a
   deep-copied layer;
-* every router of the registry, chunked (2, 4 chunks) and hierarchical with 3 chunks, against the plain layer
-  (one chunk, flat) with the same weights, tokens and seeds on the same rank: outputs, aux losses
-  and the gradients of the input and every parameter;
+* every router of the registry, chunked (2, 4 chunks) and hierarchical with 3 chunks, against
+  the plain layer (one chunk, flat) with the same weights, tokens and seeds on the same rank:
+  outputs, aux losses and the gradients of the input and every parameter;
 * a fixed-capacity hierarchical chunked layer reads nothing back to the host.
 """
 
