@@ -7,8 +7,7 @@ One spawn of 4 gloo ranks (2 "nodes" x 2 with ``ranks_per_node=2``) runs everyth
   closed form of an all-to-all (and the flat one);
 * GShard/Switch layers with chunks and the hierarchy against the float64 loop and the EP=1 layer
   (``scenarios.check_case``): EP 2 and 4, uneven batches, a rank with no tokens, capacities not
-  divisible by the chunks, filled and padded expert compute, a ``torch.compile``'d and a
-  deep-copied layer;
+  divisible by the chunks, filled and padded expert compute, a deep-copied layer;
 * every router of the registry, chunked (2, 4 chunks) and hierarchical with 3 chunks, against
   the plain layer (one chunk, flat) with the same weights, tokens and seeds on the same rank:
   outputs, aux losses and the gradients of the input and every parameter;
@@ -43,9 +42,9 @@ CASES = [
          options=dict(second_policy="all", capacity_factor=1.5, num_chunks=3, **NODE), seed=51),
     Case("ep4-hierarchical-padded-switch", 4, ((6,), (9,), (0,), (4,)),
          options=dict(router="switch", capacity_factor=1.5, expert_compute="padded", **NODE), seed=52),
-    Case("ep2-chunks4-capacity5-swiglu-bias-compiled", 2, ((9,), (0,), (12,), (3,)),
+    Case("ep2-chunks4-capacity5-swiglu-bias", 2, ((9,), (0,), (12,), (3,)),
          options=dict(second_policy="all", capacity=5, num_chunks=4, expert="swiglu", expert_bias=True),
-         seed=53, build="compile"),
+         seed=53),
     Case("ep2-chunks2-padded-hierarchical-gshard-random-deepcopy", 2, ((8,), (13,), (4,), (0,)),
          options=dict(capacity_factor=0.75, num_chunks=2, expert_compute="padded", **NODE), seed=54,
          build="deepcopy"),
@@ -59,6 +58,7 @@ ROUTER_OPTIONS = {"gshard": dict(second_policy="random"), "switch": {}, "topk": 
 VARIANTS = {"chunks2": dict(num_chunks=2), "chunks4": dict(num_chunks=4),
             "hierarchical-chunks3": dict(num_chunks=3, **NODE)}
 ROUTER_TOKENS = (10, 0, 7, 13)
+LAYOUTS = ((2, "filled"), (2, "padded"), (4, "filled"), (4, "padded"))  # (EP size, expert compute)
 
 
 def _a2a_checks(rank: int) -> dict[str, Any]:
@@ -82,19 +82,18 @@ def _a2a_checks(rank: int) -> dict[str, Any]:
 
 
 def _router_layers(rank: int) -> dict[str, Any]:
-    """Every router x EP {2, 4} x {filled, padded} x variant: (plain, variant) results."""
+    """Every router x (EP, expert compute) of ``LAYOUTS`` x variant: (plain, variant) results."""
     results: dict[str, Any] = {}
     for router, options in ROUTER_OPTIONS.items():
-        for ep_size in (2, 4):
-            for compute in ("filled", "padded"):
-                base = Case(f"{router}-ep{ep_size}-{compute}", ep_size, tuple((s,) for s in ROUTER_TOKENS),
-                            num_experts=8, d_model=8, d_ff=16, seed=len(results) + 60,
-                            options=dict(router=router, expert_compute=compute, **options))
-                plain = run_case(rank, base)
-                for variant, extra in VARIANTS.items():
-                    case = Case(base.name, ep_size, base.tokens, num_experts=8, d_model=8, d_ff=16, seed=base.seed,
-                                options={**base.options, **extra})
-                    results[f"{base.name}-{variant}"] = (plain, run_case(rank, case))
+        for ep_size, compute in LAYOUTS:
+            base = Case(f"{router}-ep{ep_size}-{compute}", ep_size, tuple((s,) for s in ROUTER_TOKENS),
+                        num_experts=8, d_model=8, d_ff=16, seed=len(results) + 60,
+                        options=dict(router=router, expert_compute=compute, **options))
+            plain = run_case(rank, base)
+            for variant, extra in VARIANTS.items():
+                case = Case(base.name, ep_size, base.tokens, num_experts=8, d_model=8, d_ff=16, seed=base.seed,
+                            options={**base.options, **extra})
+                results[f"{base.name}-{variant}"] = (plain, run_case(rank, case))
     return results
 
 
@@ -118,9 +117,43 @@ def _host_reads(rank: int) -> dict[str, str]:
     return found
 
 
+def _schedule(rank: int) -> list[str]:
+    """The order of a 3-chunk layer's all-to-alls (``"sync"``/``"async"`` as issued) and its
+    exchange phase events, forward then backward."""
+    log: list[str] = []
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=8, ep_size=WORLD, capacity=6, num_chunks=3,
+                               router="topk", top_k=2))
+    layer.register_phase_hook(lambda event: log.append(event) if event.split("/")[1] in (
+        "dispatch", "experts", "return") else None)
+    issue = dist.all_to_all_single
+
+    class Work:  # a handle that logs its wait
+        def __init__(self, work: Any) -> None:
+            self.work = work
+
+        def wait(self) -> Any:
+            log.append("wait")
+            return self.work.wait()
+
+    def logged(*args: Any, async_op: bool = False, **kwargs: Any) -> Any:
+        log.append("start" if async_op else "blocking")
+        work = issue(*args, async_op=async_op, **kwargs)
+        return Work(work) if async_op else work
+
+    dist.all_to_all_single = logged
+    try:
+        out = layer(torch.randn(12, 16, requires_grad=True))
+        log.append("backward")
+        out.output.sum().backward()
+    finally:
+        dist.all_to_all_single = issue
+    return log
+
+
 def _worker(rank: int, world_size: int) -> dict[str, Any]:
     return {"a2a": _a2a_checks(rank), "cases": [run_case(rank, case) for case in CASES],
-            "routers": _router_layers(rank), "host_reads": _host_reads(rank)}
+            "routers": _router_layers(rank), "host_reads": _host_reads(rank), "schedule": _schedule(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +183,30 @@ def test_chunked_and_hierarchical_layers_equal_the_references(spawned, index):
     check_case(case, [res["cases"][index] for res in spawned])
 
 
+def test_chunk_exchanges_are_in_flight_while_other_chunks_compute(spawned):
+    """Forward: chunk i+1's dispatch is started before chunk i's experts run and waited for after
+    them; chunk i's return is started before chunk i+1's experts and waited for at the end. Backward
+    (last chunk first): every return gradient is started at once, and chunk i's dispatch gradient
+    is in flight while chunk i-1's experts run their backward."""
+    dispatch = ["fwd/dispatch", "fwd/experts", "start", "fwd/return"]  # the exchange phases of a chunk
+    for rank, res in enumerate(spawned):
+        log = res["schedule"]
+        split = log.index("backward")
+        assert log[:split] == [
+            "start", "wait",  # the filled counts, blocking
+            "start", "wait", "start", *dispatch,  # chunk 0: dispatch 0 received, dispatch 1 started
+            "wait", "start", *dispatch,  # chunk 1: dispatch 1 received, dispatch 2 started
+            "wait", *dispatch[:-1], "wait", "wait", "wait", "fwd/return",  # chunk 2, then every return received
+        ], f"rank {rank}: {log[:split]}"
+        assert log[split + 1:] == [
+            "start", "start", "start",  # every return gradient
+            "wait", "bwd/return", "bwd/experts", "start",  # chunk 2; its dispatch gradient started
+            "wait", "bwd/return", "bwd/experts", "wait", "bwd/dispatch", "start",  # chunk 1 ran meanwhile
+            "wait", "bwd/return", "bwd/experts", "wait", "bwd/dispatch", "start",  # chunk 0 ran meanwhile
+            "wait", "bwd/dispatch",
+        ], f"rank {rank}: {log[split + 1:]}"
+
+
 def test_fixed_capacity_hierarchical_chunked_layer_reads_nothing_back(spawned):
     for rank, res in enumerate(spawned):
         assert res["host_reads"] == {"filled": "", "padded": ""}, f"rank {rank}: {res['host_reads']}"
@@ -159,15 +216,15 @@ def test_cases_split_capacities_unevenly(spawned):
     """The cases cover what their names say: a capacity that the chunks do not divide, and one
     below the chunk count (fewer chunks)."""
     capacities = {case.name: int(spawned[0]["cases"][i]["stats"]["capacity"]) for i, case in enumerate(CASES)}
-    assert capacities["ep2-chunks4-capacity5-swiglu-bias-compiled"] == 5
+    assert capacities["ep2-chunks4-capacity5-swiglu-bias"] == 5
     assert capacities["ep4-hierarchical-chunks3-gshard-empty-rank"] % 3
     router_capacities = {int(res["routers"][key][1]["stats"]["capacity"]) for res in spawned for key in res["routers"]}
     assert any(c % 4 for c in router_capacities) and any(c < 4 for c in router_capacities), router_capacities
 
 
 def _keys() -> list[str]:
-    return [f"{router}-ep{ep}-{compute}-{variant}" for router in ROUTER_OPTIONS for ep in (2, 4)
-            for compute in ("filled", "padded") for variant in VARIANTS]
+    return [f"{router}-ep{ep}-{compute}-{variant}" for router in ROUTER_OPTIONS for ep, compute in LAYOUTS
+            for variant in VARIANTS]
 
 
 @pytest.mark.parametrize("router", list(ROUTERS))
