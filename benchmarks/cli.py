@@ -37,6 +37,13 @@ def _common(parser: argparse.ArgumentParser, presets_default: list[str]) -> None
     parser.add_argument("--second-policy", default="all", help="GShard 2nd-expert policy (all: fixed load)")
     parser.add_argument("--agree-capacity", action="store_true",
                         help="derive the capacity per batch (one all-reduce) instead of fixing it")
+    parser.add_argument("--num-chunks", type=int, default=1,
+                        help="split the capacity into chunks whose all-to-alls overlap the expert compute "
+                             "(MoEConfig.num_chunks; default 1: no overlap)")
+    parser.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"),
+                        help="the layer's all-to-all: flat, or hierarchical (within nodes, then across)")
+    parser.add_argument("--ranks-per-node", type=int,
+                        help="ranks per node for --a2a hierarchical (default: the launcher's LOCAL_WORLD_SIZE)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per spawned rank")
@@ -95,7 +102,8 @@ def _print_layer(record: dict[str, Any]) -> None:
     cfg, timings, found, load = record["config"], record["timings_ms"], record["ratios"], record["load"]
     print(f"\n{cfg['preset']}: {cfg['ranks']} rank(s) ({cfg['backend']}, {cfg['device']}), {cfg['dtype']}, "
           f"{cfg['shape']['tokens']} tokens/rank, capacity factor {cfg['capacity_factor']:g} (capacity "
-          f"{cfg['capacity']}), skew {cfg['skew']:g}, ours = {'filled' if cfg['filled_compute'] else 'padded'}")
+          f"{cfg['capacity']}), skew {cfg['skew']:g}, ours = {'filled' if cfg['filled_compute'] else 'padded'}, "
+          f"{cfg['num_chunks']} chunk(s), {cfg['a2a']} all-to-all")
     if load:
         print(f"  load: max/mean {load['max_over_mean']:.2f}, dropped {100 * load['dropped_fraction']:.1f}%, filled "
               f"rows per rank {load['filled_rows_per_rank']} ({100 * load['filled_fraction']:.0f}% of the slots); "
@@ -114,9 +122,12 @@ def _print_layer(record: dict[str, Any]) -> None:
 
 
 def _tag(name: str, spec: RunSpec, record: dict[str, Any]) -> str:
-    """``<preset>-r<ranks>-<dtype>-<device>[-skew<alpha>]``: the results file's name."""
+    """``<preset>-r<ranks>-<dtype>-<device>[-skew<alpha>][-chunks<n>][-hier<ranks per node>]``: the
+    results file's name."""
     tag = f"{name}-r{record['config']['ranks']}-{spec.dtype}-{record['config']['device'].split(':')[0]}"
-    return tag + (f"-skew{spec.skew:g}" if spec.skew else "")
+    tag += f"-skew{spec.skew:g}" if spec.skew else ""
+    tag += f"-chunks{spec.num_chunks}" if spec.num_chunks > 1 else ""
+    return tag + (f"-hier{spec.ranks_per_node or 'local'}" if spec.a2a == "hierarchical" else "")
 
 
 def _sweep(name: str, specs: list[RunSpec], points: list[dict[str, Any]], out: Optional[str]) -> None:

@@ -51,7 +51,9 @@ class RunSpec:
     ``tokens`` is per rank; ``ep_size=None`` means the whole world. The capacity is fixed from
     ``tokens`` (no all-reduce, no host sync) unless ``agree_capacity``. ``skew > 0`` biases every
     runtime's router to Zipf-like loads with that exponent (``benchmarks/skew.py``); ``autoep``
-    says whether to build DeepSpeed's AutoEP when ``deepspeed`` is on.
+    says whether to build DeepSpeed's AutoEP when ``deepspeed`` is on. ``num_chunks``, ``a2a`` and
+    ``ranks_per_node`` are the layer's ``MoEConfig`` fields of the same names (chunked overlap, the
+    hierarchical all-to-all); the baselines do not take them.
     """
 
     preset: str
@@ -69,6 +71,9 @@ class RunSpec:
     seed: int = 0
     skew: float = 0.0
     autoep: bool = True
+    num_chunks: int = 1
+    a2a: str = "flat"
+    ranks_per_node: Optional[int] = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,7 +93,8 @@ class RunSpec:
                          top_k=shape.top_k, capacity_factor=self.capacity_factor, min_capacity=4,
                          expert=shape.expert, activation=shape.activation,
                          ep_size=self.ep_size or world,
-                         capacity=None if self.agree_capacity else self.capacity(), **router)
+                         capacity=None if self.agree_capacity else self.capacity(), num_chunks=self.num_chunks,
+                         a2a=self.a2a, ranks_per_node=self.ranks_per_node, **router)
 
     def expert_flops(self, world: int) -> float:
         """Forward+backward FLOPs of one rank's expert matmuls at full capacity (3x the forward)."""
@@ -126,7 +132,8 @@ def spec_from_args(args, preset: Optional[str] = None, tokens: Optional[int] = N
                    agree_capacity=args.agree_capacity, warmup=args.warmup, repeat=args.repeat,
                    phases=not args.no_phases, deepspeed=not args.no_deepspeed,
                    gpu_checks=not args.no_gpu_checks, seed=args.seed, skew=args.skew,
-                   autoep=not args.no_autoep)
+                   autoep=not args.no_autoep, num_chunks=args.num_chunks, a2a=args.a2a,
+                   ranks_per_node=args.ranks_per_node)
 
 
 def weight_bytes(spec: RunSpec, world: int) -> int:

@@ -12,6 +12,7 @@ from .activations import ACTIVATIONS
 
 EXPERT_KINDS = ("ffn", "swiglu")
 EXPERT_COMPUTE = ("auto", "filled", "padded")
+A2A_KINDS = ("flat", "hierarchical")
 SECOND_POLICIES = ("random", "all", "threshold", "gumbel")
 SCORING_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -72,6 +73,17 @@ class MoEConfig:
             ``torch._grouped_mm``, with device-side offsets), ``"padded"`` on every slot (one
             ``bmm`` per weight), ``"auto"`` (default) filled where the experts' device and dtype
             support grouped GEMM, else padded. Chosen at construction (and again after ``.to()``).
+        num_chunks: split every expert's ``C`` slots into ``min(num_chunks, C)`` chunks of
+            consecutive slots (sizes ``ceil`` or ``floor`` of ``C / num_chunks``; the capacity is never
+            rounded, so the result equals the unchunked layer's) and pipeline them: the dispatch
+            all-to-all of chunk ``i+1`` and the return all-to-all of chunk ``i`` run asynchronously
+            while the experts compute chunk ``i`` (the same in the backward). 1 (default): no chunks.
+        a2a: ``"flat"`` (default): one all-to-all over the EP group; ``"hierarchical"``: the same
+            exchange in two steps, within each node then one aggregated message per node pair
+            (Tutel's 2DH all-to-all; ``comm/hierarchical.py``). Needs EP groups of whole nodes.
+            Ignored with ``ep_size=1`` (there is no all-to-all).
+        ranks_per_node: ranks on each node for ``a2a="hierarchical"`` (``ep_size`` must be a
+            multiple); ``None`` reads the launcher's ``LOCAL_WORLD_SIZE`` when the layer is built.
         expert: ``"ffn"`` (Linear-act-Linear) or ``"swiglu"``.
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"`` (ffn experts only).
         expert_bias: give experts biases ``b1 [E_local, F]``, ``b2 [E_local, D]``.
@@ -154,6 +166,9 @@ class MoEConfig:
     drop_tokens: bool = True
     dropless: bool = False
     expert_compute: str = "auto"
+    num_chunks: int = 1
+    a2a: str = "flat"
+    ranks_per_node: Optional[int] = None
     expert: str = "ffn"
     activation: str = "gelu"
     expert_bias: bool = False
@@ -217,6 +232,7 @@ class MoEConfig:
         if self.dropless and not self.drop_tokens:
             reject("dropless", True, "drop_tokens=False is the other dropless mode (it agrees on the fullest "
                    "expert, one all-reduce); choose one of the two")
+        self._check_communication()
         if self.expert not in EXPERT_KINDS:
             reject("expert", self.expert, f"choose one of {list(EXPERT_KINDS)}")
         if self.activation not in ACTIVATIONS:
@@ -241,6 +257,21 @@ class MoEConfig:
         from .routing.registry import validate_router
         validate_router(self)
 
+    def _check_communication(self) -> None:
+        """``num_chunks``, ``a2a`` and ``ranks_per_node``."""
+        _check_int("num_chunks", self.num_chunks, 1)
+        if self.a2a not in A2A_KINDS:
+            reject("a2a", self.a2a, f"choose one of {list(A2A_KINDS)}")
+        if self.ranks_per_node is None:
+            return
+        _check_int("ranks_per_node", self.ranks_per_node, 1)
+        if self.a2a != "hierarchical":
+            reject("ranks_per_node", self.ranks_per_node, "it sizes the nodes of a2a='hierarchical'; set "
+                   "a2a='hierarchical' or ranks_per_node=None")
+        if self.ep_size > 1 and self.ep_size % self.ranks_per_node:
+            reject("ranks_per_node", self.ranks_per_node, f"ep_size={self.ep_size} is not a multiple of it; "
+                   "choose ranks_per_node dividing ep_size (EP groups of whole nodes), or a2a='flat'")
+
     def _check_router_scores(self) -> None:
         """Types and ranges of the scoring, group and selection-bias fields (``routing.choice.check_topk``
         checks them against ``top_k``)."""
@@ -264,6 +295,10 @@ class MoEConfig:
         if self.expert_tensor_parallel and self.tp_size == 1:
             reject("expert_tensor_parallel", True, "it splits the experts over the tensor-parallel group, and "
                    "tp_size=1; set tp_size > 1 or expert_tensor_parallel=False")
+        if self.expert_tensor_parallel and self.num_chunks > 1:
+            reject("num_chunks", self.num_chunks, "chunked overlap does not take expert_tensor_parallel yet (the TP "
+                   "group's gathered chunks interleave the slots of its ranks); use num_chunks=1, or "
+                   "expert_tensor_parallel=False")
         if self.expert_tensor_parallel and self.d_ff % self.tp_size:
             reject("d_ff", self.d_ff, f"expert_tensor_parallel splits it over tp_size={self.tp_size} ranks; "
                    "choose d_ff divisible by tp_size")

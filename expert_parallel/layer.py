@@ -31,24 +31,36 @@ from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
 from .comm import (
+    A2AGroup,
     Agreement,
+    NodeRanks,
     agree,
-    dispatch,
-    exchange,
-    exchange_back,
+    by_expert,
+    by_source,
+    exchange_back_start,
     exchange_fill,
+    exchange_start,
     expert_groups,
     lookup,
     register,
+    resolve_ranks_per_node,
     tp_copy,
     tp_drop,
     tp_gather,
     tp_reduce,
-    undispatch,
 )
 from .config import MoEConfig
 from .experts import StackedExperts, grouped_gemm_supported
-from .layout import assign_slots, capacity_input, combine, expert_rows, kept_weights, layer_capacity, pack
+from .layout import (
+    assign_slots,
+    capacity_input,
+    chunk_bounds,
+    combine,
+    expert_rows,
+    kept_weights,
+    layer_capacity,
+    pack,
+)
 from .routing import Router, route, weighted_aux_loss
 from .stats import RoutingStats, routing_stats
 
@@ -151,6 +163,9 @@ class MoELayer(nn.Module):
         RuntimeError: ``ep_size`` or ``tp_size > 1`` without an initialised process group.
     """
 
+    # the sub-groups of a2a="hierarchical" (ranks, not groups: the module stays picklable); None: flat
+    node_ranks: Optional[NodeRanks] = None
+
     def __init__(self, cfg: MoEConfig, ep_group: Optional[ProcessGroup] = None,
                  tp_group: Optional[ProcessGroup] = None) -> None:
         super().__init__()
@@ -171,6 +186,9 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
         self.filled_compute = self._choose_expert_compute()
+        if cfg.a2a == "hierarchical" and cfg.ep_size > 1:
+            self.node_ranks = NodeRanks.build(self.ep_ranks, resolve_ranks_per_node(cfg.ranks_per_node,
+                                                                                    cfg.ep_size))
 
     @property
     def first_expert(self) -> int:
@@ -207,10 +225,7 @@ class MoELayer(nn.Module):
         tp_group = lookup(self.tp_ranks)
         with self._phase("pack") as phase:
             buffer_ECD = tp_drop(pack(phase.input(x_SD), plan), 1, tp_group)  # TP: this rank's [E, C_tp, D]
-        if self.filled_compute:
-            buffer_ECD = self._filled_experts(buffer_ECD, self._sent_fill(plan.fill_E, capacity), group)
-        else:
-            buffer_ECD = self._padded_experts(buffer_ECD, group)
+        buffer_ECD = self._routed_experts(buffer_ECD, self._sent_fill(plan.fill_E, capacity), group)
         with self._phase("combine") as phase:
             buffer_ECD = tp_gather(phase.input(buffer_ECD), 1, tp_group)  # TP: every rank's slots, [E, C, D]
             weight_SK = kept_weights(routing.weight_SK, plan, routing.renormalize_kept)
@@ -231,33 +246,60 @@ class MoELayer(nn.Module):
             y_SD = torch.sigmoid(self.shared_gate(x_SD)) * y_SD
         return y_SD
 
-    def _padded_experts(self, buffer_ECD: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        """Dispatch, every slot through its expert (one batched matmul per weight over
-        ``[E_local, R*C, D]``), return: ``[E, C, D] -> [E, C, D]``."""
-        with self._phase("dispatch") as phase:
-            expert_in = dispatch(phase.input(buffer_ECD), self.cfg.ep_size, group)
-        with self._phase("experts") as phase:
-            etp, reduce = self._expert_tp()  # expert TP: every TP rank's slots through this d_ff slice
-            expert_in = tp_copy(tp_gather(phase.input(expert_in), 1, etp), etp)
-            expert_out = tp_drop(self.experts(expert_in, **reduce), 1, etp)
-        with self._phase("return") as phase:
-            return undispatch(phase.input(expert_out), self.cfg.ep_size, group)
+    def _routed_experts(self, buffer_ECD: Tensor, fill_E: Tensor, group: Optional[ProcessGroup]) -> Tensor:
+        """Dispatch, experts, return: ``[E, C, D] -> [E, C, D]``, chunk by chunk (``num_chunks``).
 
-    def _filled_experts(self, buffer_ECD: Tensor, fill_E: Tensor, group: Optional[ProcessGroup]) -> Tensor:
-        """Dispatch (and the filled counts, a tiny all-to-all), only the filled slots through their
-        experts (compacted, grouped GEMM with device offsets), return: ``[E, C, D] -> [E, C, D]``.
-        Every shape is static; empty slots come back unspecified and combine never reads them."""
-        with self._phase("dispatch") as phase:
-            received_RLCD = exchange(phase.input(buffer_ECD), self.cfg.ep_size, group)
-            fill_RL = exchange_fill(fill_E, self.cfg.ep_size, group)
-        with self._phase("experts") as phase:
-            etp, reduce = self._expert_tp()  # expert TP: every TP rank's slots through this d_ff slice
-            received_RLCD = tp_copy(tp_gather(phase.input(received_RLCD), 2, etp), etp)
+        The capacity splits into ``chunk_bounds(C, num_chunks)``; with more than one chunk every
+        all-to-all is started asynchronously: chunk ``i+1``'s dispatch and chunk ``i``'s return are
+        in flight while the experts compute chunk ``i``, and the backward mirrors it (``comm.
+        PendingAllToAll``). Each chunk fires ``dispatch`` (its exchange received, the next one
+        started), ``experts`` and ``return`` (its return started; the last waits for every return).
+        Filled compute also exchanges the filled counts once (a tiny all-to-all); a chunk's counts
+        are ``clamp(fill - first slot, 0, chunk size)``, on the device. Every shape is static; with
+        filled compute the empty slots come back unspecified and combine never reads them.
+        """
+        cfg, exchange_group = self.cfg, self._exchange_group(group)
+        bounds = chunk_bounds(buffer_ECD.shape[1], cfg.num_chunks)
+        overlap = len(bounds) > 1
+        chunks = buffer_ECD.split([size for _, size in bounds], dim=1)
+        sent, returned = [], []
+        for index, (first, size) in enumerate(bounds):
+            with self._phase("dispatch") as phase:
+                if index == 0:
+                    fill_RL = exchange_fill(fill_E, cfg.ep_size, exchange_group) if self.filled_compute else None
+                    sent.append(exchange_start(phase.input(chunks[0]), cfg.ep_size, exchange_group, overlap))
+                received_RLCD = sent[index].wait()
+                if index + 1 < len(bounds):
+                    sent.append(exchange_start(phase.input(chunks[index + 1]), cfg.ep_size, exchange_group))
+            with self._phase("experts") as phase:
+                chunk_fill_RL = None if fill_RL is None else (fill_RL - first).clamp(0, size)
+                out_RLCD = self._compute(phase.input(received_RLCD), chunk_fill_RL)
+            with self._phase("return") as phase:
+                returned.append(exchange_back_start(phase.input(out_RLCD), exchange_group, overlap))
+                if index + 1 == len(bounds):  # one chunk: no concatenation copy
+                    out_RLCD = torch.cat([pending.wait() for pending in returned], dim=2) if overlap else (
+                        returned[0].wait())
+        return out_RLCD.view(buffer_ECD.shape)
+
+    def _compute(self, received_RLCD: Tensor, fill_RL: Optional[Tensor]) -> Tensor:
+        """The local experts on the received slots ``[R, E_local, C, D] -> [R, E_local, C, D]``:
+        with ``fill_RL`` (filled slots per block) only the filled ones (compacted, grouped GEMM
+        with device offsets), else every slot (one batched matmul per weight over ``[E_local,
+        R*C, D]``). With expert TP the TP group's slots are gathered first and the partial outputs
+        summed (``_expert_tp``); this rank's share goes back."""
+        etp, reduce = self._expert_tp()  # expert TP: every TP rank's slots through this d_ff slice
+        received_RLCD = tp_copy(tp_gather(received_RLCD, 2, etp), etp)
+        if fill_RL is None:
+            out_RLCD = by_source(self.experts(by_expert(received_RLCD), **reduce), received_RLCD.shape[0])
+        else:
             rows = expert_rows(fill_RL, received_RLCD.shape[2])
             out_ND = self.experts.grouped(rows.gather(received_RLCD), rows.offsets_L, rows.expert_N, **reduce)
-            out_RLCD = tp_drop(rows.scatter(out_ND, received_RLCD), 2, etp)
-        with self._phase("return") as phase:
-            return exchange_back(phase.input(out_RLCD), group)
+            out_RLCD = rows.scatter(out_ND, received_RLCD)
+        return tp_drop(out_RLCD, 2, etp)
+
+    def _exchange_group(self, group: Optional[ProcessGroup]) -> A2AGroup:
+        """What the all-to-alls run over: the EP group, or its hierarchy (``a2a="hierarchical"``)."""
+        return group if self.node_ranks is None or group is None else self.node_ranks.groups()
 
     def _expert_tp(self) -> tuple[Optional[ProcessGroup], dict]:
         """The TP group the experts are split over (``None`` without expert TP) and the experts'

@@ -21,6 +21,8 @@ from typing import Optional
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from .gather import gather_objects
+
 # lookup table: ranks -> the group to use (built here or registered by a caller)
 _GROUPS: dict[tuple[int, ...], Optional[ProcessGroup]] = {}
 # the groups expert_groups created: new_group is collective, so whether to call it must depend on
@@ -127,13 +129,57 @@ def expert_groups(ep_size: int, tp_size: int = 1, expert_tensor_parallel: bool =
     # ranks at EP position p hold the same experts: in every EP block of one TP lane, or of all lanes
     expert_dps = [tuple(sorted(ep[pos] for ep in eps if not expert_tensor_parallel or ep[0] % tp_size == lane))
                   for lane in range(tp_size if expert_tensor_parallel else 1) for pos in range(ep_size)]
-    for ranks in tps + dps + eps + expert_dps:
-        if len(ranks) > 1 and ranks not in _BUILT:
-            # new_group is collective: every rank creates every group in the same order
-            _GROUPS[ranks] = dist.new_group(list(ranks)) if len(ranks) < world else dist.group.WORLD
-            _BUILT.add(ranks)
+    _build(tps + dps + eps + expert_dps)
 
     def mine(candidates: list[tuple[int, ...]]) -> tuple[int, ...]:
         return next(ranks for ranks in candidates if rank in ranks)
 
     return ExpertGroups(mine(eps), mine(expert_dps), mine(tps), mine(dps))
+
+
+def _build(rank_sets: list[tuple[int, ...]]) -> None:
+    """Create (once each) the groups of ``rank_sets``; every rank must pass the same list."""
+    world = dist.get_world_size()
+    for ranks in rank_sets:
+        if len(ranks) > 1 and ranks not in _BUILT:
+            # new_group is collective: every rank creates every group in the same order
+            _GROUPS[ranks] = dist.new_group(list(ranks)) if len(ranks) < world else dist.group.WORLD
+            _BUILT.add(ranks)
+
+
+# (EP ranks, ranks per node) -> this rank's (node, same-local-index) ranks, once node_groups built them
+_NODE_RANKS: dict[tuple[tuple[int, ...], int], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def node_groups(ep_ranks: tuple[int, ...], ranks_per_node: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Build the sub-groups of a hierarchical all-to-all over the EP group ``ep_ranks`` and return
+    this rank's: the EP ranks on its node (EP positions ``[n*P, (n+1)*P)``, ``P =
+    ranks_per_node``), and the EP ranks with its local index on every node (positions ``p, p+P,
+    ...``), both in EP order; ``lookup`` gives their groups.
+
+    Collective over the world at the first call for a given (EP group, ``ranks_per_node``): every
+    rank's EP ranks are all-gathered (one host-side collective, at construction only), so every
+    rank creates every EP group's sub-groups in the same order, whatever groups the caller passed.
+
+    Raises:
+        ValueError: the EP group's size is not a multiple of ``ranks_per_node``, or a node's block
+            of EP ranks spans two launcher nodes (global rank ``// ranks_per_node`` differs).
+    """
+    key = (ep_ranks, ranks_per_node)
+    if key in _NODE_RANKS:
+        return _NODE_RANKS[key]
+    groups = sorted(set(gather_objects(ep_ranks)))
+    for ranks in groups:
+        if len(ranks) % ranks_per_node:
+            raise ValueError(f"the EP group {ranks} has {len(ranks)} ranks, not a multiple of ranks_per_node="
+                             f"{ranks_per_node}; set ranks_per_node to a divisor of ep_size, or use a2a='flat'")
+        nodes = [ranks[start:start + ranks_per_node] for start in range(0, len(ranks), ranks_per_node)]
+        if any(len({rank // ranks_per_node for rank in node}) > 1 for node in nodes):
+            raise ValueError(f"the EP group {ranks} does not split into whole nodes of ranks_per_node="
+                             f"{ranks_per_node} consecutive global ranks; use EP groups of whole nodes, or "
+                             "a2a='flat'")
+        _build(nodes + [ranks[pos::ranks_per_node] for pos in range(ranks_per_node)])
+    where = ep_ranks.index(dist.get_rank()) if dist.is_initialized() else 0
+    start = where - where % ranks_per_node
+    _NODE_RANKS[key] = (ep_ranks[start:start + ranks_per_node], ep_ranks[where % ranks_per_node::ranks_per_node])
+    return _NODE_RANKS[key]

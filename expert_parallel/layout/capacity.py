@@ -78,3 +78,18 @@ def layer_capacity(cfg: MoEConfig, agreed_input: int, training: bool, proposed: 
         capacity = expert_capacity(agreed_input, cfg.num_experts, cfg.num_choices, cfg.capacity_factor_for(training),
                                    cfg.min_capacity)
     return -(-capacity // cfg.tp_size) * cfg.tp_size  # every TP rank sends an equal share of the slots
+
+
+def chunk_bounds(capacity: int, num_chunks: int) -> list[tuple[int, int]]:
+    """Split the ``capacity`` slots of every expert into ``min(num_chunks, capacity)`` chunks of
+    consecutive slots, ``(first slot, size)`` each, sizes differing by at most one (the first
+    ``capacity % chunks`` take one slot more, as ``numpy.array_split``): the capacity is never
+    rounded, so a chunked layer keeps and drops exactly the tokens an unchunked one does.
+
+    Example: ``chunk_bounds(10, 4) == [(0, 3), (3, 3), (6, 2), (8, 2)]``; ``chunk_bounds(3, 4) ==
+    [(0, 1), (1, 1), (2, 1)]``.
+    """
+    chunks = min(num_chunks, capacity)
+    size, extra = divmod(capacity, chunks)
+    sizes = [size + (index < extra) for index in range(chunks)]
+    return [(sum(sizes[:index]), sizes[index]) for index in range(chunks)]

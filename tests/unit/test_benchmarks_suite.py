@@ -15,7 +15,7 @@ import torch
 from benchmarks import cli, floors, plots, results, skew
 from benchmarks import layer as layer_bench
 from benchmarks.phases import EXTRA_MARKS, PHASES, phase_step
-from benchmarks.shapes import SHAPES, RunSpec
+from benchmarks.shapes import SHAPES, RunSpec, spec_from_args
 from benchmarks.timing import alternate, slowest_rank, summarize
 from expert_parallel import MoELayer
 
@@ -215,3 +215,18 @@ def test_several_capacity_factors_and_a_skew_reach_the_specs(capsys):
     assert all("skew 1" in line for line in lines)
     with pytest.raises(ValueError, match="one --capacity-factor"):
         cli.main(["scaling", "--capacity-factor", "1.0", "2.0", "--dry-run"])
+
+
+def test_the_overlap_and_hierarchy_flags_reach_the_layer_config_the_record_and_the_file_name():
+    args = cli.parser().parse_args(["layer", "--preset", "switch-small", "--num-chunks", "4", "--a2a",
+                                    "hierarchical", "--ranks-per-node", "2"])
+    spec = spec_from_args(args, "switch-small")
+    cfg = spec.config(4)
+    assert (cfg.num_chunks, cfg.a2a, cfg.ranks_per_node, cfg.ep_size) == (4, "hierarchical", 2, 4)
+    assert {key: spec.describe()[key] for key in ("num_chunks", "a2a", "ranks_per_node")} == {
+        "num_chunks": 4, "a2a": "hierarchical", "ranks_per_node": 2}
+    assert cli._tag("switch-small", spec, {"config": {"ranks": 4, "device": "cpu"}}) == (
+        "switch-small-r4-fp32-cpu-chunks4-hier2")
+    plain = spec_from_args(cli.parser().parse_args(["layer"]), "switch-small")
+    assert (plain.num_chunks, plain.a2a, plain.ranks_per_node) == (1, "flat", None)
+    assert cli._tag("switch-small", plain, {"config": {"ranks": 4, "device": "cpu"}}) == "switch-small-r4-fp32-cpu"

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from expert_parallel import MoEConfig, MoELayer
+from expert_parallel.comm import resolve_ranks_per_node
 from expert_parallel.layout import layer_capacity
 from tests.unit.layer_helpers import D_MODEL, make_input, make_layer
 
@@ -55,6 +56,17 @@ def _config(**overrides) -> MoEConfig:
     (dict(expert_tensor_parallel=True), r"expert_tensor_parallel=True .*tp_size=1; set tp_size > 1"),
     (dict(tp_size=2, capacity=5), r"capacity=5 .*tp_size=2 .*divisible by tp_size"),
     (dict(tp_size=3, expert_tensor_parallel=True), r"d_ff=16 .*tp_size=3 .*divisible by tp_size"),
+    (dict(tp_size=2, expert_tensor_parallel=True, num_chunks=2),
+     r"num_chunks=2 .*does not take expert_tensor_parallel"),
+    (dict(num_chunks=0), r"MoEConfig.num_chunks=0 is invalid: it must be an integer >= 1"),
+    (dict(num_chunks=2.0), r"MoEConfig.num_chunks=2.0 is invalid: it must be an integer >= 1"),
+    (dict(a2a="ring"), r"MoEConfig.a2a='ring' is invalid: choose one of \['flat', 'hierarchical'\]"),
+    (dict(a2a="hierarchical", ranks_per_node=0), r"MoEConfig.ranks_per_node=0 is invalid: it must be an integer >= 1"),
+    (dict(ranks_per_node=2), r"MoEConfig.ranks_per_node=2 is invalid: it sizes the nodes of a2a='hierarchical'; set "
+                             r"a2a='hierarchical' or ranks_per_node=None"),
+    (dict(num_experts=8, ep_size=4, a2a="hierarchical", ranks_per_node=3),
+     r"MoEConfig.ranks_per_node=3 is invalid: ep_size=4 is not a multiple of it; choose ranks_per_node dividing "
+     r"ep_size \(EP groups of whole nodes\), or a2a='flat'"),
 ])
 def test_invalid_config_raises_value_error_naming_field_and_value(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -73,6 +85,9 @@ def test_invalid_config_raises_value_error_naming_field_and_value(overrides, pat
     dict(capacity_factor=1, eval_capacity_factor=np.float32(1.5)),  # any finite real number
     dict(tp_size=3, capacity=6),  # experts not split: d_ff need not divide
     dict(tp_size=2, expert_tensor_parallel=True),
+    dict(num_chunks=3, a2a="hierarchical"),
+    dict(num_experts=8, ep_size=4, a2a="hierarchical", ranks_per_node=2),
+    dict(a2a="hierarchical", ranks_per_node=8),  # ep_size=1: no all-to-all, nothing to split
 ])
 def test_valid_configs_are_accepted(overrides):
     cfg = _config(**overrides)
@@ -133,3 +148,26 @@ def test_layer_holds_one_expert_set_per_local_rank():
     assert layer.experts.w1.shape == (4, 8, 16) and layer.experts.w3.shape == (4, 8, 16)
     assert layer.experts.w2.shape == (4, 16, 8)
     assert layer.experts.b1.shape == (4, 16) and layer.experts.b2.shape == (4, 8)
+
+
+@pytest.mark.parametrize(("env", "pattern"), [
+    (None, r"a2a='hierarchical' with ranks_per_node=None reads the launcher's LOCAL_WORLD_SIZE, which is 'unset'; "
+           r"set MoEConfig.ranks_per_node"),
+    ("two", r"LOCAL_WORLD_SIZE, which is 'two'; set MoEConfig.ranks_per_node"),
+    ("0", r"LOCAL_WORLD_SIZE, which is '0'; set MoEConfig.ranks_per_node"),
+    ("3", r"LOCAL_WORLD_SIZE=3 \(ranks per node\) does not divide ep_size=4; set MoEConfig.ranks_per_node to a "
+          r"divisor of ep_size"),
+])
+def test_hierarchical_ranks_per_node_from_the_launcher_errors_name_the_fix(monkeypatch, env, pattern):
+    if env is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", env)
+    with pytest.raises(ValueError, match=pattern):
+        resolve_ranks_per_node(None, 4)
+
+
+def test_hierarchical_ranks_per_node_reads_the_launcher_only_when_unset(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_ranks_per_node(None, 4) == 2
+    assert resolve_ranks_per_node(4, 4) == 4

@@ -212,3 +212,16 @@ def test_combine_gradient_of_dropped_choices_is_zero_even_over_nan():
     # d y_s / d w_sk = sum_d out[slot_sk] for kept choices, 0 for the rest
     want = torch.tensor([[6.0, 24.0], [12.0, 0.0], [0.0, 0.0], [18.0, 0.0]])
     assert torch.equal(weight.grad, want)
+
+
+@pytest.mark.parametrize(("capacity", "num_chunks"), [(10, 4), (8, 2), (5, 1), (3, 4), (7, 7), (1, 3)])
+def test_chunks_cover_every_slot_once_with_sizes_one_apart(capacity, num_chunks):
+    bounds = layout.chunk_bounds(capacity, num_chunks)
+    assert len(bounds) == min(capacity, num_chunks)
+    assert [first for first, _ in bounds] == [sum(size for _, size in bounds[:i]) for i in range(len(bounds))]
+    sizes = [size for _, size in bounds]
+    assert sum(sizes) == capacity and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_chunks_of_ten_slots_in_four():
+    assert layout.chunk_bounds(10, 4) == [(0, 3), (3, 3), (6, 2), (8, 2)]

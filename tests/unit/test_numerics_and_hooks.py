@@ -133,3 +133,33 @@ def test_the_layer_asks_for_the_agreement_on_its_inputs_device(monkeypatch):
     layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
     layer(torch.randn(5, 8))
     assert seen == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize("compute", ["filled", "padded"])
+def test_chunked_layer_fires_each_exchange_phase_once_per_chunk_and_equals_one_chunk(compute):
+    """``num_chunks=3`` at capacity 7 (chunks of 3, 2, 2 slots): ``dispatch``, ``experts`` and
+    ``return`` fire once per chunk in the forward, in chunk order, and once per chunk in the
+    backward; output and gradients equal the one-chunk layer's."""
+    results = []
+    for chunks in (1, 3):
+        torch.manual_seed(0)
+        layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=4, capacity=7, num_chunks=chunks,
+                                   router="topk", top_k=2, expert_compute=compute))
+        marks = []
+        layer.register_phase_hook(marks.append)
+        x = torch.randn(20, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = layer(x)
+        out.output.pow(2).sum().backward()
+        results.append((out.output, x.grad, [p.grad for p in layer.parameters()], marks))
+    (y1, gx1, grads1, _), (y3, gx3, grads3, marks) = results
+    torch.testing.assert_close(y3, y1)
+    torch.testing.assert_close(gx3, gx1)
+    for got, want in zip(grads3, grads1):
+        torch.testing.assert_close(got, want)
+    forward = [m for m in marks if m.startswith("fwd/")]
+    assert forward == ["fwd/route", "fwd/plan", "fwd/pack"] + ["fwd/dispatch", "fwd/experts", "fwd/return"] * 3 + [
+        "fwd/combine"]
+    backward = [m for m in marks if m.startswith("bwd/")]
+    assert {name: backward.count(f"bwd/{name}") for name in ("dispatch", "experts", "return")} == dict.fromkeys(
+        ("dispatch", "experts", "return"), 3)
+    assert backward[:2] == ["bwd/combine", "bwd/return"] and backward[-2:] == ["bwd/pack", "bwd/route"]

@@ -9,6 +9,9 @@ backward instead.
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -18,19 +21,32 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool_
 HOST_BUILDS = ("tensor", "as_tensor")
 
 
-@pytest.fixture
-def no_host_reads(monkeypatch):
+@contextmanager
+def host_reads_forbidden() -> Iterator[None]:
+    """Within it, every host read and every ``torch.tensor``/``torch.as_tensor`` raises
+    ``AssertionError`` (also used by the spawned ranks of tests/distributed)."""
     def forbidden(what):
         def call(*args, **kwargs):
             raise AssertionError(f"{what} in a fixed-capacity forward")
         return call
 
-    def install():
-        for name in HOST_READS:
-            monkeypatch.setattr(torch.Tensor, name, forbidden(f"host read Tensor.{name}"))
-        for name in HOST_BUILDS:
-            monkeypatch.setattr(torch, name, forbidden(f"torch.{name} (a host-to-device copy on GPU)"))
-    return install
+    saved = [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in HOST_READS]
+    saved += [(torch, name, getattr(torch, name)) for name in HOST_BUILDS]
+    try:
+        for owner, name, _ in saved:
+            what = (f"host read Tensor.{name}" if owner is torch.Tensor
+                    else f"torch.{name} (a host-to-device copy on GPU)")
+            setattr(owner, name, forbidden(what))
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+@pytest.fixture
+def no_host_reads():
+    with ExitStack() as stack:
+        yield lambda: stack.enter_context(host_reads_forbidden())
 
 
 @pytest.mark.parametrize("options", [
@@ -41,6 +57,8 @@ def no_host_reads(monkeypatch):
     dict(router="expert_choice"),
     dict(router="topk", top_k=2, num_shared_experts=1, expert="swiglu", jitter_eps=0.01),
     dict(router="topk", top_k=2, expert_bias=True, expert_compute="padded"),
+    dict(router="topk", top_k=2, expert_bias=True, num_chunks=4),  # chunks of 2, 2, 1, 1 slots
+    dict(router="gshard", expert="swiglu", expert_compute="padded", num_chunks=2),
     dict(router="topk", top_k=2, scoring_func="sigmoid", n_group=4, topk_group=2, group_score="top2_sum",
          normalize_topk=True, routed_scaling_factor=2.5, bias_update_rate=1e-3, router_bias=True),
     dict(router="topk", top_k=3, n_group=2, topk_group=1, group_score="max", selection_bias=True,
