@@ -233,7 +233,7 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             with self._phase("shared") as phase:
                 y_SD = y_SD + self._shared(phase.input(x_SD))
-        stats = routing_stats(routing, plan, nonfinite, cfg.ep_size, self.experts.first_expert // cfg.num_local_experts,
+        stats = routing_stats(routing, plan, nonfinite, cfg.ep_size, self.first_expert // cfg.num_local_experts,
                               x_SD.shape[1] * x_SD.element_size())
         aux_loss = weighted_aux_loss(routing.losses, cfg, routing.probs_SE)
         return MoEOutput(y_SD.reshape(x.shape).to(x.dtype), aux_loss, stats)
@@ -272,7 +272,8 @@ class MoELayer(nn.Module):
                 if index + 1 < len(bounds):
                     sent.append(exchange_start(phase.input(chunks[index + 1]), cfg.ep_size, exchange_group))
             with self._phase("experts") as phase:
-                chunk_fill_RL = None if fill_RL is None else (fill_RL - first).clamp(0, size)
+                # one chunk: every count as it is (with expert TP they count the TP group's gathered slots)
+                chunk_fill_RL = (fill_RL - first).clamp(0, size) if overlap and fill_RL is not None else fill_RL
                 out_RLCD = self._compute(phase.input(received_RLCD), chunk_fill_RL)
             with self._phase("return") as phase:
                 returned.append(exchange_back_start(phase.input(out_RLCD), exchange_group, overlap))
