@@ -76,6 +76,8 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
     objects = {"extra": extra or {}, "optim_groups": keys.optim_groups, "optim_other": keys.optim_other, "rng": rng}
     blob = pickle.dumps(objects)
     state[OBJECTS] = blob
+    if rank() == 0:  # overwriting: the directory is unfinished until the new manifest is written
+        (directory / MANIFEST).unlink(missing_ok=True)
     dcp.save(state, checkpoint_id=directory, no_dist=world_size() == 1)
     digests = gather_objects(_digests(state, keys))
     files = sorted({info.relative_path for info in FileSystemReader(directory).read_metadata().storage_data.values()})

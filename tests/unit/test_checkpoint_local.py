@@ -82,3 +82,16 @@ def test_inspect_lists_logical_shapes_and_expert_tensors(tmp_path, capsys):
     assert "saved by 1 rank(s)" in out
     assert any(line.split()[:4] == ["model.1.experts.w1", "4x8x16", "float32", "experts"] for line in out.splitlines())
     assert cli(["inspect", str(tmp_path / "missing")]) == 2
+
+
+def test_a_failed_overwrite_leaves_the_directory_unfinished_not_stale(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "c", model())
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("torch.distributed.checkpoint.save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "c", model(seed=3))
+    with pytest.raises(CheckpointError, match="has no manifest.json"):
+        load_checkpoint(tmp_path / "c", model())
