@@ -119,6 +119,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
         init_optimizer_state(optimizer)
     state, keys = _logical_state(model, optimizer)
     state[OBJECTS] = b""
+    stateless = _drop_unsaved_optimizer_state(state, manifest) if optimizer is not None else set()
     _check_keys(state, keys, manifest, optimizer is not None)
     _check_files(directory, state)
     try:
@@ -132,6 +133,9 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
     objects = pickle.loads(state[OBJECTS])
     if optimizer is not None:
         _restore_optimizer(optimizer, model, objects)
+        params = dict(model.named_parameters())
+        for name in stateless:  # as at save: no state yet (e.g. no gradient had reached it)
+            optimizer.state.pop(params[name], None)
     if restore_rng:
         _restore_rng(objects["rng"], model)
     return objects["extra"]
@@ -252,6 +256,24 @@ def _manifest_entries(state: dict[str, Any], keys: _Keys, digests: list[dict[str
                                    "should hold the same copy; the data-parallel replicas have diverged")
             entries[key] = {**tensor_entry(value, tuple(value.shape)), "sha256": digests[0][key]}
     return entries
+
+
+def _optim_name(key: str) -> str:
+    """The parameter of an ``optim.<fqn>.<state>`` key."""
+    return key.removeprefix("optim.").rpartition(".")[0]
+
+
+def _drop_unsaved_optimizer_state(state: dict[str, Any], manifest: dict[str, Any]) -> set[str]:
+    """Parameters that had no optimizer state when the checkpoint was saved (an optimizer creates
+    it at a parameter's first step with a gradient): their keys leave ``state``; returns their names.
+    A checkpoint without any optimizer state is left to ``_check_keys`` (an error)."""
+    saved = {_optim_name(key) for key in manifest["tensors"] if key.startswith("optim.")}
+    if not saved:
+        return set()
+    stateless = {_optim_name(key) for key in state if key.startswith("optim.")} - saved
+    for key in [key for key in state if key.startswith("optim.") and _optim_name(key) in stateless]:
+        del state[key]
+    return stateless
 
 
 def _check_keys(state: dict[str, Any], keys: _Keys, manifest: dict[str, Any], with_optimizer: bool) -> None:

@@ -95,3 +95,18 @@ def test_a_failed_overwrite_leaves_the_directory_unfinished_not_stale(tmp_path, 
         save_checkpoint(tmp_path / "c", model(seed=3))
     with pytest.raises(CheckpointError, match="has no manifest.json"):
         load_checkpoint(tmp_path / "c", model())
+
+
+def test_parameters_without_optimizer_state_at_save_have_none_after_load(tmp_path):
+    net, optimizer = trained()  # net[2] does not exist; give the model a parameter no gradient reaches
+    net.append(nn.Linear(8, 8))
+    optimizer.add_param_group({"params": list(net[2].parameters())})
+    assert not any(p in optimizer.state for p in net[2].parameters())
+    save_checkpoint(tmp_path / "c", net, optimizer)
+    fresh = model(seed=1, extra_layer=True)
+    fresh_optimizer = torch.optim.AdamW(fresh[:2].parameters(), lr=1e-2)
+    fresh_optimizer.add_param_group({"params": list(fresh[2].parameters())})
+    load_checkpoint(tmp_path / "c", fresh, fresh_optimizer)
+    assert not any(p in fresh_optimizer.state for p in fresh[2].parameters())
+    for a, b in zip(net[1].parameters(), fresh[1].parameters()):
+        assert torch.equal(optimizer.state[a]["exp_avg"], fresh_optimizer.state[b]["exp_avg"])
