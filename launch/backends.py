@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,8 @@ class TorchBackend:
 
     Checkpoints are topology-free (``expert_parallel.checkpoint``): ``OUT/checkpoint/step<N>/``,
     the last complete one named by ``OUT/checkpoint/latest``; a resume may change the world size
-    and the EP size (the global batch, ``--batch-size`` times the world size, must stay the same).
+    and the EP size (with the same global batch, ``--batch-size`` times the world size, it sees the
+    batches the saved run would have; with another one it warns and continues).
     """
 
     def __init__(self, model: nn.Module, args: argparse.Namespace, groups: ExpertGroups, rank: int,
@@ -43,7 +45,7 @@ class TorchBackend:
         self.model, self.groups, self.loss_fn = model, groups, loss_fn
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         self.root = Path(args.out) / "checkpoint"
-        self.rank, self.global_batch = rank, args.batch_size * world
+        self.rank, self.batch_size, self.global_batch = rank, args.batch_size, args.batch_size * world
 
     def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
         """One optimizer step; returns the (detached) loss, aux loss and stats."""
@@ -70,10 +72,13 @@ class TorchBackend:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.root} (no 'latest' file); train without "
                                     "--resume first")
         extra = load_checkpoint(path, self.model, self.optimizer)
-        if extra["global_batch"] != self.global_batch:
-            raise ValueError(f"--resume: {path} was trained with a global batch of {extra['global_batch']} sequences, "
-                             f"this job has {self.global_batch} (--batch-size x world size); set --batch-size so "
-                             "that the global batch stays the same")
+        saved_batch = extra.get("global_batch")  # absent in a checkpoint converted from DeepSpeed
+        if saved_batch not in (None, self.global_batch) and self.rank == 0:
+            world = self.global_batch // self.batch_size
+            keep = f" (--batch-size {saved_batch // world} keeps them)" if saved_batch % world == 0 else ""
+            print(f"launch.train: warning: {path} was trained with a global batch of {saved_batch} sequences, this "
+                  f"job has {self.global_batch} (--batch-size x world size); it continues from step {extra['step']} "
+                  f"on other batches than the saved run would have seen{keep}", file=sys.stderr, flush=True)
         return extra["step"]
 
 
