@@ -186,9 +186,14 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
         self.filled_compute = self._choose_expert_compute()
-        if cfg.a2a == "hierarchical" and cfg.ep_size > 1:
-            self.node_ranks = NodeRanks.build(self.ep_ranks, resolve_ranks_per_node(cfg.ranks_per_node,
-                                                                                    cfg.ep_size))
+        self._build_hierarchy()
+
+    def _build_hierarchy(self) -> None:
+        """With ``a2a="hierarchical"`` (and ``ep_size > 1``), the node sub-groups of the EP group
+        (``NodeRanks.build``: collective, every rank builds them in the same order)."""
+        if self.cfg.a2a == "hierarchical" and self.cfg.ep_size > 1:
+            self.node_ranks = NodeRanks.build(self.ep_ranks, resolve_ranks_per_node(self.cfg.ranks_per_node,
+                                                                                    self.cfg.ep_size))
 
     @property
     def first_expert(self) -> int:

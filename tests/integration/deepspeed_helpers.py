@@ -107,7 +107,7 @@ def parity_worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
         x = torch.randn(4, case.get("tokens", 16), D_MODEL)
         seed = 7 + rank
         results.append({"deepspeed": _run_layer(reference, x, seed), "ours": _run_layer(ours, x, seed),
-                        "name": case["name"]})
+                        "name": case["name"], "hierarchical": ours.deepspeed_moe.node_ranks is not None})
     return results
 
 

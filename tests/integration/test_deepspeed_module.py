@@ -108,10 +108,14 @@ def test_deepspeed_options_map_onto_the_config():
     cfg = MoE(D_MODEL, make_expert("mlp"), num_experts=4, k=2, noisy_gate_policy="Jitter",
               top2_2nd_expert_sampling=False, drop_tokens=False).deepspeed_moe.cfg
     assert (cfg.second_policy, cfg.jitter_eps, cfg.drop_tokens, cfg.aux_loss_weight) == ("all", 0.01, False, 1.0)
+    cfg = MoE(D_MODEL, make_expert("mlp"), num_experts=4, num_chunks=3, a2a="hierarchical",
+              ranks_per_node=2).deepspeed_moe.cfg
+    assert (cfg.num_chunks, cfg.a2a, cfg.ranks_per_node) == (3, "hierarchical", 2)
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(use_tutel=True), r"use_tutel=True\) is not supported"),
+    (dict(num_chunks=0), r"MoEConfig.num_chunks=0 is invalid"),
     (dict(enable_expert_tensor_parallelism=True, expert=make_expert("residual")),
      r"enable_expert_tensor_parallelism=True\) is not supported: .*ResidualExpert runs as a generic expert"),
     (dict(enable_expert_tensor_parallelism=True, expert_impl="generic"),

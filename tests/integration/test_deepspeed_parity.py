@@ -36,6 +36,10 @@ CASES = [
     {"name": "generic_expert", "expert": "residual", "kwargs": dict(BASE, k=2)},
     {"name": "generic_forced", "kwargs": dict(BASE, k=1), "extra": {"expert_impl": "generic"}},
     {"name": "residual_moe", "kwargs": dict(BASE, k=2, use_residual=True)},
+    # the layer's own communication options change no number: chunked overlap, hierarchical all-to-all
+    {"name": "top2_chunked_hierarchical", "kwargs": dict(BASE, k=2, top2_2nd_expert_sampling=False),
+     "extra": {"num_chunks": 3, "a2a": "hierarchical", "ranks_per_node": 1}},
+    {"name": "swiglu_chunked", "expert": "swiglu", "kwargs": dict(BASE, k=2), "extra": {"num_chunks": 2}},
     # .eval(): capacity from eval_capacity_factor (capacity_factor stays 1), sampling as DeepSpeed's
     # eval does it (no RSample noise nor jitter; random token selection and the Gumbel second
     # expert still drawn)
@@ -75,6 +79,11 @@ def test_same_outputs_aux_loss_counts_and_gradients_as_deepspeed(parity, name):
         assert ours["grads"].keys() == ref["grads"].keys()
         for key, grad in ref["grads"].items():
             _assert_close(ours["grads"][key], grad, f"rank {rank} gradient of {key}")
+
+
+def test_the_drop_in_builds_the_hierarchy_once_deepspeed_gives_it_an_ep_group(parity):
+    ranks = parity["top2_chunked_hierarchical"]
+    assert all(r["hierarchical"] for r in ranks) == (len(ranks) > 1)  # ep 1: no all-to-all, no hierarchy
 
 
 @pytest.mark.parametrize("name,k", [("top1_drop", 1), ("top2_drop", 2), ("top2_low_capacity", 1)])

@@ -85,6 +85,7 @@ class DeepSpeedMoELayer(MoELayer):
         expert_tensor_parallel = expert_tensor_parallel and tp_size > 1
         self.cfg = self.cfg.replace(tp_size=tp_size, expert_tensor_parallel=expert_tensor_parallel,
                                     d_ff=self.slice_d_ff * (tp_size if expert_tensor_parallel else 1))
+        self._build_hierarchy()
 
 
 def _router_to_gate(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
@@ -129,6 +130,8 @@ class MoE(deepspeed.moe.layer.MoE):
             load balance are added to ``l_aux``.
         expert_impl: ``"auto"`` (stacked when the expert is recognised), ``"stacked"`` (raise
             if it is not) or ``"generic"``.
+        num_chunks, a2a, ranks_per_node: the all-to-all's chunked overlap and hierarchy (see
+            ``MoEConfig``; docs/design.md).
 
     ``forward(hidden_states, used_token=None)`` returns ``(output, l_aux, exp_counts)``.
 
@@ -143,7 +146,8 @@ class MoE(deepspeed.moe.layer.MoE):
                  enable_expert_tensor_parallelism: bool = False,
                  top2_2nd_expert_sampling: Optional[bool] = None, *, router: str = "deepspeed",
                  second_policy: Optional[str] = None, second_threshold: float = 0.0,
-                 check_finite: bool = False, expert_impl: str = "auto", **router_options: Any) -> None:
+                 check_finite: bool = False, expert_impl: str = "auto", num_chunks: int = 1, a2a: str = "flat",
+                 ranks_per_node: Optional[int] = None, **router_options: Any) -> None:
         nn.Module.__init__(self)  # DeepSpeed's __init__ would build its own gate and experts
         for option in router_options:
             if option not in ROUTER_EXTRAS:
@@ -177,7 +181,8 @@ class MoE(deepspeed.moe.layer.MoE):
             top_k=k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
             min_capacity=min_capacity, drop_tokens=drop_tokens, aux_loss_weight=1.0, ep_size=ep_size,
             expert=spec.kind if spec else "ffn", activation=spec.activation if spec else "gelu",
-            expert_bias=spec.bias if spec else False, check_finite=check_finite,
+            expert_bias=spec.bias if spec else False, check_finite=check_finite, num_chunks=num_chunks, a2a=a2a,
+            ranks_per_node=ranks_per_node,
             **{"jitter_eps": JITTER_EPSILON if noisy_gate_policy == "Jitter" else 0.0, **router_options},
             **_router_options(router, k, noisy_gate_policy, use_rts, top2_2nd_expert_sampling,
                               second_policy, second_threshold),
