@@ -10,12 +10,13 @@ sharded the same way. Dense tensors are the same on every rank and are saved onc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..comm import gather_experts, lookup
+from ..comm import all_gather_along, gather_experts, lookup
 from ..experts import StackedExperts, sharded_expert_parameters
 from ..layer import MoELayer
 
@@ -23,12 +24,17 @@ from ..layer import MoELayer
 @dataclass(frozen=True)
 class ExpertShard:
     """Where one rank's expert tensor sits in the layer's logical tensor: rows
-    ``first_expert : first_expert + local`` of ``[num_experts, ...]``, split over ``ep_ranks``."""
+    ``first_expert : first_expert + local`` of ``[num_experts, ...]``, split over ``ep_ranks``; with
+    expert tensor parallelism also slice ``tp_ranks.index(rank)`` of ``len(tp_ranks)`` along
+    ``tp_dim`` (``d_ff``; ``None``: whole on every TP rank, as ``b2``). ``tp_ranks`` is this rank
+    alone without expert TP."""
 
     num_experts: int
     first_expert: int
     local: int
     ep_ranks: tuple[int, ...]
+    tp_ranks: tuple[int, ...]
+    tp_dim: Optional[int]
 
     @property
     def expert_ids(self) -> range:
@@ -37,12 +43,22 @@ class ExpertShard:
 
     def full_shape(self, local_shape: torch.Size) -> tuple[int, ...]:
         """The logical shape for a local ``[local, ...]`` tensor."""
-        return (self.num_experts, *local_shape[1:])
+        shape = [self.num_experts, *local_shape[1:]]
+        if self.tp_dim is not None:
+            shape[self.tp_dim] *= len(self.tp_ranks)
+        return tuple(shape)
+
+    def whole_rows(self, local_LX: Tensor) -> Tensor:
+        """This rank's rows with their TP slices joined (an all-gather over ``tp_ranks`` with expert
+        TP: every rank of the TP group calls it; the tensor itself otherwise)."""
+        if self.tp_dim is None or len(self.tp_ranks) == 1:
+            return local_LX
+        return all_gather_along(local_LX.detach(), self.tp_dim, lookup(self.tp_ranks))
 
     def gather(self, local_LX: Tensor) -> Tensor:
-        """Every EP rank's rows, ``[E_local, ...] -> [E, ...]`` (an all-gather over ``ep_ranks``;
-        collective: every rank of the group calls it)."""
-        return gather_experts(local_LX, lookup(self.ep_ranks))
+        """The whole logical tensor: every EP rank's rows, TP slices joined, ``[E_local, ...] ->
+        [E, ...]`` (all-gathers; collective: every rank of the groups calls it)."""
+        return gather_experts(self.whole_rows(local_LX), lookup(self.ep_ranks))
 
 
 def expert_shards(model: nn.Module) -> dict[str, ExpertShard]:
@@ -56,16 +72,17 @@ def expert_shards(model: nn.Module) -> dict[str, ExpertShard]:
     shards: dict[int, ExpertShard] = {}
     for layer in model.modules():
         if isinstance(layer, MoELayer) and layer.experts.sharded:
-            if not isinstance(layer.experts, StackedExperts):
-                raise ValueError(f"{type(layer.experts).__name__} holds one module per expert; topology-free "
+            experts = layer.experts
+            if not isinstance(experts, StackedExperts):
+                raise ValueError(f"{type(experts).__name__} holds one module per expert; topology-free "
                                  "checkpoints need stacked experts (StackedExperts): build the layer with a "
                                  "stacked expert, or use the DeepSpeed engine's own checkpoints")
-            if layer.cfg.expert_tensor_parallel:
-                raise ValueError("topology-free checkpoints do not take expert tensor parallelism yet (each expert's "
-                                 "d_ff is split over the TP group); use the DeepSpeed engine's checkpoints, or "
-                                 "expert_tensor_parallel=False")
-            shard = ExpertShard(layer.cfg.num_experts, layer.first_expert, layer.cfg.num_local_experts, layer.ep_ranks)
-            shards.update({id(param): shard for param in layer.experts.parameters()})
+            split = layer.cfg.expert_tensor_parallel
+            for name, param in experts.named_parameters():
+                dim = experts.TP_SPLIT.get(name) if split else None
+                shards[id(param)] = ExpertShard(layer.cfg.num_experts, layer.first_expert, layer.cfg.num_local_experts,
+                                                layer.ep_ranks, layer.tp_ranks if split else (rank(),),
+                                                None if dim is None else dim + 1)
     names = {id(param): name for name, param in model.named_parameters()}
     orphans = [names.get(id(param), "?") for param in sharded_expert_parameters(model) if id(param) not in shards]
     if orphans:

@@ -177,20 +177,23 @@ def _logical_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer])
         optim, groups, other = optimizer_tensors(model, optimizer)
         tensors.update(optim)
     experts = expert_key_shards(list(tensors), expert_shards(model), tensors)
-    meshes = _meshes({shard.ep_ranks for shard in experts.values()}, model)
+    meshes = _meshes({(shard.ep_ranks, shard.tp_ranks) for shard in experts.values()}, model)
     state: dict[str, Any] = dict(tensors)
     for key, shard in experts.items():
-        local = tensors[key]
-        if shard.ep_ranks in meshes:
+        local, mesh = tensors[key], meshes.get((shard.ep_ranks, shard.tp_ranks))
+        if mesh is not None:
             full = shard.full_shape(local.shape)
-            state[key] = DTensor.from_local(local, meshes[shard.ep_ranks], [Replicate(), Shard(0)], run_check=False,
-                                            shape=torch.Size(full), stride=_contiguous_strides(full))
+            placements = [Replicate(), Shard(0), Replicate() if shard.tp_dim is None else Shard(shard.tp_dim)]
+            state[key] = DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(full),
+                                            stride=_contiguous_strides(full))
     return state, _Keys(experts, groups, other)
 
 
-def _meshes(layouts: set[tuple[int, ...]], model: nn.Module) -> dict[tuple[int, ...], DeviceMesh]:
-    """A ``[replica, ep]`` device mesh for each of this rank's EP groups (the world's EP groups of
-    the same layout as rows). ``{}`` without a process group (experts are whole then)."""
+def _meshes(layouts: set[tuple[tuple[int, ...], tuple[int, ...]]],
+            model: nn.Module) -> dict[tuple[tuple[int, ...], tuple[int, ...]], DeviceMesh]:
+    """A ``[replica, ep, tp]`` device mesh for each of this rank's (EP group, expert-TP group)
+    layouts: ``mesh[r, e, t]`` is the ``r``-th rank (in rank order) at EP position ``e`` and TP
+    position ``t`` (``tp`` has size 1 without expert TP). ``{}`` without a process group."""
     if world_size() == 1:
         return {}
     ordered = sorted(layouts)
@@ -200,14 +203,19 @@ def _meshes(layouts: set[tuple[int, ...]], model: nn.Module) -> dict[tuple[int, 
                            "checkpoint the same model")
     device_type = next(model.parameters()).device.type
     meshes = {}
-    for index, ep_ranks in enumerate(ordered):
-        rows = sorted({layout[index] for layout in everyone})
-        if sorted(r for row in rows for r in row) != list(range(world_size())) or len({len(r) for r in rows}) > 1:
-            raise RuntimeError(f"the EP groups {rows} do not split the world into equal groups; topology-free "
-                               "checkpoints need every rank in exactly one EP group of the same size")
+    for index, layout in enumerate(ordered):
+        cells: dict[tuple[int, int], list[int]] = {}
+        for r, mine in enumerate(everyone):
+            ep_ranks, tp_ranks = mine[index]
+            cells.setdefault((ep_ranks.index(r), tp_ranks.index(r)), []).append(r)
+        ep, tp = len(layout[0]), len(layout[1])
+        if sorted(cells) != [(e, t) for e in range(ep) for t in range(tp)] or len({len(c) for c in cells.values()}) > 1:
+            raise RuntimeError(f"the EP groups of size {ep} (and expert-TP groups of size {tp}) do not split the world "
+                               "evenly; topology-free checkpoints need every rank in one EP group of the same size")
+        mesh = [[cells[e, t] for t in range(tp)] for e in range(ep)]  # [ep, tp, replica]
         # DCP reads only the mesh coordinates: no process groups are created for it
-        meshes[ep_ranks] = DeviceMesh(device_type, torch.tensor(rows), mesh_dim_names=("replica", "ep"),
-                                      _init_backend=False)
+        meshes[layout] = DeviceMesh(device_type, torch.tensor(mesh).permute(2, 0, 1).contiguous(),
+                                    mesh_dim_names=("replica", "ep", "tp"), _init_backend=False)
     return meshes
 
 
@@ -228,8 +236,9 @@ def _digests(state: dict[str, Any], keys: _Keys) -> dict[str, Any]:
     digests: dict[str, Any] = {}
     for key, value in state.items():
         if key in keys.experts:
-            shard, local = keys.experts[key], _local(value)
-            digests[key] = {g: tensor_digest(local[i]) for i, g in enumerate(shard.expert_ids)}
+            shard = keys.experts[key]
+            rows = shard.whole_rows(_local(value))  # expert TP: the TP group's slices joined (collective)
+            digests[key] = {g: tensor_digest(rows[i]) for i, g in enumerate(shard.expert_ids)}
         elif isinstance(value, Tensor):
             digests[key] = tensor_digest(value)
     return digests
@@ -341,25 +350,29 @@ def _corrupt_files(directory: Path, manifest: dict[str, Any]) -> Optional[str]:
 
 
 def _verify(state: dict[str, Any], keys: _Keys, manifest: dict[str, Any]) -> Optional[str]:
-    """This rank's first loaded tensor (or expert row) whose checksum is not the manifest's."""
-    saved = manifest["tensors"]
+    """This rank's first loaded tensor (or expert row) whose checksum is not the manifest's. Every
+    key is visited (with expert TP, joining a row's slices is a collective of the TP group)."""
+    saved, problems = manifest["tensors"], []
     if bytes_digest(state[OBJECTS]) != manifest["objects"][OBJECTS]:
-        return "the trainer state (extra, optimizer groups, RNG) differs from the saved one: the file is corrupted"
+        problems.append("the trainer state (extra, optimizer groups, RNG) differs from the saved one: the file is "
+                        "corrupted")
     for key, value in state.items():
         if key not in saved:
             continue
         if key in keys.experts:
-            shard, local, rows = keys.experts[key], _local(value), saved[key]["experts"]
+            shard, rows = keys.experts[key], saved[key]["experts"]
+            whole = shard.whole_rows(_local(value))
             for i, g in enumerate(shard.expert_ids):
-                digest = tensor_digest(local[i])
+                digest = tensor_digest(whole[i])
                 if digest != rows[g]:
                     found = [e for e, row in enumerate(rows) if row == digest]
                     where = (f"it holds the saved data of {describe_experts(found)}: an expert loaded into the wrong "
                              "slot (swapped files?)" if found else "the data is corrupted")
-                    return f"tensor {key!r} {describe_experts([g])}: checksum differs from the manifest; {where}"
+                    problems.append(f"tensor {key!r} {describe_experts([g])}: checksum differs from the manifest; "
+                                    f"{where}")
         elif tensor_digest(value) != saved[key]["sha256"]:
-            return f"tensor {key!r}: checksum differs from the manifest; the data is corrupted"
-    return None
+            problems.append(f"tensor {key!r}: checksum differs from the manifest; the data is corrupted")
+    return problems[0] if problems else None
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, objects: dict[str, Any]) -> None:

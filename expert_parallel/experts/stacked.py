@@ -40,6 +40,9 @@ class StackedExperts(Experts):
             sums: pass ``reduce`` to ``forward`` / ``grouped`` to sum them before ``b2``.
     """
 
+    # the dimension of d_ff in each expert's parameter, which expert TP splits; b2 has none (whole)
+    TP_SPLIT = {"w1": 1, "w3": 1, "b1": 0, "w2": 0}
+
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool = False,
                  activation: str = "gelu", bias: bool = False, sharded: bool = True,
                  first_expert: int = 0, tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -68,8 +71,7 @@ class StackedExperts(Experts):
             return
         d_model, d_ff = self.w1.shape[1], self.w1.shape[2] * self.tp_size
         fan_in = {"w1": d_model, "w3": d_model, "b1": d_model, "w2": d_ff, "b2": d_ff}
-        # the dimension of d_ff in each (per-expert) parameter; b2 has none
-        split = {"w1": 1, "w3": 1, "b1": 0, "w2": 0}
+        split = self.TP_SPLIT
         with torch.no_grad():
             for local in range(self.w1.shape[0]):
                 generator = torch.Generator(self.w1.device).manual_seed(seed + self.first_expert + local)

@@ -1,7 +1,7 @@
-"""Topology-free checkpoints: saved at (EP 2, world 2), resumed at (EP 4, world 4), (EP 1, DP 2)
-and (EP 2, DP 2). The reference is independent of our loader: torch's own ``dcp_to_torch_save``
-reads the checkpoint into whole tensors, and a plain single-process model and AdamW continue from
-them on the same global batch."""
+"""Topology-free checkpoints: saved at (EP 2, world 2), resumed at (EP 4, world 4), (EP 1, DP 2),
+(EP 2, DP 2) and (EP 2, expert TP 2, world 4), each saving again after its steps. The reference is
+independent of our loader: torch's own ``dcp_to_torch_save`` reads a checkpoint into whole tensors,
+and a plain single-process model and AdamW continue from them on the same global batch."""
 
 from __future__ import annotations
 
@@ -29,16 +29,20 @@ from expert_parallel.comm import expert_groups, reduce_gradients
 from tests.harness import RankError, run_ranks
 
 D, E, TOKENS, SAVED_STEPS, NEXT_STEPS, LR = 8, 8, 16, 3, 2, 1e-2
-TOPOLOGIES = [(4, 4), (1, 2), (2, 4)]  # (ep_size, world)
+# (ep_size, world, tp_size): the last splits every expert's d_ff over TP pairs (expert tensor parallelism)
+TOPOLOGIES = [(4, 4, 1), (1, 2, 1), (2, 4, 1), (2, 4, 2)]
+IDS = [f"ep{e}-world{w}" + (f"-etp{t}" if t > 1 else "") for e, w, t in TOPOLOGIES]
+BROKEN_AT = (1, 2, 1)  # the topology that also tries the broken copies
 
 
 class Net(nn.Module):
     """Dense in, an MoE layer (no aux loss, no drops: the loss is the same at every topology), dense out."""
 
-    def __init__(self, ep_size: int) -> None:
+    def __init__(self, ep_size: int, tp_size: int = 1) -> None:
         super().__init__()
         cfg = MoEConfig(d_model=D, d_ff=16, num_experts=E, ep_size=ep_size, router="topk", top_k=2,
-                        expert="swiglu", dropless=True, aux_loss_weight=0.0)
+                        expert="swiglu", dropless=True, aux_loss_weight=0.0, tp_size=tp_size,
+                        expert_tensor_parallel=tp_size > 1)
         self.inp = nn.Linear(D, D)
         self.moe = MoELayer(cfg)
         self.out = nn.Linear(D, D)
@@ -54,6 +58,10 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_step(model, optimizer, step, rank, world, groups) -> float:
+    """One step on this rank's share of the global batch (the ranks of a TP group share one); the
+    mean loss over the data-parallel ranks."""
+    if groups is not None and len(groups.tp_ranks) > 1:
+        rank, world = groups.dp_ranks.index(rank), len(groups.dp_ranks)
     x, y = (t.chunk(world)[rank] for t in global_batch(step))
     loss = ((model(x) - y) ** 2).mean()
     optimizer.zero_grad(set_to_none=True)
@@ -64,13 +72,14 @@ def train_step(model, optimizer, step, rank, world, groups) -> float:
     total = loss.detach().clone()
     if dist.is_initialized():
         dist.all_reduce(total)
-    return float(total) / world
+        return float(total) / dist.get_world_size()
+    return float(total)
 
 
-def _build(ep_size: int, seed: int):
-    groups = expert_groups(ep_size)
+def _build(ep_size: int, seed: int, tp_size: int = 1):
+    groups = expert_groups(ep_size, tp_size, tp_size > 1)
     torch.manual_seed(seed)
-    model = Net(ep_size)
+    model = Net(ep_size, tp_size)
     return model, torch.optim.AdamW(model.parameters(), lr=LR), groups
 
 
@@ -97,10 +106,10 @@ def save_run(rank: int, world: int, root: str) -> None:
         mark_latest(root, "killed")
 
 
-def resume_run(rank: int, world: int, root: str, ep_size: int, broken: dict) -> dict:
-    """Failing loads first (every rank raises alike), then the latest checkpoint; its tensors
-    whole, then NEXT_STEPS steps."""
-    model, optimizer, groups = _build(ep_size, seed=123)  # a different init: everything must come from the file
+def resume_run(rank: int, world: int, root: str, ep_size: int, tp_size: int, broken: dict) -> dict:
+    """Failing loads first (every rank raises alike), then the latest checkpoint; its tensors,
+    then NEXT_STEPS steps, then a save of this topology's state (``root/after-<topology>``)."""
+    model, optimizer, groups = _build(ep_size, seed=123, tp_size=tp_size)  # everything must come from the file
     errors = {}
     for name, path in broken.items():
         try:
@@ -112,7 +121,9 @@ def resume_run(rank: int, world: int, root: str, ep_size: int, broken: dict) -> 
     loaded = {name: p.detach().clone() for name, p in model.named_parameters()}
     moments = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in model.named_parameters()}
     losses = [train_step(model, optimizer, extra["step"] + i, rank, world, groups) for i in range(NEXT_STEPS)]
-    return {"errors": errors, "extra": extra, "first": first, "loaded": loaded, "moments": moments, "losses": losses}
+    save_checkpoint(Path(root) / f"after-{ep_size}-{world}-{tp_size}", model, optimizer)
+    return {"errors": errors, "extra": extra, "first": first, "loaded": loaded, "moments": moments, "losses": losses,
+            "tp_rank": groups.tp_ranks.index(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +136,9 @@ def saved(tmp_path_factory):
     return root, torch.load(reference, weights_only=False)
 
 
-def reference_losses(whole: dict) -> list[float]:
-    """A plain single-process run (EP 1) from the saved tensors, through torch's own loaders."""
+def reference_run(whole: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """A plain single-process run (EP 1) from the saved tensors, through torch's own loaders: its
+    losses and its final parameters and moments (under the checkpoint's keys)."""
     model = Net(1)
     model.load_state_dict({k.removeprefix("model."): v for k, v in whole.items() if k.startswith("model.")})
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -135,7 +147,11 @@ def reference_losses(whole: dict) -> list[float]:
              for i, name in enumerate(names)}
     optimizer.load_state_dict({"state": state, "param_groups": [{**optimizer.param_groups[0],
                                                                   "params": list(range(len(names)))}]})
-    return [train_step(model, optimizer, SAVED_STEPS + i, 0, 1, None) for i in range(NEXT_STEPS)]
+    losses = [train_step(model, optimizer, SAVED_STEPS + i, 0, 1, None) for i in range(NEXT_STEPS)]
+    final = {f"model.{name}": param.detach() for name, param in model.named_parameters()}
+    final.update({f"optim.{name}.{key}": value for name, param in model.named_parameters()
+                  for key, value in optimizer.state[param].items()})
+    return losses, final
 
 
 def _expert_rows_in_file(path: Path, rows: torch.Tensor) -> int:
@@ -179,9 +195,25 @@ def broken_copies(root: Path, whole: dict) -> dict[str, str]:
 def resumed(saved):
     root, whole = saved
     broken = broken_copies(root, whole)
-    return {topology: run_ranks(resume_run, topology[1], str(root), topology[0], broken if topology == (1, 2) else {},
-                                timeout=120)
+    return {topology: run_ranks(resume_run, topology[1], str(root), topology[0], topology[2],
+                                broken if topology == BROKEN_AT else {}, timeout=120)
             for topology in TOPOLOGIES}
+
+
+@pytest.fixture(scope="module")
+def reference(saved):
+    return reference_run(saved[1])
+
+
+def _my_part(whole: torch.Tensor, name: str, per_rank: dict, topology: tuple[int, int, int]) -> torch.Tensor:
+    """This rank's part of a saved whole tensor: its experts' rows and, with expert TP, its slice of d_ff."""
+    if not name.startswith("moe.experts.") or whole.dim() == 0:
+        return whole
+    part = whole[per_rank["first"]:per_rank["first"] + E // topology[0]]
+    tp = topology[2]
+    dim = {"w1": 2, "w3": 2, "w2": 1}[name.rsplit(".", 1)[-1]]  # d_ff's dimension in [E, D, F] / [E, F, D]
+    width = part.shape[dim] // tp
+    return part.narrow(dim, per_rank["tp_rank"] * width, width)
 
 
 def test_killed_save_leaves_the_previous_checkpoint_latest(saved):
@@ -190,27 +222,31 @@ def test_killed_save_leaves_the_previous_checkpoint_latest(saved):
     assert (root / "killed").exists() and not (root / "killed" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("topology", TOPOLOGIES, ids=[f"ep{e}-world{w}" for e, w in TOPOLOGIES])
+@pytest.mark.parametrize("topology", TOPOLOGIES, ids=IDS)
 def test_resume_at_another_topology_loads_the_saved_logical_tensors_exactly(saved, resumed, topology):
     _, whole = saved
     for per_rank in resumed[topology]:
         assert per_rank["extra"] == {"step": SAVED_STEPS}
-        rows = slice(per_rank["first"], per_rank["first"] + E // topology[0])
         for name, value in per_rank["loaded"].items():
-            expected = whole[f"model.{name}"]
-            expected = expected[rows] if name.startswith("moe.experts.") else expected
-            assert torch.equal(value, expected), name
+            assert torch.equal(value, _my_part(whole[f"model.{name}"], name, per_rank, topology)), name
             for key, moment in per_rank["moments"][name].items():
-                saved_moment = whole[f"optim.{name}.{key}"]
-                if name.startswith("moe.experts.") and saved_moment.dim():
-                    saved_moment = saved_moment[rows]
+                saved_moment = _my_part(whole[f"optim.{name}.{key}"], name, per_rank, topology)
                 assert torch.equal(moment, saved_moment), f"{name}.{key}"
 
 
-@pytest.mark.parametrize("topology", TOPOLOGIES, ids=[f"ep{e}-world{w}" for e, w in TOPOLOGIES])
-def test_resumed_losses_equal_an_uninterrupted_single_process_run(saved, resumed, topology):
-    expected = reference_losses(saved[1])
-    torch.testing.assert_close(resumed[topology][0]["losses"], expected, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("topology", TOPOLOGIES, ids=IDS)
+def test_resumed_losses_equal_an_uninterrupted_single_process_run(reference, resumed, topology):
+    torch.testing.assert_close(resumed[topology][0]["losses"], reference[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES, ids=IDS)
+def test_a_save_at_the_new_topology_holds_the_single_process_runs_tensors(saved, resumed, reference, topology):
+    after = saved[0] / "after-{}-{}-{}".format(*topology)
+    dcp_to_torch_save(after, after / "whole.pt")
+    whole = torch.load(after / "whole.pt", weights_only=False)
+    assert set(whole) - {"objects"} == set(reference[1])
+    for key, expected in reference[1].items():
+        torch.testing.assert_close(whole[key], expected, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("name, message", [
@@ -222,9 +258,9 @@ def test_resumed_losses_equal_an_uninterrupted_single_process_run(saved, resumed
     ("killed", r"no manifest\.json: the save that wrote it did not finish"),
 ])
 def test_corrupted_checkpoint_fails_on_every_rank_naming_the_tensor(resumed, name, message):
-    for per_rank in resumed[(1, 2)]:
+    for per_rank in resumed[BROKEN_AT]:
         assert name in per_rank["errors"], f"{name} loaded without an error"
-        assert per_rank["errors"][name] == resumed[(1, 2)][0]["errors"][name]
+        assert per_rank["errors"][name] == resumed[BROKEN_AT][0]["errors"][name]
         assert re.search(message, per_rank["errors"][name]), per_rank["errors"][name]
 
 
