@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expert_parallel import RoutingStats
-from expert_parallel.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
+from expert_parallel.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    mark_latest,
+    read_manifest,
+    save_checkpoint,
+)
 from expert_parallel.comm import ExpertGroups, reduce_gradients
 
 # (model, inputs [B, T], targets [B, T]) -> (LM loss, weighted aux loss, stats of every MoE layer);
@@ -32,7 +38,7 @@ def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, 
 
 
 class TorchBackend:
-    """AdamW; dense gradients averaged over the world, expert gradients over their replicas.
+    """AdamW; dense gradients averaged over the data-parallel ranks, expert gradients over their replicas.
 
     Checkpoints are topology-free (``expert_parallel.checkpoint``): ``OUT/checkpoint/step<N>/``,
     the last complete one named by ``OUT/checkpoint/latest``; a resume may change the world size
@@ -71,7 +77,14 @@ class TorchBackend:
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.root} (no 'latest' file); train without "
                                     "--resume first")
-        extra = load_checkpoint(path, self.model, self.optimizer)
+        with_optimizer = any(key.startswith("optim.") for key in read_manifest(path)["tensors"])
+        if not with_optimizer and self.rank == 0:  # e.g. converted from a DeepSpeed engine checkpoint
+            print(f"launch.train: warning: {path} holds no optimizer state; AdamW's moments start from zero",
+                  file=sys.stderr, flush=True)
+        extra = load_checkpoint(path, self.model, self.optimizer if with_optimizer else None)
+        if "step" not in extra:
+            raise ValueError(f"--resume: {path} records no step (extra={sorted(extra)}); save it with "
+                             "extra={'step': N} or start a new run from its weights")
         saved_batch = extra.get("global_batch")  # absent in a checkpoint converted from DeepSpeed
         if saved_batch not in (None, self.global_batch) and self.rank == 0:
             world = self.global_batch // self.batch_size
