@@ -386,3 +386,23 @@ def test_hf_path_rejects_size_flags_and_deepspeed_without_zero_1_or_2(hf_runs, t
     with pytest.raises(ValueError, match="zero_optimization.stage 3 with a Hugging Face model"):
         check_flags(build_parser().parse_args(flags), 2, given_flags(flags))
     check_flags(build_parser().parse_args(["--hf-path", saved]), 2, frozenset({"hf_path"}))  # this one passes
+
+
+def test_resume_from_weights_only_warns_and_a_checkpoint_without_step_is_named(tmp_path: Path, capsys) -> None:
+    from expert_parallel import MoEConfig, MoELayer
+    from expert_parallel.checkpoint import mark_latest, save_checkpoint
+    from expert_parallel.comm import expert_groups
+    from launch.backends import TorchBackend
+
+    args = build_parser().parse_args(["--out", str(tmp_path), "--batch-size", "4"])
+    saved = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
+    save_checkpoint(tmp_path / "checkpoint" / "converted", saved, extra={"step": 7})  # weights only
+    mark_latest(tmp_path / "checkpoint", "converted")
+    backend = TorchBackend(MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4)), args, expert_groups(1), 0, 1, 1)
+    assert backend.load() == 7
+    assert "holds no optimizer state; AdamW's moments start from zero" in capsys.readouterr().err
+    assert torch.equal(backend.model.experts.w1, saved.experts.w1)
+    save_checkpoint(tmp_path / "checkpoint" / "nostep", saved)
+    mark_latest(tmp_path / "checkpoint", "nostep")
+    with pytest.raises(ValueError, match=r"records no step \(extra=\[\]\)"):
+        backend.load()
