@@ -161,12 +161,17 @@ def expert_key_shards(keys: list[str], shards: dict[str, ExpertShard],
     optimizer state of the same shape (``optim.<fqn>.<name>``; a scalar such as Adam's ``step`` is dense)."""
     found = {}
     for key in keys:
-        kind, _, rest = key.partition(".")
-        fqn = rest if kind == "model" else rest.rpartition(".")[0]
-        shard = shards.get(fqn)
+        shard = shards.get(parameter_of(key))
         if shard is not None and tensors[key].dim() > 0 and tensors[key].shape[0] == shard.local:
             found[key] = shard
     return found
+
+
+def parameter_of(key: str) -> str:
+    """The parameter (or buffer) name of a logical key: ``model.<fqn>`` and ``optim.<fqn>.<state>``
+    name ``<fqn>``."""
+    kind, _, rest = key.partition(".")
+    return rest if kind == "model" else rest.rpartition(".")[0]
 
 
 def rank() -> int:

@@ -44,9 +44,9 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tensor_entry(tensor: Tensor, full_shape: tuple[int, ...]) -> dict[str, Any]:
-    """A manifest entry's shape and dtype."""
-    return {"shape": list(full_shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+def tensor_entry(tensor: Tensor) -> dict[str, Any]:
+    """A manifest entry's shape and dtype (the logical shape: a DTensor's is its global one)."""
+    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

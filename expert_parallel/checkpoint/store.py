@@ -2,9 +2,10 @@
 
 A checkpoint is a directory: DCP's storage files (``__<rank>_0.distcp``, one per saving rank) and
 ``.metadata``, then ``manifest.json``, written last. Expert tensors are DTensors sharded on their
-expert dimension over a ``[replica, ep]`` device mesh, so DCP stores each expert row once and a
-load at another EP size, data-parallel size or world size reads exactly the rows each rank now
-holds. Dense tensors are replicated and stored once.
+expert dimension (and, with expert tensor parallelism, on ``d_ff``) over a ``[replica, ep, tp]``
+device mesh, so DCP stores each expert row once and a load at another EP size, data-parallel
+size or world size reads exactly the rows each rank now holds. Dense tensors are replicated and
+stored once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -31,6 +32,7 @@ from .logical import (
     init_optimizer_state,
     model_tensors,
     optimizer_tensors,
+    parameter_of,
     rank,
     world_size,
 )
@@ -78,9 +80,9 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
     state[OBJECTS] = blob
     if rank() == 0:  # overwriting: the directory is unfinished until the new manifest is written
         (directory / MANIFEST).unlink(missing_ok=True)
-    dcp.save(state, checkpoint_id=directory, no_dist=world_size() == 1)
+    metadata = dcp.save(state, checkpoint_id=directory, no_dist=world_size() == 1)  # every rank gets it
     digests = gather_objects(_digests(state, keys))
-    files = sorted({info.relative_path for info in FileSystemReader(directory).read_metadata().storage_data.values()})
+    files = sorted({info.relative_path for info in metadata.storage_data.values()})
     file_digests = gather_objects({name: file_digest(directory / name) for name in files[rank()::world_size()]})
     entries = _manifest_entries(state, keys, digests)  # raises on every rank alike
     if rank() == 0:
@@ -132,10 +134,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
         raise CheckpointError(f"{directory}: rank {first[0]}: {first[1]}")
     objects = pickle.loads(state[OBJECTS])
     if optimizer is not None:
-        _restore_optimizer(optimizer, model, objects)
-        params = dict(model.named_parameters())
-        for name in stateless:  # as at save: no state yet (e.g. no gradient had reached it)
-            optimizer.state.pop(params[name], None)
+        _restore_optimizer(optimizer, model, keys.optim_groups, objects, stateless)
     if restore_rng:
         _restore_rng(objects["rng"], model)
     return objects["extra"]
@@ -161,12 +160,13 @@ def mark_latest(root: str | os.PathLike, name: str, keep: int = 2) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-class _Keys:
+class _Keys(NamedTuple):
     """What ``_logical_state`` learned about the keys: which are expert rows (and where), the
-    optimizer's groups and non-tensor state."""
+    optimizer's groups (parameters by name) and non-tensor state."""
 
-    def __init__(self, experts: dict[str, ExpertShard], optim_groups: list, optim_other: dict) -> None:
-        self.experts, self.optim_groups, self.optim_other = experts, optim_groups, optim_other
+    experts: dict[str, ExpertShard]
+    optim_groups: list
+    optim_other: dict
 
 
 def _logical_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict[str, Any], _Keys]:
@@ -231,17 +231,18 @@ def _local(value: Any) -> Any:
     return value.to_local() if isinstance(value, DTensor) else value
 
 
+def _digest(value: Tensor, shard: Optional[ExpertShard]) -> str | dict[int, str]:
+    """A tensor's checksum: whole for a dense one, row by row ``{global id: sha}`` for an expert
+    tensor (with expert TP the TP group's slices are joined first: a collective of the TP group)."""
+    if shard is None:
+        return tensor_digest(value)
+    rows = shard.whole_rows(_local(value))
+    return {g: tensor_digest(rows[i]) for i, g in enumerate(shard.expert_ids)}
+
+
 def _digests(state: dict[str, Any], keys: _Keys) -> dict[str, Any]:
-    """This rank's checksums: dense tensors whole, expert tensors row by row ``{global id: sha}``."""
-    digests: dict[str, Any] = {}
-    for key, value in state.items():
-        if key in keys.experts:
-            shard = keys.experts[key]
-            rows = shard.whole_rows(_local(value))  # expert TP: the TP group's slices joined (collective)
-            digests[key] = {g: tensor_digest(rows[i]) for i, g in enumerate(shard.expert_ids)}
-        elif isinstance(value, Tensor):
-            digests[key] = tensor_digest(value)
-    return digests
+    """This rank's checksums of every tensor in ``state`` (see ``_digest``)."""
+    return {key: _digest(value, keys.experts.get(key)) for key, value in state.items() if isinstance(value, Tensor)}
 
 
 def _manifest_entries(state: dict[str, Any], keys: _Keys, digests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -257,30 +258,25 @@ def _manifest_entries(state: dict[str, Any], keys: _Keys, digests: list[dict[str
                     if rows.setdefault(g, (r, digest))[1] != digest:
                         raise RuntimeError(f"checkpoint not saved: expert {g} of {key!r} differs between its replicas "
                                            f"on ranks {rows[g][0]} and {r}; their gradients were not reduced alike")
-            entries[key] = {**tensor_entry(value, tuple(value.shape)), "experts": [rows[g][1] for g in sorted(rows)]}
+            entries[key] = {**tensor_entry(value), "experts": [rows[g][1] for g in sorted(rows)]}
         else:
             differing = [r for r, part in enumerate(digests) if part[key] != digests[0][key]]
             if differing:
                 raise RuntimeError(f"checkpoint not saved: {key!r} differs between rank 0 and ranks {differing}, which "
                                    "should hold the same copy; the data-parallel replicas have diverged")
-            entries[key] = {**tensor_entry(value, tuple(value.shape)), "sha256": digests[0][key]}
+            entries[key] = {**tensor_entry(value), "sha256": digests[0][key]}
     return entries
-
-
-def _optim_name(key: str) -> str:
-    """The parameter of an ``optim.<fqn>.<state>`` key."""
-    return key.removeprefix("optim.").rpartition(".")[0]
 
 
 def _drop_unsaved_optimizer_state(state: dict[str, Any], manifest: dict[str, Any]) -> set[str]:
     """Parameters that had no optimizer state when the checkpoint was saved (an optimizer creates
     it at a parameter's first step with a gradient): their keys leave ``state``; returns their names.
     A checkpoint without any optimizer state is left to ``_check_keys`` (an error)."""
-    saved = {_optim_name(key) for key in manifest["tensors"] if key.startswith("optim.")}
+    saved = {parameter_of(key) for key in manifest["tensors"] if key.startswith("optim.")}
     if not saved:
         return set()
-    stateless = {_optim_name(key) for key in state if key.startswith("optim.")} - saved
-    for key in [key for key in state if key.startswith("optim.") and _optim_name(key) in stateless]:
+    stateless = {parameter_of(key) for key in state if key.startswith("optim.")} - saved
+    for key in [key for key in state if key.startswith("optim.") and parameter_of(key) in stateless]:
         del state[key]
     return stateless
 
@@ -301,8 +297,8 @@ def _check_keys(state: dict[str, Any], keys: _Keys, manifest: dict[str, Any], wi
         raise CheckpointError(f"the checkpoint holds {unexpected[0]!r} ({len(unexpected)} in all), which the model "
                               "does not have; build the model with the configuration that saved it")
     for key in sorted(wanted):
-        value, entry = state[key], saved[key]
-        shape, dtype = list(value.shape), str(value.dtype).removeprefix("torch.")
+        entry, ours = saved[key], tensor_entry(state[key])
+        shape, dtype = ours["shape"], ours["dtype"]
         if shape != entry["shape"]:
             raise CheckpointError(f"tensor {key!r} has shape {entry['shape']} in the checkpoint but {shape} in the "
                                   "model; build the model with the configuration that saved it (expert tensors are "
@@ -331,9 +327,7 @@ def _check_files(directory: Path, state: dict[str, Any]) -> None:
     if short:
         name, tensors = next(iter(sorted(short.items())))
         state_word = "missing" if not (directory / name).is_file() else "truncated"
-        raise CheckpointError(f"storage file {name} of {directory} is {state_word}; it holds {', '.join(tensors[:4])}"
-                              + (f" and {len(tensors) - 4} more" if len(tensors) > 4 else "")
-                              + "; restore the file or load an earlier checkpoint")
+        raise CheckpointError(_file_problem(directory, name, state_word, tensors))
 
 
 def _corrupt_files(directory: Path, manifest: dict[str, Any]) -> Optional[str]:
@@ -343,10 +337,15 @@ def _corrupt_files(directory: Path, manifest: dict[str, Any]) -> Optional[str]:
     for name, digest in sorted(manifest["files"].items()):
         if file_digest(directory / name) != digest:
             held = sorted({index.fqn for index, info in metadata.storage_data.items() if info.relative_path == name})
-            return (f"storage file {name} of {directory} is corrupted (its SHA-256 differs from the manifest); it "
-                    f"holds {', '.join(held[:4])}" + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-                    + "; restore the file or load an earlier checkpoint")
+            return _file_problem(directory, name, "corrupted (its SHA-256 differs from the manifest)", held)
     return None
+
+
+def _file_problem(directory: Path, name: str, what: str, tensors: list[str]) -> str:
+    """The message for a storage file that cannot be read as saved, naming (up to 4 of) its tensors."""
+    more = f" and {len(tensors) - 4} more" if len(tensors) > 4 else ""
+    return (f"storage file {name} of {directory} is {what}; it holds {', '.join(tensors[:4])}{more}; restore the "
+            "file or load an earlier checkpoint")
 
 
 def _verify(state: dict[str, Any], keys: _Keys, manifest: dict[str, Any]) -> Optional[str]:
@@ -359,34 +358,37 @@ def _verify(state: dict[str, Any], keys: _Keys, manifest: dict[str, Any]) -> Opt
     for key, value in state.items():
         if key not in saved:
             continue
-        if key in keys.experts:
-            shard, rows = keys.experts[key], saved[key]["experts"]
-            whole = shard.whole_rows(_local(value))
-            for i, g in enumerate(shard.expert_ids):
-                digest = tensor_digest(whole[i])
-                if digest != rows[g]:
-                    found = [e for e, row in enumerate(rows) if row == digest]
+        digest = _digest(value, keys.experts.get(key))
+        if isinstance(digest, dict):
+            rows = saved[key]["experts"]
+            for g, row_digest in digest.items():
+                if row_digest != rows[g]:
+                    found = [e for e, row in enumerate(rows) if row == row_digest]
                     where = (f"it holds the saved data of {describe_experts(found)}: an expert loaded into the wrong "
                              "slot (swapped files?)" if found else "the data is corrupted")
                     problems.append(f"tensor {key!r} {describe_experts([g])}: checksum differs from the manifest; "
                                     f"{where}")
-        elif tensor_digest(value) != saved[key]["sha256"]:
+        elif digest != saved[key]["sha256"]:
             problems.append(f"tensor {key!r}: checksum differs from the manifest; the data is corrupted")
     return problems[0] if problems else None
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, objects: dict[str, Any]) -> None:
-    """The saved hyperparameters of each group (same parameters by name) and non-tensor state."""
-    _, groups, _ = optimizer_tensors(model, optimizer)
+def _restore_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, groups: list[dict], objects: dict[str, Any],
+                       stateless: set[str]) -> None:
+    """The saved hyperparameters of each group (``groups``: the optimizer's, parameters by name;
+    they must be the saved ones), non-tensor state, and no state for the ``stateless`` parameters
+    (as at save: no gradient had reached them yet)."""
     saved = objects["optim_groups"]
     if [g["params"] for g in groups] != [g["params"] for g in saved]:
         raise CheckpointError("the optimizer's parameter groups differ from the saved ones (by parameter name); build "
                               "the optimizer with the same groups as the run that saved it")
     for group, saved_group in zip(optimizer.param_groups, saved):
         group.update({key: value for key, value in saved_group.items() if key != "params"})
-    names = {name: param for name, param in model.named_parameters()}
+    params = dict(model.named_parameters())
     for name, values in objects["optim_other"].items():
-        optimizer.state[names[name]].update(values)
+        optimizer.state[params[name]].update(values)
+    for name in stateless:
+        optimizer.state.pop(params[name], None)
 
 
 def _rng_state(model: nn.Module) -> dict[str, bytes]:

@@ -61,8 +61,7 @@ def from_deepspeed(engine_dir: str | os.PathLike, out: str | os.PathLike, model:
     tag_dir = engine_dir / tag
     states = _load(tag_dir / "mp_rank_00_model_states.pt")
     module_state = dict(states["module"])
-    inner = model.model if isinstance(model, EngineModel) else model
-    for layer in inner.modules():
+    for layer in model.modules():
         if isinstance(layer, MoELayer) and layer.cfg.ep_size != 1:
             raise CheckpointError(f"build the model with ep_size=1 to convert (a layer has ep_size="
                                   f"{layer.cfg.ep_size}); the converted checkpoint then loads at any EP size")
