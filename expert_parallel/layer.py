@@ -57,6 +57,7 @@ from .layout import (
     chunk_bounds,
     combine,
     expert_rows,
+    fill_within,
     kept_weights,
     layer_capacity,
     pack,
@@ -278,7 +279,7 @@ class MoELayer(nn.Module):
                     sent.append(exchange_start(phase.input(chunks[index + 1]), cfg.ep_size, exchange_group))
             with self._phase("experts") as phase:
                 # one chunk: every count as it is (with expert TP they count the TP group's gathered slots)
-                chunk_fill_RL = (fill_RL - first).clamp(0, size) if overlap and fill_RL is not None else fill_RL
+                chunk_fill_RL = fill_within(fill_RL, first, size) if overlap and fill_RL is not None else fill_RL
                 out_RLCD = self._compute(phase.input(received_RLCD), chunk_fill_RL)
             with self._phase("return") as phase:
                 returned.append(exchange_back_start(phase.input(out_RLCD), exchange_group, overlap))
@@ -323,7 +324,7 @@ class MoELayer(nn.Module):
             return fill_E
         share = capacity // self.cfg.tp_size
         start = self.tp_ranks.index(dist.get_rank()) * share
-        return (fill_E - start).clamp(0, share)
+        return fill_within(fill_E, start, share)
 
     def _choose_expert_compute(self) -> bool:
         """Filled (grouped GEMM) or padded expert compute, from ``cfg.expert_compute`` and what

@@ -93,3 +93,10 @@ def chunk_bounds(capacity: int, num_chunks: int) -> list[tuple[int, int]]:
     size, extra = divmod(capacity, chunks)
     sizes = [size + (index < extra) for index in range(chunks)]
     return [(sum(sizes[:index]), sizes[index]) for index in range(chunks)]
+
+
+def fill_within(fill: Tensor, first: int, size: int) -> Tensor:
+    """How many of each block's filled slots (slots ``0 .. fill-1``; slots fill in order) lie in the
+    window of slots ``first : first + size``: ``clamp(fill - first, 0, size)``, any shape. A chunk's
+    fill (``chunk_bounds``), or a TP rank's share of the slots. No host sync."""
+    return (fill - first).clamp(0, size)

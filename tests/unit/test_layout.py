@@ -225,3 +225,11 @@ def test_chunks_cover_every_slot_once_with_sizes_one_apart(capacity, num_chunks)
 
 def test_chunks_of_ten_slots_in_four():
     assert layout.chunk_bounds(10, 4) == [(0, 3), (3, 3), (6, 2), (8, 2)]
+
+
+def test_fill_within_counts_the_filled_slots_of_a_window_by_counting_them():
+    fill = torch.tensor([[0, 3, 5], [7, 10, 2]])
+    for first, size in [(0, 4), (3, 3), (6, 4), (9, 1)]:
+        counted = torch.tensor([[sum(first <= slot < first + size for slot in range(int(n))) for n in row]
+                                for row in fill.tolist()])
+        assert torch.equal(layout.fill_within(fill, first, size), counted)
