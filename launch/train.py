@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
     parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT/checkpoint (plain/torchrun: at any world and ep size with the same "
-                             "global batch; deepspeed: the engine's checkpoint, same topology)")
+                        help="continue from OUT/checkpoint (plain/torchrun: at any world and ep size, the same data "
+                             "when the global batch is kept; deepspeed: the engine's checkpoint, same topology)")
     parser.add_argument("--deepspeed-config", default=None, metavar="JSON",
                         help="train with the DeepSpeed engine and this config (e.g. launch/ds_zero2_bf16.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
