@@ -6,7 +6,10 @@ setup(
     description="Expert-parallel Mixture-of-Experts runtime for PyTorch, DeepSpeed-compatible",
     packages=find_packages(include=["expert_parallel", "expert_parallel.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.1"],
+    # torch 2.8: the first release with torch._grouped_mm (filled expert compute) and DeviceMesh's
+    # _init_backend (checkpoints); tested on 2.13. numpy: gloo's all_gather_object (every-rank
+    # checks, checkpoints) unpickles through tensor.numpy(), which torch does not install.
+    install_requires=["torch>=2.8", "numpy"],
     extras_require={
         # the demo training job and the benchmarks' progress bars
         "launch": ["tqdm"],
