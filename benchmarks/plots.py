@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +35,15 @@ RATIO_NOTES = {"ours_over_floor": "ours/padded floor", "ours_over_filled_floor":
                "ours_over_autoep": "ours/AutoEP"}
 
 
+# baselines a record may lack, each with the reason the run stored (record[step], e.g. record["autoep"])
+BASELINE_NAMES = {"deepspeed": "DeepSpeed MoE", "autoep": "AutoEP"}
+
+
+def _why_absent(reason: str) -> str:
+    """The stored reason a baseline did not run, wrapped to the width of a bar group."""
+    return "\n".join(textwrap.wrap(reason, 40))
+
+
 def _label(record: dict[str, Any]) -> str:
     cfg = record["config"]
     skew = f", skew {cfg['skew']:g}" if cfg.get("skew") else ""
@@ -57,6 +67,7 @@ def plot_phases(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(3 + 2.2 * len(records), 4.5))
     colors = plt.get_cmap("tab10").colors
+    tallest = 0.0
     for i, record in enumerate(records):
         floor_step = record.get("excess_over", "floor")
         phases, floor = record["timings_ms"]["phases"], record["timings_ms"][floor_step]
@@ -70,6 +81,9 @@ def plot_phases(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
                label=f"{floor_name}: matmuls" if i == 0 else None)
         ax.bar(i + 0.2, floor["all_to_all"]["median"], 0.38, bottom=floor["matmuls"]["median"], color=colors[3],
                hatch="//", edgecolor="white", label=f"{floor_name}: raw all-to-all" if i == 0 else None)
+        tallest = max(tallest, bottom, floor["matmuls"]["median"] + floor["all_to_all"]["median"])
+    # headroom for the legend above the tallest bar (autoscaling let the legend hide its top)
+    ax.set_ylim(0, tallest * 1.35)
     ax.set_xticks(range(len(records)), [_label(r) for r in records], fontsize=8)
     ax.set_ylabel("ms per forward+backward (median)")
     ax.set_title("Phases of one step (left) vs the floor (right)")
@@ -99,6 +113,8 @@ def plot_compare(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
             labelled.add(label)
         found = record.get("ratios", {})
         text = "\n".join(f"{note} {found[key]:.2f}" for key, note in RATIO_NOTES.items() if found.get(key))
+        text += "".join(f"\n{name} not measured:\n{_why_absent(record[step])}" for step, name in BASELINE_NAMES.items()
+                        if step not in record["timings_ms"] and isinstance(record.get(step), str))
         ax.annotate(text, (i, 0), xytext=(0, -30), textcoords="offset points", ha="center", va="top", fontsize=7)
     ax.set_xticks(range(len(records)), [_label(r) for r in records], fontsize=8)
     ax.set_ylabel("ms per forward+backward (median, IQR)")
