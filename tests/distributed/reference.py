@@ -146,7 +146,7 @@ def load_layer(layer: MoELayer, weights: dict[str, Tensor], ep_rank: int) -> Non
 
 def capacity_formula(num_tokens: int, cfg: MoEConfig, factor: float) -> int:
     """``C = max(min_capacity, ceil(k * S * cf / E))`` as documented."""
-    return max(cfg.min_capacity, math.ceil(cfg.top_k * num_tokens * factor / cfg.num_experts))
+    return max(cfg.min_capacity, math.ceil(cfg.num_choices * num_tokens * factor / cfg.num_experts))
 
 
 def _expert(v_D: Tensor, weights: dict[str, Tensor], e: int, cfg: MoEConfig) -> Tensor:
