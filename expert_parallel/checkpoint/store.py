@@ -24,7 +24,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..comm import gather_objects
+from ..comm import gather_objects, rank, world_size
 from .logical import (
     ExpertShard,
     expert_key_shards,
@@ -33,8 +33,6 @@ from .logical import (
     model_tensors,
     optimizer_tensors,
     parameter_of,
-    rank,
-    world_size,
 )
 from .manifest import (
     MANIFEST,

@@ -33,7 +33,7 @@ class StackedExperts(Experts):
         bias: add ``b1`` and ``b2``.
         sharded: this rank's shard of the EP group's experts (see ``experts.base.Experts``).
         first_expert: the global id of local expert 0 (``ep_rank * E_local`` in a layer); it seeds
-            the init (see ``reset_parameters``).
+            the init (see ``reset_parameters``; ``place`` sets it once the layer is bound).
         tp_rank, tp_size: expert tensor parallelism: these experts are slice ``tp_rank`` of
             ``tp_size`` equal slices of ``d_ff`` (columns of ``w1`` / ``w3`` / ``b1``, rows of
             ``w2``; ``b2`` whole), and ``d_ff`` is the slice's width. Their outputs are partial
@@ -60,15 +60,28 @@ class StackedExperts(Experts):
     def reset_parameters(self) -> None:
         """``nn.Linear``'s default init, expert by expert: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
 
-        One seed is drawn from the global RNG; global expert ``g`` draws its weights from a
-        generator seeded with ``seed + g``. So ranks that share a seed (the usual data-parallel
+        One seed is drawn from the global RNG (kept as ``init_seed``); global expert ``g`` draws its
+        weights from a generator seeded with ``seed + g``. So ranks that share a seed (the usual data-parallel
         set-up) still start with different experts, and a seed gives every global expert the same
         weights at any EP size. A TP slice (``tp_size > 1``) draws the whole expert and keeps its
         slice, so it equals that slice of the unsplit expert. Meta tensors are left alone.
         """
-        seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_(0, 2 ** 62))
+        self.init_seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_(0, 2 ** 62))
+        self._draw_init()
+
+    def place(self, first_expert: int, tp_rank: int = 0) -> None:
+        """Make these the global experts ``first_expert ..`` (and TP slice ``tp_rank``): a layer calls
+        it when it binds to its groups. Their init is drawn again from ``init_seed`` if the place
+        changed, so they hold what ``reset_parameters`` gives those experts; no global RNG draw."""
+        if (first_expert, tp_rank) != (self.first_expert, self.tp_rank):
+            self.first_expert, self.tp_rank = first_expert, tp_rank
+            self._draw_init()
+
+    def _draw_init(self) -> None:
+        """Every expert's weights from a generator seeded with ``init_seed + global id`` (TP: the slice)."""
         if self.w1.is_meta:
             return
+        seed = self.init_seed
         d_model, d_ff = self.w1.shape[1], self.w1.shape[2] * self.tp_size
         fan_in = {"w1": d_model, "w3": d_model, "b1": d_model, "w2": d_ff, "b2": d_ff}
         split = self.TP_SPLIT
