@@ -6,15 +6,23 @@ shape as a suffix, e.g. ``x_SD``, ``buffer_ECD``):
     S        tokens on this rank (the input flattened to ``[S, D]``)
     E        routed experts of the layer, all EP ranks together
     E_local  experts held by one EP rank, ``E / R``
+    L        the same ``E_local`` as one letter inside a suffix (``received_RLCD``, ``fill_RL``)
     R        ranks of the EP group (``ep_size``)
-    K        choices per token (``top_k``; ``E`` for ``soft`` and ``expert_choice``)
-    A        (token, choice) assignments, ``K * S``
+    K        choices per token (``MoEConfig.num_choices``; ``E`` for ``soft`` and ``expert_choice``)
+    J        a router's top candidates before the K are kept (``K + 1`` for noisy top-k's threshold;
+             the ``topk_group`` groups kept by group-limited routing)
+    G        expert groups of group-limited routing (``n_group``)
+    A        (token, choice) assignments, ``K * S``, choice-major
     C        capacity: slots per expert in the static buffers
     C_tp     the slots of each expert one TP rank sends, ``C / tp_size``
-    N        slots of a flattened buffer, ``E * C``
-    M        rows each local expert computes on its rank, ``R * C``
+    N        slots of a flattened buffer, ``E * C`` (only this)
+    M        expert rows: ``R * C`` per local expert (``[E_local, M, D]``, padded compute), or the
+             compacted rows of all local experts one after another (``[M, D]``, filled compute)
+    P, Q     ranks per node and nodes of a hierarchical EP group, ``R = Q * P``
     D        d_model
     F        d_ff (hidden width of an expert)
+    H        hidden width of several experts side by side (``E * F``, shared experts run dense)
+    X        whatever trailing dimensions a helper does not look at (``prob_SX``, ``x_RX``)
 """
 
 from __future__ import annotations
@@ -328,8 +336,8 @@ class MoELayer(nn.Module):
             out_RLCD = by_source(self.experts(by_expert(received_RLCD), **reduce), received_RLCD.shape[0])
         else:
             rows = expert_rows(fill_RL, received_RLCD.shape[2])
-            out_ND = self.experts.grouped(rows.gather(received_RLCD), rows.offsets_L, rows.expert_N, **reduce)
-            out_RLCD = rows.scatter(out_ND, received_RLCD)
+            out_MD = self.experts.grouped(rows.gather(received_RLCD), rows.offsets_L, rows.expert_M, **reduce)
+            out_RLCD = rows.scatter(out_MD, received_RLCD)
         return tp_drop(out_RLCD, 2, etp)
 
     def _exchange_group(self, group: Optional[ProcessGroup]) -> A2AGroup:

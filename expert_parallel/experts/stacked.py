@@ -100,31 +100,31 @@ class StackedExperts(Experts):
                         full = full.narrow(split[name], self.tp_rank * width, width)
                     param[local].copy_(full)
 
-    def forward(self, x_END: Tensor, reduce: Optional[Reduce] = None) -> Tensor:
-        """Apply expert ``e`` to row block ``e``: ``[E, N, D] -> [E, N, D]`` (batched matmuls).
-        ``reduce`` (TP slices) sums the partial outputs ``[E, N, D]`` over the slices before ``b2``."""
+    def forward(self, x_EMD: Tensor, reduce: Optional[Reduce] = None) -> Tensor:
+        """Apply expert ``e`` to row block ``e``: ``[E, M, D] -> [E, M, D]`` (batched matmuls).
+        ``reduce`` (TP slices) sums the partial outputs ``[E, M, D]`` over the slices before ``b2``."""
         b1 = None if self.b1 is None else self.b1.unsqueeze(1)
         b2 = None if self.b2 is None else self.b2.unsqueeze(1)
-        return self._ffn(x_END, self.w1, self.w3, self.w2, b1, b2, reduce=reduce)
+        return self._ffn(x_EMD, self.w1, self.w3, self.w2, b1, b2, reduce=reduce)
 
-    def grouped(self, x_ND: Tensor, offsets_L: Tensor, expert_N: Optional[Tensor] = None,
+    def grouped(self, x_MD: Tensor, offsets_L: Tensor, expert_M: Optional[Tensor] = None,
                 reduce: Optional[Reduce] = None) -> Tensor:
-        """Only the filled rows: ``[N, D] -> [N, D]``, rows ``offsets_L[l-1]:offsets_L[l]`` through
+        """Only the filled rows: ``[M, D] -> [M, D]``, rows ``offsets_L[l-1]:offsets_L[l]`` through
         expert ``l`` (``torch._grouped_mm``, forward and backward); rows from ``offsets_L[-1]`` on
         are not computed (their output is unspecified). No host sync.
 
         Args:
-            x_ND: expert rows, grouped by expert (``layout.ExpertRows.gather``).
+            x_MD: expert rows, grouped by expert (``layout.ExpertRows.gather``).
             offsets_L: cumulative row ends per expert, ``int32`` on the device.
-            expert_N: the expert of every row, ``E`` for rows past the last offset (needed only
+            expert_M: the expert of every row, ``E`` for rows past the last offset (needed only
                 with biases: those rows get a zero bias, so no gradient of theirs reaches one).
-            reduce: sums the partial outputs ``[N, D]`` of TP slices before ``b2`` (see ``forward``).
+            reduce: sums the partial outputs ``[M, D]`` of TP slices before ``b2`` (see ``forward``).
         """
-        dtype = x_ND.dtype
-        if torch.is_autocast_enabled(x_ND.device.type):
+        dtype = x_MD.dtype
+        if torch.is_autocast_enabled(x_MD.device.type):
             # autocast does not cover the grouped GEMM on every device: cast as it would, where the
             # kernel's 16-byte row rule holds for the autocast dtype
-            low = torch.get_autocast_dtype(x_ND.device.type)
+            low = torch.get_autocast_dtype(x_MD.device.type)
             dtype = low if _rows_aligned(low, self.w1.shape[1], self.w1.shape[2]) else dtype
 
         grouped_mm = _grouped_mm if dtype == torch.bfloat16 else _grouped_mm_eager
@@ -133,9 +133,9 @@ class StackedExperts(Experts):
             return grouped_mm(a, w.to(dtype), offsets_L)
 
         def bias(b: Optional[Tensor]) -> Optional[Tensor]:  # per row; a zero row past the last offset
-            return None if b is None else F.pad(b.to(dtype), (0, 0, 0, 1))[expert_N]
+            return None if b is None else F.pad(b.to(dtype), (0, 0, 0, 1))[expert_M]
 
-        return self._ffn(x_ND.to(dtype), self.w1, self.w3, self.w2, bias(self.b1), bias(self.b2), matmul=gmm,
+        return self._ffn(x_MD.to(dtype), self.w1, self.w3, self.w2, bias(self.b1), bias(self.b2), matmul=gmm,
                          reduce=reduce)
 
     def dense(self, x_SD: Tensor) -> Tensor:
@@ -187,8 +187,8 @@ class _DenseGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm(a_ND: Tensor, w_EDF: Tensor, offsets_L: Tensor) -> Tensor:
-    return _DenseGrad.apply(torch._grouped_mm(a_ND, w_EDF, offs=offsets_L))
+def _grouped_mm(a_MD: Tensor, w_EDF: Tensor, offsets_L: Tensor) -> Tensor:
+    return _DenseGrad.apply(torch._grouped_mm(a_MD, w_EDF, offs=offsets_L))
 
 
 # torch.compile traces grouped GEMM with a bf16-only shape function, while the eager kernels also
