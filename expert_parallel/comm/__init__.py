@@ -4,7 +4,7 @@ The only code that calls collectives; it knows nothing of gates."""
 
 from .agreement import Agreement, agree, device_for_backend
 from .all_to_all import A2AGroup, PendingAllToAll, all_to_all, all_to_all_start
-from .balance import update_selection_biases
+from .balance import RankSummed, update_selection_biases
 from .dispatcher import (
     by_expert,
     by_source,
@@ -22,7 +22,7 @@ from .groups import ExpertGroups, expert_groups, lookup, node_groups, rank, regi
 from .hierarchical import Hierarchy, NodeRanks, resolve_ranks_per_node
 from .tensor_parallel import tp_copy, tp_drop, tp_gather, tp_reduce
 
-__all__ = ["A2AGroup", "Agreement", "ExpertGroups", "Hierarchy", "NodeRanks", "PendingAllToAll", "agree",
+__all__ = ["A2AGroup", "Agreement", "ExpertGroups", "Hierarchy", "NodeRanks", "PendingAllToAll", "RankSummed", "agree",
            "all_gather_along", "all_to_all", "all_to_all_start", "by_expert", "by_source", "device_for_backend",
            "dispatch", "exchange", "exchange_back", "exchange_back_start", "exchange_fill", "exchange_start",
            "expert_groups", "gather_experts", "gather_objects", "lookup", "node_groups", "rank", "reduce_gradients",

@@ -22,7 +22,8 @@ class StackedExperts(Experts):
     Weights: ``w1 [E, D, F]``, ``w2 [E, F, D]``, ``w3 [E, D, F]`` (SwiGLU only), optional
     biases ``b1 [E, F]``, ``b2 [E, D]``. ``sharded`` experts (routed experts, split over the EP
     group) are reduced over the expert-data-parallel group only; unsharded ones (shared experts,
-    replicated on every rank) over the whole world (``comm.reduce_gradients``).
+    replicated on every rank) over the data-parallel group like any dense weight: the whole world
+    without tensor parallelism, the ranks of one TP rank with it (``comm.reduce_gradients``).
 
     Args:
         num_experts: experts held here (``E_local`` inside a layer).
