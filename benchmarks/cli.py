@@ -64,7 +64,7 @@ def _dry_run(spec: RunSpec, world: int) -> None:
     cfg = spec.config(world) if world > 1 else replace(spec, ep_size=1).config(1)
     with torch.device("meta"):
         layer = MoELayer(cfg.replace(ep_size=1)) if cfg.ep_size == 1 else None
-    print(f"{spec.preset}: {cfg.num_experts} experts (k={cfg.top_k}, {cfg.expert}), d_model={cfg.d_model}, "
+    print(f"{spec.preset}: {cfg.num_experts} experts (k={cfg.num_choices}, {cfg.expert}), d_model={cfg.d_model}, "
           f"d_ff={cfg.d_ff}, {spec.shape.tokens} tokens/rank, capacity={spec.capacity()}, ep_size={cfg.ep_size}; "
           f"per rank: expert weights {weight_bytes(spec, world) / 2**30:.2f} GiB, all-to-all "
           f"{spec.a2a_bytes() / 2**20:.1f} MiB, expert fwd+bwd {spec.expert_flops(world) / 1e12:.2f} TFLOP"

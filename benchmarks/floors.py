@@ -83,12 +83,12 @@ def filled_matmuls(spec: RunSpec, experts: StackedExperts, filled_rows: list[int
     Returns ``(fn, input leaf)``; drop the leaf's ``grad`` between steps."""
     rows_L = torch.tensor(filled_rows, dtype=torch.long, device=device)
     offsets_L = torch.cumsum(rows_L, 0).to(torch.int32)
-    expert_N = torch.repeat_interleave(torch.arange(len(filled_rows), device=device), rows_L)
+    expert_M = torch.repeat_interleave(torch.arange(len(filled_rows), device=device), rows_L)
     rows_in = torch.randn(int(rows_L.sum()), spec.shape.d_model, device=device, dtype=spec.torch_dtype,
                           requires_grad=True)
     # a dense output gradient: torch._grouped_mm's backward rejects the stride-0 one of .sum()
     grad_out = torch.ones_like(rows_in)
-    return lambda: experts.grouped(rows_in, offsets_L, expert_N).backward(grad_out), rows_in
+    return lambda: experts.grouped(rows_in, offsets_L, expert_M).backward(grad_out), rows_in
 
 
 def load_summary(per_rank: list[dict[str, Any]], ep_size: Optional[int] = None) -> Optional[dict[str, Any]]:

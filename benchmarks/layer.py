@@ -281,9 +281,3 @@ def targets(spec: RunSpec, world: int, device: str, found: dict[str, Optional[fl
                         "missed_by": None if value <= limit else value / limit - 1})
     return out
 
-
-if __name__ == "__main__":  # ``python -m benchmarks.layer ...`` = ``python -m benchmarks layer ...``
-    import sys
-
-    from .cli import main
-    main(["layer", *sys.argv[1:]])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .activations import ACTIVATIONS
+from .router_rules import NO_TOP_K, ROUTER_RULES, reject, routed_top_k
 
 EXPERT_KINDS = ("ffn", "swiglu")
 EXPERT_COMPUTE = ("auto", "filled", "padded")
@@ -26,11 +27,6 @@ BOOL_FIELDS = ("drop_tokens", "dropless", "expert_bias", "check_finite", "router
                "expert_tensor_parallel")
 
 
-def reject(field: str, value: object, fix: str) -> None:
-    """Raise the ``ValueError`` of an invalid ``MoEConfig`` field: its name, value and the fix."""
-    raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {fix}")
-
-
 @dataclass(frozen=True)
 class MoEConfig:
     """Configuration of one MoE layer; validated once in ``__post_init__``.
@@ -43,7 +39,8 @@ class MoEConfig:
         num_experts: global number of routed experts E (all ranks together).
         top_k: choices per token K. ``None`` (default) means the router's own: ``switch`` 1,
             ``gshard`` 2, ``topk`` / ``noisy_topk`` / ``deepspeed`` ``min(2, num_experts)``;
-            ``soft`` and ``expert_choice`` take no ``top_k`` (it stays ``None``).
+            ``soft`` and ``expert_choice`` take no ``top_k``. The field keeps what was given
+            (an unset one stays ``None``; ``num_choices`` is the resolved K).
         router: ``"gshard"`` (GShard top-2), ``"switch"`` (Switch top-1), ``"topk"`` (softmax,
             top-k; Mixtral, DeepSeekMoE, ST-MoE), ``"noisy_topk"`` (Shazeer et al. 2017),
             ``"soft"`` (every token to every expert, Jacobs et al. 1991), ``"expert_choice"``
@@ -253,9 +250,45 @@ class MoEConfig:
                    "num_shared_experts >= 1 or shared_expert_gate=False")
         self._check_router_scores()
         self._check_tensor_parallel()
-        # routing/ imports this module, so its registry is read here, at validation time
-        from .routing.registry import validate_router
-        validate_router(self)
+        self._check_router()
+
+    def _check_router(self) -> None:
+        """``router`` and what its rule (``router_rules.ROUTER_RULES``) asks: its ``top_k``, the options
+        only it implements, its second-expert policies, its own checks. Reads ``top_k`` as given (an
+        unset one is the router's own: ``num_choices``), never writes it."""
+        if self.router not in ROUTER_RULES:
+            reject("router", self.router, f"choose one of {sorted(ROUTER_RULES)}")
+        rule = ROUTER_RULES[self.router]
+        self._check_top_k(rule.top_k)
+        defaults = {field.name: field.default for field in dataclasses.fields(MoEConfig)}
+        for name, other in ROUTER_RULES.items():
+            for option in other.options:
+                if option not in rule.options and getattr(self, option) != defaults[option]:
+                    reject(option, getattr(self, option), f"it is implemented by router={name!r} only (got "
+                           f"router={self.router!r}); leave it at its default or set router={name!r}")
+        if self.second_policy not in rule.second_policies:
+            reject("second_policy", self.second_policy, f"router={self.router!r} takes one of "
+                   f"{list(rule.second_policies)}")
+        if rule.check is not None:
+            rule.check(self)
+
+    def _check_top_k(self, required_k: Optional[int]) -> None:
+        """A ``top_k`` that is set, against the router's rule (an unset one takes the router's own)."""
+        if required_k == NO_TOP_K:
+            if self.dropless:
+                reject("dropless", True, f"router={self.router!r} sizes its own buffers (each expert takes a set "
+                       "number of tokens, or all of them) and never drops a picked token; set dropless=False")
+            if self.top_k is not None:
+                reject("top_k", self.top_k, f"router={self.router!r} takes no top_k (its choices are the "
+                       "experts themselves; capacity_factor sets how many tokens an expert takes); leave "
+                       "top_k unset (None)")
+            return
+        if self.top_k is None:
+            return
+        if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
+            reject("top_k", self.top_k, f"it must be between 1 and num_experts={self.num_experts}")
+        if required_k is not None and self.top_k != required_k:
+            reject("top_k", self.top_k, f"router={self.router!r} routes top-{required_k}; set top_k={required_k}")
 
     def _check_communication(self) -> None:
         """``num_chunks``, ``a2a`` and ``ranks_per_node``."""
@@ -273,7 +306,7 @@ class MoEConfig:
                    "choose ranks_per_node dividing ep_size (EP groups of whole nodes), or a2a='flat'")
 
     def _check_router_scores(self) -> None:
-        """Types and ranges of the scoring, group and selection-bias fields (``routing.choice.check_topk``
+        """Types and ranges of the scoring, group and selection-bias fields (``router_rules.check_topk``
         checks them against ``top_k``)."""
         if self.scoring_func not in SCORING_FUNCS:
             reject("scoring_func", self.scoring_func, f"choose one of {list(SCORING_FUNCS)}")
@@ -315,9 +348,13 @@ class MoEConfig:
 
     @property
     def num_choices(self) -> int:
-        """Columns K of the router's ``[S, K]`` decision: ``top_k``, or ``num_experts`` for the
-        routers that take none (``soft``, ``expert_choice``: one column per expert)."""
-        return self.num_experts if self.top_k is None else self.top_k
+        """Columns K of the router's ``[S, K]`` decision: the ``top_k`` the router runs with (the
+        given one, else the router's own: 1 for ``switch``, 2 for ``gshard``, ``min(2, E)`` for the
+        others), or ``num_experts`` for the routers that take none (``soft``, ``expert_choice``: one
+        column per expert). The ``top_k`` field itself keeps what was given (``None``: unset), so
+        ``replace(router=...)`` picks the new router's own."""
+        top_k = routed_top_k(self.router, self.top_k, self.num_experts)
+        return self.num_experts if top_k is None else top_k
 
     @property
     def has_selection_bias(self) -> bool:

@@ -6,15 +6,23 @@ shape as a suffix, e.g. ``x_SD``, ``buffer_ECD``):
     S        tokens on this rank (the input flattened to ``[S, D]``)
     E        routed experts of the layer, all EP ranks together
     E_local  experts held by one EP rank, ``E / R``
+    L        the same ``E_local`` as one letter inside a suffix (``received_RLCD``, ``fill_RL``)
     R        ranks of the EP group (``ep_size``)
-    K        choices per token (``top_k``; ``E`` for ``soft`` and ``expert_choice``)
-    A        (token, choice) assignments, ``K * S``
+    K        choices per token (``MoEConfig.num_choices``; ``E`` for ``soft`` and ``expert_choice``)
+    J        a router's top candidates before the K are kept (``K + 1`` for noisy top-k's threshold;
+             the ``topk_group`` groups kept by group-limited routing)
+    G        expert groups of group-limited routing (``n_group``)
+    A        (token, choice) assignments, ``K * S``, choice-major
     C        capacity: slots per expert in the static buffers
     C_tp     the slots of each expert one TP rank sends, ``C / tp_size``
-    N        slots of a flattened buffer, ``E * C``
-    M        rows each local expert computes on its rank, ``R * C``
+    N        slots of a flattened buffer, ``E * C`` (only this)
+    M        expert rows: ``R * C`` per local expert (``[E_local, M, D]``, padded compute), or the
+             compacted rows of all local experts one after another (``[M, D]``, filled compute)
+    P, Q     ranks per node and nodes of a hierarchical EP group, ``R = Q * P``
     D        d_model
     F        d_ff (hidden width of an expert)
+    H        hidden width of several experts side by side (``E * F``, shared experts run dense)
+    X        whatever trailing dimensions a helper does not look at (``prob_SX``, ``x_RX``)
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from .comm import (
     exchange_start,
     expert_groups,
     lookup,
+    rank,
     register,
     resolve_ranks_per_node,
     tp_copy,
@@ -150,36 +159,40 @@ class MoELayer(nn.Module):
     slots before the combine. With ``cfg.expert_tensor_parallel`` the experts are also split over
     the TP group (``experts`` holds this TP rank's slice of ``d_ff``; see ``MoEConfig``).
 
+    Build, then bind: the constructor builds the modules from ``cfg`` alone; ``bind`` ties the layer
+    to its EP and TP groups (and places its experts: which global experts, which TP slice). The
+    constructor binds at once by default; ``bind=False`` leaves that to a later ``layer.bind(...)``
+    (DeepSpeed's engine makes its groups after the model is built: the drop-in binds then).
+
     Args:
         cfg: the validated configuration.
-        ep_group: the EP process group; ``None`` builds it from ``cfg.ep_size`` and
-            ``cfg.tp_size`` (``comm.expert_groups``: consecutive rank blocks without TP, or the
-            local rank alone when ``ep_size == 1``).
-        tp_group: the TP process group of the rest of the model (its ranks hold the same
-            tokens); ``None`` builds it from ``cfg.tp_size`` (blocks of consecutive ranks).
+        ep_group, tp_group: passed to ``bind`` (see there).
+        experts: the routed experts to hold (any ``experts.Experts`` module with ``E_local`` experts
+            taking ``[E_local, N, D]``); ``None`` builds ``StackedExperts`` from ``cfg``.
+        bind: bind to the groups now (the default); ``False``: call ``bind`` before the first forward.
 
     Raises:
-        ValueError: a group's size differs from ``cfg.ep_size`` / ``cfg.tp_size``, or the world
-            size is not a multiple of ``ep_size * tp_size``.
-        RuntimeError: ``ep_size`` or ``tp_size > 1`` without an initialised process group.
+        ValueError, RuntimeError: as ``bind``.
     """
 
     # the sub-groups of a2a="hierarchical" (ranks, not groups: the module stays picklable); None: flat
     node_ranks: Optional[NodeRanks] = None
 
+    # the EP and TP groups' global ranks once bound (ranks, not the groups: the module stays
+    # deep-copyable and picklable); None: not bound yet
+    ep_ranks: Optional[tuple[int, ...]] = None
+    tp_ranks: Optional[tuple[int, ...]] = None
+
     def __init__(self, cfg: MoEConfig, ep_group: Optional[ProcessGroup] = None,
-                 tp_group: Optional[ProcessGroup] = None) -> None:
+                 tp_group: Optional[ProcessGroup] = None, *, experts: Optional[nn.Module] = None,
+                 bind: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        # ranks, not the groups: the module stays deep-copyable and picklable
-        self.ep_ranks = _resolve_ranks(cfg, ep_group, "ep")
-        self.tp_ranks = _resolve_ranks(cfg, tp_group, "tp")
         self.router = Router.from_config(cfg)
-        tp_rank = self.tp_ranks.index(dist.get_rank()) if cfg.expert_tensor_parallel else 0
-        self.experts = StackedExperts(cfg.num_local_experts, cfg.d_model, cfg.d_ff // cfg.expert_tp_size,
-                                      gated=cfg.expert == "swiglu", activation=cfg.activation,
-                                      bias=cfg.expert_bias, first_expert=self.first_expert,
-                                      tp_rank=tp_rank, tp_size=cfg.expert_tp_size)
+        self._places_experts = experts is None  # the layer draws the init of the experts it builds
+        self.experts = experts if experts is not None else StackedExperts(
+            cfg.num_local_experts, cfg.d_model, cfg.d_ff // cfg.expert_tp_size, gated=cfg.expert == "swiglu",
+            activation=cfg.activation, bias=cfg.expert_bias, tp_size=cfg.expert_tp_size)
         self.shared_experts = StackedExperts(
             cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, gated=cfg.expert == "swiglu",
             activation=cfg.activation, bias=cfg.expert_bias, sharded=False,
@@ -187,27 +200,50 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
         self.filled_compute = self._choose_expert_compute()
-        self._build_hierarchy()
+        if bind:
+            self.bind(ep_group, tp_group)
 
-    def _build_hierarchy(self) -> None:
-        """With ``a2a="hierarchical"`` (and ``ep_size > 1``), the node sub-groups of the EP group
-        (``NodeRanks.build``: collective, every rank builds them in the same order)."""
-        if self.cfg.a2a == "hierarchical" and self.cfg.ep_size > 1:
-            self.node_ranks = NodeRanks.build(self.ep_ranks, resolve_ranks_per_node(self.cfg.ranks_per_node,
-                                                                                    self.cfg.ep_size))
+    def bind(self, ep_group: Optional[ProcessGroup] = None, tp_group: Optional[ProcessGroup] = None) -> None:
+        """Tie the layer to its process groups (collective: every rank calls it, in the same order).
+
+        Remembers the groups' ranks; with ``a2a="hierarchical"`` builds the node sub-groups of the
+        EP group; places the experts the layer built (``StackedExperts.place``: this rank's global
+        experts and TP slice, their init drawn from the seed of their construction, so a seed gives
+        every global expert the same weights at any EP size). Bind before loading weights.
+
+        Args:
+            ep_group: the EP process group; ``None`` builds it from ``cfg.ep_size`` and
+                ``cfg.tp_size`` (``comm.expert_groups``: consecutive rank blocks without TP, or the
+                local rank alone when ``ep_size == 1``).
+            tp_group: the TP process group of the rest of the model (its ranks hold the same
+                tokens); ``None`` builds it from ``cfg.tp_size`` (blocks of consecutive ranks).
+
+        Raises:
+            ValueError: a group's size differs from ``cfg.ep_size`` / ``cfg.tp_size``, or the world
+                size is not a multiple of ``ep_size * tp_size``.
+            RuntimeError: ``ep_size`` or ``tp_size > 1`` without an initialised process group.
+        """
+        cfg = self.cfg
+        self.ep_ranks = _resolve_ranks(cfg, ep_group, "ep")
+        self.tp_ranks = _resolve_ranks(cfg, tp_group, "tp")
+        self.node_ranks = None
+        if cfg.a2a == "hierarchical" and cfg.ep_size > 1:  # collective: every rank builds them in one order
+            self.node_ranks = NodeRanks.build(self.ep_ranks, resolve_ranks_per_node(cfg.ranks_per_node, cfg.ep_size))
+        if self._places_experts:
+            self.experts.place(self.first_expert, self.tp_ranks.index(rank()) if cfg.expert_tensor_parallel else 0)
 
     @property
     def first_expert(self) -> int:
         """Global id of this rank's local expert 0, ``ep_rank * E_local``: this rank's experts are rows
         ``first_expert : first_expert + E_local`` of the layer's logical ``[E, ...]`` expert tensors (the
         one definition that checkpoints and the Hugging Face conversion slice and gather by)."""
-        if self.ep_ranks is None:  # the DeepSpeed drop-in before the engine made its groups
+        if self.ep_ranks is None:  # built with bind=False (the DeepSpeed drop-in before the engine made its groups)
             if self.cfg.ep_size == 1:
                 return 0
             raise RuntimeError("the layer has no EP group yet (DeepSpeed creates it in deepspeed.initialize); "
-                               "initialise the engine, or call forward once, first")
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        return self.ep_ranks.index(rank) * self.cfg.num_local_experts
+                               "initialise the engine, or call forward once, first (or layer.bind(...) for a "
+                               "layer built with bind=False)")
+        return self.ep_ranks.index(rank()) * self.cfg.num_local_experts
 
     def forward(self, x: Tensor) -> MoEOutput:
         """``x [..., d_model] -> MoEOutput`` (see the class docstring)."""
@@ -300,8 +336,8 @@ class MoELayer(nn.Module):
             out_RLCD = by_source(self.experts(by_expert(received_RLCD), **reduce), received_RLCD.shape[0])
         else:
             rows = expert_rows(fill_RL, received_RLCD.shape[2])
-            out_ND = self.experts.grouped(rows.gather(received_RLCD), rows.offsets_L, rows.expert_N, **reduce)
-            out_RLCD = rows.scatter(out_ND, received_RLCD)
+            out_MD = self.experts.grouped(rows.gather(received_RLCD), rows.offsets_L, rows.expert_M, **reduce)
+            out_RLCD = rows.scatter(out_MD, received_RLCD)
         return tp_drop(out_RLCD, 2, etp)
 
     def _exchange_group(self, group: Optional[ProcessGroup]) -> A2AGroup:
@@ -323,7 +359,7 @@ class MoELayer(nn.Module):
         if self.cfg.tp_size == 1 or self.cfg.expert_tensor_parallel:
             return fill_E
         share = capacity // self.cfg.tp_size
-        start = self.tp_ranks.index(dist.get_rank()) * share
+        start = self.tp_ranks.index(rank()) * share
         return fill_within(fill_E, start, share)
 
     def _choose_expert_compute(self) -> bool:

@@ -77,7 +77,7 @@ def mixtral(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEC
     cfg = _config(d_model, d_ff, num_experts, base, overrides)
     if "aux_loss_weight" in overrides:
         return cfg
-    return cfg.replace(aux_loss_weight=MIXTRAL_ROUTER_AUX_LOSS_COEF * cfg.top_k)
+    return cfg.replace(aux_loss_weight=MIXTRAL_ROUTER_AUX_LOSS_COEF * cfg.num_choices)
 
 
 def deepseek(d_model: int, d_ff: int, num_experts: int, **overrides: Any) -> MoEConfig:

@@ -30,6 +30,9 @@ class RoutingStats(NamedTuple):
             ``(E - E_local) * C * D * element_size``, padding included; 0 when ``ep_size == 1``.
             Only the dispatch of the forward: the return all-to-all sends as much again, and the
             backward repeats both, so one training step moves ``4 * wire_bytes`` per MoE layer.
+            With ``tp_size > 1`` it counts every slot ``C`` of the buffer, which the TP group
+            sends together: each TP rank sends its ``C_tp = C / tp_size`` share of them, so one
+            rank's own dispatch is ``wire_bytes / tp_size``.
         padding_fraction: empty slots / all slots of the blocks sent (scalar): the share of
             ``wire_bytes`` that is capacity padding, from the plan's fill counts (over the whole
             buffer when ``ep_size == 1`` and nothing is sent).

@@ -26,7 +26,7 @@ class DeepSpeedMoEFFN(nn.Module):
 
         expert = plain_expert(cfg.expert, cfg.activation, cfg.d_model, cfg.d_ff, cfg.expert_bias)
         self.moe = MoE(hidden_size=cfg.d_model, expert=expert, num_experts=cfg.num_experts, ep_size=cfg.ep_size,
-                       k=cfg.top_k, capacity_factor=cfg.capacity_factor,
+                       k=cfg.num_choices, capacity_factor=cfg.capacity_factor,
                        eval_capacity_factor=cfg.eval_capacity_factor, min_capacity=cfg.min_capacity,
                        drop_tokens=cfg.drop_tokens, router=cfg.router, check_finite=cfg.check_finite,
                        second_policy=cfg.second_policy if cfg.router == "gshard" else None,

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..comm import all_gather_along, gather_experts, lookup
+from ..comm import all_gather_along, gather_experts, lookup, rank
 from ..experts import StackedExperts, sharded_expert_parameters
 from ..layer import MoELayer
 
@@ -172,13 +171,3 @@ def parameter_of(key: str) -> str:
     name ``<fqn>``."""
     kind, _, rest = key.partition(".")
     return rest if kind == "model" else rest.rpartition(".")[0]
-
-
-def rank() -> int:
-    """This process's global rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    """The world size (1 without a process group)."""
-    return dist.get_world_size() if dist.is_initialized() else 1

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..comm import gather_objects
+from ..comm import gather_objects, rank, world_size
 from .logical import (
     ExpertShard,
     expert_key_shards,
@@ -33,8 +33,6 @@ from .logical import (
     model_tensors,
     optimizer_tensors,
     parameter_of,
-    rank,
-    world_size,
 )
 from .manifest import (
     MANIFEST,
@@ -49,6 +47,7 @@ from .manifest import (
 )
 
 LATEST = "latest"
+METADATA = ".metadata"  # DCP's index: which storage file holds which tensor rows
 OBJECTS = "objects"  # one pickled blob: user extra, optimizer groups and non-tensor state, every rank's RNG
 
 
@@ -58,7 +57,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
 
     Collective: every rank calls it with its own model shard. Expert tensors are saved as their
     rows of the logical ``[E, ...]`` tensors, dense ones once; then ``manifest.json`` (shapes,
-    dtypes, per-tensor and per-expert SHA-256, per-file SHA-256) is written, last: a directory
+    dtypes, per-tensor and per-expert SHA-256, per-file SHA-256, ``.metadata`` included) is written, last: a directory
     without it is an unfinished save. Syncs the host (checksums on host copies).
 
     Args:
@@ -85,13 +84,14 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
     files = sorted({info.relative_path for info in metadata.storage_data.values()})
     file_digests = gather_objects({name: file_digest(directory / name) for name in files[rank()::world_size()]})
     entries = _manifest_entries(state, keys, digests)  # raises on every rank alike
-    if rank() == 0:
+    if rank() == 0:  # the coordinator wrote .metadata before dcp.save returned
+        files = {METADATA: file_digest(directory / METADATA)}
         write_manifest(directory, {
             "world_size": world_size(),
             "ep_sizes": sorted({len(shard.ep_ranks) for shard in keys.experts.values()}),
             "tensors": entries,
             "objects": {OBJECTS: bytes_digest(blob)},
-            "files": {name: digest for part in file_digests for name, digest in part.items()},
+            "files": {**files, **{name: digest for part in file_digests for name, digest in part.items()}},
         })
     gather_objects(None)  # nobody returns before the manifest exists
     return directory
@@ -127,7 +127,8 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
     try:
         dcp.load(state, checkpoint_id=directory, no_dist=world_size() == 1)
     except Exception as error:  # noqa: BLE001 - reported with the file that caused it, if one did
-        raise CheckpointError(_corrupt_files(directory, manifest) or f"reading {directory} failed: {error}") from error
+        problems = verify_files(directory, manifest)
+        raise CheckpointError(problems[0] if problems else f"reading {directory} failed: {error}") from error
     problems = gather_objects(_verify(state, keys, manifest))
     first = next(((r, p) for r, p in enumerate(problems) if p), None)
     if first is not None:
@@ -308,13 +309,23 @@ def _check_keys(state: dict[str, Any], keys: _Keys, manifest: dict[str, Any], wi
                                   f"cast the model to {entry['dtype']} before loading (and back after)")
 
 
+def _read_metadata(directory: Path) -> Any:
+    """DCP's ``.metadata`` of ``directory``; ``CheckpointError`` naming the file if it is missing or
+    cannot be read (a corrupted file fails inside ``pickle``, with nothing that names it)."""
+    try:
+        return FileSystemReader(directory).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no {METADATA}: the storage files are incomplete; load an earlier "
+                              "checkpoint") from None
+    except Exception as error:  # noqa: BLE001 - UnicodeDecodeError, UnpicklingError, EOFError, ...
+        raise CheckpointError(f"{METADATA} of {directory} is corrupted (it cannot be read: {type(error).__name__}); "
+                              "it indexes every storage file's tensors; restore the file or load an earlier "
+                              "checkpoint") from error
+
+
 def _check_files(directory: Path, state: dict[str, Any]) -> None:
     """Every storage file that holds a wanted tensor exists and is long enough."""
-    try:
-        metadata = FileSystemReader(directory).read_metadata()
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory} has no .metadata: the storage files are incomplete; load an earlier "
-                              "checkpoint") from None
+    metadata = _read_metadata(directory)
     short: dict[str, list[str]] = {}
     for index, info in metadata.storage_data.items():
         if index.fqn not in state:
@@ -330,15 +341,31 @@ def _check_files(directory: Path, state: dict[str, Any]) -> None:
         raise CheckpointError(_file_problem(directory, name, state_word, tensors))
 
 
-def _corrupt_files(directory: Path, manifest: dict[str, Any]) -> Optional[str]:
-    """A message naming the first storage file whose checksum differs from the manifest, and the
-    tensors it holds; ``None`` if every file is intact."""
-    metadata = FileSystemReader(directory).read_metadata()
-    for name, digest in sorted(manifest["files"].items()):
-        if file_digest(directory / name) != digest:
+def verify_files(directory: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
+    """Every file of the checkpoint whose SHA-256 differs from ``manifest`` (or that is missing), as
+    messages naming the file and the tensors it holds; ``[]`` if every file is intact. Reads every
+    byte (``python -m expert_parallel.checkpoint inspect --verify``; ``load_checkpoint`` on a failed read).
+
+    Raises:
+        CheckpointError: ``.metadata`` is missing or corrupted (the tensors of the others cannot be named).
+    """
+    directory = Path(directory)
+    files = manifest["files"]
+    if METADATA in files and (directory / METADATA).is_file() and file_digest(directory / METADATA) != files[METADATA]:
+        raise CheckpointError(f"{METADATA} of {directory} is corrupted (its SHA-256 differs from the manifest); it "
+                              "indexes every storage file's tensors; restore the file or load an earlier checkpoint")
+    metadata = _read_metadata(directory)
+    problems = []
+    for name, digest in sorted(files.items()):
+        if name == METADATA:
+            continue
+        path = directory / name
+        what = "missing" if not path.is_file() else (
+            "corrupted (its SHA-256 differs from the manifest)" if file_digest(path) != digest else None)
+        if what is not None:
             held = sorted({index.fqn for index, info in metadata.storage_data.items() if info.relative_path == name})
-            return _file_problem(directory, name, "corrupted (its SHA-256 differs from the manifest)", held)
-    return None
+            problems.append(_file_problem(directory, name, what, held))
+    return problems
 
 
 def _file_problem(directory: Path, name: str, what: str, tensors: list[str]) -> str:

@@ -4,7 +4,7 @@ The only code that calls collectives; it knows nothing of gates."""
 
 from .agreement import Agreement, agree, device_for_backend
 from .all_to_all import A2AGroup, PendingAllToAll, all_to_all, all_to_all_start
-from .balance import update_selection_biases
+from .balance import RankSummed, update_selection_biases
 from .dispatcher import (
     by_expert,
     by_source,
@@ -18,13 +18,13 @@ from .dispatcher import (
 )
 from .gather import all_gather_along, gather_experts, gather_objects
 from .grads import reduce_gradients
-from .groups import ExpertGroups, expert_groups, lookup, node_groups, register
+from .groups import ExpertGroups, expert_groups, lookup, node_groups, rank, register, world_size
 from .hierarchical import Hierarchy, NodeRanks, resolve_ranks_per_node
 from .tensor_parallel import tp_copy, tp_drop, tp_gather, tp_reduce
 
-__all__ = ["A2AGroup", "Agreement", "ExpertGroups", "Hierarchy", "NodeRanks", "PendingAllToAll", "agree",
+__all__ = ["A2AGroup", "Agreement", "ExpertGroups", "Hierarchy", "NodeRanks", "PendingAllToAll", "RankSummed", "agree",
            "all_gather_along", "all_to_all", "all_to_all_start", "by_expert", "by_source", "device_for_backend",
            "dispatch", "exchange", "exchange_back", "exchange_back_start", "exchange_fill", "exchange_start",
-           "expert_groups", "gather_experts", "gather_objects", "lookup", "node_groups", "reduce_gradients",
+           "expert_groups", "gather_experts", "gather_objects", "lookup", "node_groups", "rank", "reduce_gradients",
            "register", "resolve_ranks_per_node", "tp_copy", "tp_drop", "tp_gather", "tp_reduce", "undispatch",
-           "update_selection_biases"]
+           "update_selection_biases", "world_size"]

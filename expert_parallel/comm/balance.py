@@ -1,9 +1,11 @@
-"""DeepSeek-V3's auxiliary-loss-free balancing, the collective half: one all-reduce of every
-router's token counts per optimizer step (the step rule itself is ``routing.selection_bias_step``)."""
+"""Counts summed over ranks once per optimizer step: one all-reduce of every count that a model's
+modules keep between steps. comm knows nothing of what is counted or why: a module takes part by
+having the two methods of ``RankSummed``. ``routing.Router`` has them (its tokens per expert, for
+DeepSeek-V3's selection-bias balancing; the step rule is ``routing.selection_bias_step``)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -13,11 +15,15 @@ from torch.distributed import ProcessGroup
 from .agreement import device_for_backend
 
 
-def _counting_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that count their routed tokens for a selection-bias update
-    (``Router``s with ``bias_update_rate > 0``), in ``model.modules()`` order; found by the buffer
-    they hold (``selection_load``), so comm/ needs nothing from routing/."""
-    return [module for module in model.modules() if isinstance(getattr(module, "selection_load", None), Tensor)]
+@runtime_checkable
+class RankSummed(Protocol):
+    """A module whose counts are summed over ranks by ``update_selection_biases``."""
+
+    def counts_to_sum(self) -> Optional[Tensor]:
+        """This rank's counts ``[N]`` since the last sum, or ``None`` when it counts nothing."""
+
+    def take_summed_counts(self, summed: Tensor) -> None:
+        """Use the counts ``[N]`` summed over the ranks (and start counting again)."""
 
 
 @torch.no_grad()
@@ -25,26 +31,28 @@ def update_selection_biases(model: nn.Module, group: Optional[ProcessGroup] = No
     """Update every selection bias of ``model`` from the loads since the last call; call it after
     each optimizer step, on every rank of ``group``.
 
-    Each router with ``bias_update_rate > 0`` has counted the tokens routed to each of its experts
-    in its training forwards (``router.selection_load [E]``). Their counts are concatenated and
-    summed over ``group`` with one all-reduce for the whole model (EP and data-parallel ranks
-    alike: the global load), then each router adds ``u * sign(mean_load - load_e)`` to its
-    ``selection_bias`` and zeroes its counts. Every rank then holds the same biases. One host-side
-    collective per call; nothing is read back to the host. A no-op for a model without such routers.
+    Sums the counts of every ``RankSummed`` module of ``model`` (in ``model.modules()`` order) over
+    ``group`` with one all-reduce for the whole model, and hands each module its sum. The modules
+    that count are the routers with ``bias_update_rate > 0``: each has counted the tokens routed to
+    each of its experts in its training forwards (the global load: EP and data-parallel ranks
+    alike), and adds ``u * sign(mean_load - load_e)`` to its ``selection_bias`` and zeroes its
+    counts. Every rank then holds the same biases. One host-side collective per call; nothing is
+    read back to the host. A no-op for a model without such modules.
 
     Args:
         model: the model (or a single layer); every rank must pass the same structure.
-        group: the ranks whose loads are summed; ``None`` means the world (or this process alone
+        group: the ranks whose counts are summed; ``None`` means the world (or this process alone
             without an initialised process group).
     """
-    routers = _counting_modules(model)
-    if not routers:
+    counting = [(module, counts) for module in model.modules() if isinstance(module, RankSummed)
+                for counts in [module.counts_to_sum()] if counts is not None]
+    if not counting:
         return
-    loads = torch.cat([router.selection_load for router in routers])
+    summed = torch.cat([counts for _, counts in counting])
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        where = device_for_backend(str(dist.get_backend(group)), loads.device)
-        reduced = loads.to(where)
+        where = device_for_backend(str(dist.get_backend(group)), summed.device)
+        reduced = summed.to(where)
         dist.all_reduce(reduced, group=group)
-        loads = reduced.to(loads.device)
-    for router, load_E in zip(routers, loads.split([router.selection_load.numel() for router in routers])):
-        router.apply_selection_load(load_E)
+        summed = reduced.to(summed.device)
+    for (module, _), part in zip(counting, summed.split([counts.numel() for _, counts in counting])):
+        module.take_summed_counts(part)

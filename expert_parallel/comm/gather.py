@@ -1,5 +1,6 @@
-"""Gathers for saving and checkpointing, never in a forward: every EP rank's expert shard, every
-rank's small Python object; and the all-gather along a dimension it is made of."""
+"""Gathers: for saving and checkpointing (never in a forward), every EP rank's expert shard and every
+rank's small Python object; and the all-gather along a dimension both are made of, which the
+forward's tensor-parallel gather (``tensor_parallel.tp_gather``) also runs, with its backward."""
 
 from __future__ import annotations
 

@@ -68,10 +68,20 @@ class ExpertGroups:
         return lookup(self.dp_ranks)
 
 
+def rank() -> int:
+    """This process's global rank (0 without an initialised process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The world size (1 without an initialised process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def register(group: Optional[ProcessGroup]) -> tuple[int, ...]:
-    """Remember ``group`` and return its key, the tuple of its global ranks."""
+    """Remember ``group`` and return its key, the tuple of its global ranks (``None``: this rank alone)."""
     if group is None:
-        return (dist.get_rank(),) if dist.is_initialized() else (0,)
+        return (rank(),)
     ranks = tuple(dist.get_process_group_ranks(group))
     _GROUPS[ranks] = group
     return ranks
@@ -84,6 +94,9 @@ def lookup(ranks: tuple[int, ...]) -> Optional[ProcessGroup]:
         RuntimeError: if no group was registered for ``ranks`` in this process (e.g. a module
             moved to a process that did not build its groups).
     """
+    if ranks is None:
+        raise RuntimeError("no process group ranks yet: the module is not bound to its groups; call "
+                           "layer.bind(...) (a layer built with bind=False) before the forward")
     if len(ranks) == 1:
         return None
     if ranks not in _GROUPS:
@@ -179,7 +192,7 @@ def node_groups(ep_ranks: tuple[int, ...], ranks_per_node: int) -> tuple[tuple[i
                              f"{ranks_per_node} consecutive global ranks; use EP groups of whole nodes, or "
                              "a2a='flat'")
         _build(nodes + [ranks[pos::ranks_per_node] for pos in range(ranks_per_node)])
-    where = ep_ranks.index(dist.get_rank()) if dist.is_initialized() else 0
+    where = ep_ranks.index(rank())
     start = where - where % ranks_per_node
     _NODE_RANKS[key] = (ep_ranks[start:start + ranks_per_node], ep_ranks[where % ranks_per_node::ranks_per_node])
     return _NODE_RANKS[key]

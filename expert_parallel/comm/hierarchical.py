@@ -1,19 +1,19 @@
 """Hierarchical (two-level) all-to-all: one aggregated message per node pair and local index.
 
-The EP group's ``R = N * P`` ranks sit on ``N`` nodes of ``P = ranks_per_node`` ranks; EP rank
+The EP group's ``R = Q * P`` ranks sit on ``Q`` nodes of ``P = ranks_per_node`` ranks; EP rank
 ``i = n * P + p`` is local rank ``p`` of node ``n``. A flat all-to-all sends ``R - P`` messages
 of one block each over the slow inter-node links from every rank. The hierarchical one (Tutel's
 2DH all-to-all; DeepEP's normal kernels route the same way) does it in two steps:
 
 1. within the node (fast links): rank ``(n, p)`` sends local rank ``q`` every block bound for
-   local index ``q`` on any node, so ``(n, q)`` then holds ``[P(source p), N(dest node m), X]``:
+   local index ``q`` on any node, so ``(n, q)`` then holds ``[P(source p), Q(dest node m), X]``:
    everything its node sends to ``(m, q)``, gathered;
 2. across nodes, among the ranks with local index ``q``: ``(n, q)`` sends ``(m, q)`` its ``P``
-   blocks for it as one message, and receives ``[N(source node), P(source local), X]``, which is
+   blocks for it as one message, and receives ``[Q(source node), P(source local), X]``, which is
    already the flat all-to-all's ``[R(source), X]`` (the scatter to the final rank happened in
    step 1, which placed every block on the rank with its destination's local index).
 
-So each rank sends ``N - 1`` inter-node messages of ``P`` blocks instead of ``R - P`` of one, and
+So each rank sends ``Q - 1`` inter-node messages of ``P`` blocks instead of ``R - P`` of one, and
 the result equals the flat all-to-all bit for bit. Its gradient is the flat all-to-all of the
 gradient, computed by the same two steps (``all_to_all.py``).
 """
@@ -68,16 +68,16 @@ class NodeRanks:
 
 
 def within_nodes(x_RX: Tensor, hierarchy: Hierarchy) -> Tensor:
-    """Step 1, blocking: ``[R(dest), X] -> [N(dest node), P(source local), X]`` (flattened to
+    """Step 1, blocking: ``[R(dest), X] -> [Q(dest node), P(source local), X]`` (flattened to
     ``[R, X]``), what this rank sends to each node's rank of its own local index in step 2.
     Not differentiable (``all_to_all`` wraps both steps)."""
     local = 1 if hierarchy.intra is None else dist.get_world_size(hierarchy.intra)
     nodes = x_RX.shape[0] // local
-    by_local = x_RX.view(nodes, local, -1).transpose(0, 1).contiguous()  # [P(dest local), N(dest node), X]
+    by_local = x_RX.view(nodes, local, -1).transpose(0, 1).contiguous()  # [P(dest local), Q(dest node), X]
     if hierarchy.intra is not None:
         received = torch.empty_like(by_local)
         dist.all_to_all_single(received, by_local, group=hierarchy.intra)
-        by_local = received  # [P(source local), N(dest node), X]
+        by_local = received  # [P(source local), Q(dest node), X]
     return by_local.transpose(0, 1).reshape(x_RX.shape)
 
 

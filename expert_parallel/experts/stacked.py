@@ -22,7 +22,8 @@ class StackedExperts(Experts):
     Weights: ``w1 [E, D, F]``, ``w2 [E, F, D]``, ``w3 [E, D, F]`` (SwiGLU only), optional
     biases ``b1 [E, F]``, ``b2 [E, D]``. ``sharded`` experts (routed experts, split over the EP
     group) are reduced over the expert-data-parallel group only; unsharded ones (shared experts,
-    replicated on every rank) over the whole world (``comm.reduce_gradients``).
+    replicated on every rank) over the data-parallel group like any dense weight: the whole world
+    without tensor parallelism, the ranks of one TP rank with it (``comm.reduce_gradients``).
 
     Args:
         num_experts: experts held here (``E_local`` inside a layer).
@@ -33,7 +34,7 @@ class StackedExperts(Experts):
         bias: add ``b1`` and ``b2``.
         sharded: this rank's shard of the EP group's experts (see ``experts.base.Experts``).
         first_expert: the global id of local expert 0 (``ep_rank * E_local`` in a layer); it seeds
-            the init (see ``reset_parameters``).
+            the init (see ``reset_parameters``; ``place`` sets it once the layer is bound).
         tp_rank, tp_size: expert tensor parallelism: these experts are slice ``tp_rank`` of
             ``tp_size`` equal slices of ``d_ff`` (columns of ``w1`` / ``w3`` / ``b1``, rows of
             ``w2``; ``b2`` whole), and ``d_ff`` is the slice's width. Their outputs are partial
@@ -60,15 +61,28 @@ class StackedExperts(Experts):
     def reset_parameters(self) -> None:
         """``nn.Linear``'s default init, expert by expert: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
 
-        One seed is drawn from the global RNG; global expert ``g`` draws its weights from a
-        generator seeded with ``seed + g``. So ranks that share a seed (the usual data-parallel
+        One seed is drawn from the global RNG (kept as ``init_seed``); global expert ``g`` draws its
+        weights from a generator seeded with ``seed + g``. So ranks that share a seed (the usual data-parallel
         set-up) still start with different experts, and a seed gives every global expert the same
         weights at any EP size. A TP slice (``tp_size > 1``) draws the whole expert and keeps its
         slice, so it equals that slice of the unsplit expert. Meta tensors are left alone.
         """
-        seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_(0, 2 ** 62))
+        self.init_seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_(0, 2 ** 62))
+        self._draw_init()
+
+    def place(self, first_expert: int, tp_rank: int = 0) -> None:
+        """Make these the global experts ``first_expert ..`` (and TP slice ``tp_rank``): a layer calls
+        it when it binds to its groups. Their init is drawn again from ``init_seed`` if the place
+        changed, so they hold what ``reset_parameters`` gives those experts; no global RNG draw."""
+        if (first_expert, tp_rank) != (self.first_expert, self.tp_rank):
+            self.first_expert, self.tp_rank = first_expert, tp_rank
+            self._draw_init()
+
+    def _draw_init(self) -> None:
+        """Every expert's weights from a generator seeded with ``init_seed + global id`` (TP: the slice)."""
         if self.w1.is_meta:
             return
+        seed = self.init_seed
         d_model, d_ff = self.w1.shape[1], self.w1.shape[2] * self.tp_size
         fan_in = {"w1": d_model, "w3": d_model, "b1": d_model, "w2": d_ff, "b2": d_ff}
         split = self.TP_SPLIT
@@ -87,31 +101,31 @@ class StackedExperts(Experts):
                         full = full.narrow(split[name], self.tp_rank * width, width)
                     param[local].copy_(full)
 
-    def forward(self, x_END: Tensor, reduce: Optional[Reduce] = None) -> Tensor:
-        """Apply expert ``e`` to row block ``e``: ``[E, N, D] -> [E, N, D]`` (batched matmuls).
-        ``reduce`` (TP slices) sums the partial outputs ``[E, N, D]`` over the slices before ``b2``."""
+    def forward(self, x_EMD: Tensor, reduce: Optional[Reduce] = None) -> Tensor:
+        """Apply expert ``e`` to row block ``e``: ``[E, M, D] -> [E, M, D]`` (batched matmuls).
+        ``reduce`` (TP slices) sums the partial outputs ``[E, M, D]`` over the slices before ``b2``."""
         b1 = None if self.b1 is None else self.b1.unsqueeze(1)
         b2 = None if self.b2 is None else self.b2.unsqueeze(1)
-        return self._ffn(x_END, self.w1, self.w3, self.w2, b1, b2, reduce=reduce)
+        return self._ffn(x_EMD, self.w1, self.w3, self.w2, b1, b2, reduce=reduce)
 
-    def grouped(self, x_ND: Tensor, offsets_L: Tensor, expert_N: Optional[Tensor] = None,
+    def grouped(self, x_MD: Tensor, offsets_L: Tensor, expert_M: Optional[Tensor] = None,
                 reduce: Optional[Reduce] = None) -> Tensor:
-        """Only the filled rows: ``[N, D] -> [N, D]``, rows ``offsets_L[l-1]:offsets_L[l]`` through
+        """Only the filled rows: ``[M, D] -> [M, D]``, rows ``offsets_L[l-1]:offsets_L[l]`` through
         expert ``l`` (``torch._grouped_mm``, forward and backward); rows from ``offsets_L[-1]`` on
         are not computed (their output is unspecified). No host sync.
 
         Args:
-            x_ND: expert rows, grouped by expert (``layout.ExpertRows.gather``).
+            x_MD: expert rows, grouped by expert (``layout.ExpertRows.gather``).
             offsets_L: cumulative row ends per expert, ``int32`` on the device.
-            expert_N: the expert of every row, ``E`` for rows past the last offset (needed only
+            expert_M: the expert of every row, ``E`` for rows past the last offset (needed only
                 with biases: those rows get a zero bias, so no gradient of theirs reaches one).
-            reduce: sums the partial outputs ``[N, D]`` of TP slices before ``b2`` (see ``forward``).
+            reduce: sums the partial outputs ``[M, D]`` of TP slices before ``b2`` (see ``forward``).
         """
-        dtype = x_ND.dtype
-        if torch.is_autocast_enabled(x_ND.device.type):
+        dtype = x_MD.dtype
+        if torch.is_autocast_enabled(x_MD.device.type):
             # autocast does not cover the grouped GEMM on every device: cast as it would, where the
             # kernel's 16-byte row rule holds for the autocast dtype
-            low = torch.get_autocast_dtype(x_ND.device.type)
+            low = torch.get_autocast_dtype(x_MD.device.type)
             dtype = low if _rows_aligned(low, self.w1.shape[1], self.w1.shape[2]) else dtype
 
         grouped_mm = _grouped_mm if dtype == torch.bfloat16 else _grouped_mm_eager
@@ -120,9 +134,9 @@ class StackedExperts(Experts):
             return grouped_mm(a, w.to(dtype), offsets_L)
 
         def bias(b: Optional[Tensor]) -> Optional[Tensor]:  # per row; a zero row past the last offset
-            return None if b is None else F.pad(b.to(dtype), (0, 0, 0, 1))[expert_N]
+            return None if b is None else F.pad(b.to(dtype), (0, 0, 0, 1))[expert_M]
 
-        return self._ffn(x_ND.to(dtype), self.w1, self.w3, self.w2, bias(self.b1), bias(self.b2), matmul=gmm,
+        return self._ffn(x_MD.to(dtype), self.w1, self.w3, self.w2, bias(self.b1), bias(self.b2), matmul=gmm,
                          reduce=reduce)
 
     def dense(self, x_SD: Tensor) -> Tensor:
@@ -174,8 +188,8 @@ class _DenseGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm(a_ND: Tensor, w_EDF: Tensor, offsets_L: Tensor) -> Tensor:
-    return _DenseGrad.apply(torch._grouped_mm(a_ND, w_EDF, offs=offsets_L))
+def _grouped_mm(a_MD: Tensor, w_EDF: Tensor, offsets_L: Tensor) -> Tensor:
+    return _DenseGrad.apply(torch._grouped_mm(a_MD, w_EDF, offs=offsets_L))
 
 
 # torch.compile traces grouped GEMM with a bf16-only shape function, while the eager kernels also

@@ -4,7 +4,7 @@ After the dispatch all-to-all, an expert rank holds ``received [R, E_local, C, D
 ``(r, l)`` holds the slots source rank ``r`` filled for local expert ``l``, its first
 ``fill[r, l]`` slots (slots are assigned densely from 0, so the filled ones come first). The
 experts need, for each local expert in turn, the filled rows of every source: rows ordered
-``(l, r, c)`` with the filled ones first. That order is a permutation of the ``N = E_local * R *
+``(l, r, c)`` with the filled ones first. That order is a permutation of the ``M = E_local * R *
 C`` received rows (filled rows first, expert by expert, then every empty slot), so both
 directions are gathers and every shape is static: nothing is read back to the host.
 """
@@ -21,14 +21,14 @@ class _PermuteRows(torch.autograd.Function):
     """``x[order]`` whose backward is ``grad[inverse]``: both gathers (no index-add, no atomics)."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, order_N: Tensor, inverse_N: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inverse_N)
-        return x_ND.index_select(0, order_N)
+    def forward(ctx, x_MD: Tensor, order_M: Tensor, inverse_M: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse_M)
+        return x_MD.index_select(0, order_M)
 
     @staticmethod
-    def backward(ctx, grad_ND: Tensor):  # type: ignore[override]
-        (inverse_N,) = ctx.saved_tensors
-        return grad_ND.index_select(0, inverse_N), None, None
+    def backward(ctx, grad_MD: Tensor):  # type: ignore[override]
+        (inverse_M,) = ctx.saved_tensors
+        return grad_MD.index_select(0, inverse_M), None, None
 
 
 @dataclass(frozen=True)
@@ -36,29 +36,29 @@ class ExpertRows:
     """How the received slots map to expert rows (a permutation, computed on the device).
 
     Attributes:
-        order_N: received row (flat ``(r, l, c)``) of each expert row (flat ``(l, r, c)``
+        order_M: received row (flat ``(r, l, c)``) of each expert row (flat ``(l, r, c)``
             order, filled rows first).
-        inverse_N: expert row of each received row (the inverse permutation).
+        inverse_M: expert row of each received row (the inverse permutation).
         offsets_L: end of each local expert's filled rows, cumulative, ``int32`` (what
             ``torch._grouped_mm`` takes as ``offs``); rows from ``offsets_L[-1]`` on are empty slots.
-        expert_N: the local expert of every expert row; ``E_local`` (one past the last) for the
+        expert_M: the local expert of every expert row; ``E_local`` (one past the last) for the
             empty rows, so a per-expert bias gathered with a zero row appended never sees them.
     """
 
-    order_N: Tensor
-    inverse_N: Tensor
+    order_M: Tensor
+    inverse_M: Tensor
     offsets_L: Tensor
-    expert_N: Tensor
+    expert_M: Tensor
 
     def gather(self, received_RLCD: Tensor) -> Tensor:
-        """``[R, E_local, C, D] -> [N, D]``: filled rows first, expert by expert. Differentiable."""
-        flat_ND = received_RLCD.reshape(-1, received_RLCD.shape[-1])
-        return _PermuteRows.apply(flat_ND, self.order_N, self.inverse_N)
+        """``[R, E_local, C, D] -> [M, D]``: filled rows first, expert by expert. Differentiable."""
+        flat_MD = received_RLCD.reshape(-1, received_RLCD.shape[-1])
+        return _PermuteRows.apply(flat_MD, self.order_M, self.inverse_M)
 
-    def scatter(self, rows_ND: Tensor, like_RLCD: Tensor) -> Tensor:
-        """Inverse of ``gather``: ``[N, D] -> [R, E_local, C, D]`` (the shape of ``like_RLCD``)."""
-        out_ND = _PermuteRows.apply(rows_ND, self.inverse_N, self.order_N)
-        return out_ND.view(*like_RLCD.shape[:-1], rows_ND.shape[-1])
+    def scatter(self, rows_MD: Tensor, like_RLCD: Tensor) -> Tensor:
+        """Inverse of ``gather``: ``[M, D] -> [R, E_local, C, D]`` (the shape of ``like_RLCD``)."""
+        out_MD = _PermuteRows.apply(rows_MD, self.inverse_M, self.order_M)
+        return out_MD.view(*like_RLCD.shape[:-1], rows_MD.shape[-1])
 
 
 def expert_rows(fill_RL: Tensor, capacity: int) -> ExpertRows:
@@ -86,8 +86,8 @@ def expert_rows(fill_RL: Tensor, capacity: int) -> ExpertRows:
     # received rows are (r, l, c)-major
     source_LRC = (torch.arange(num_sources, device=device).view(1, -1) * num_local
                   + torch.arange(num_local, device=device).view(-1, 1)).reshape(-1, 1) * capacity + slot_C
-    order_N = torch.empty_like(flat_LRC).view(-1).scatter_(0, dest_LRC.view(-1), source_LRC.view(-1))
-    inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=device))
+    order_M = torch.empty_like(flat_LRC).view(-1).scatter_(0, dest_LRC.view(-1), source_LRC.view(-1))
+    inverse_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(order_M.numel(), device=device))
     ends_L = torch.cumsum(fill_RL.sum(dim=0), 0)
-    expert_N = torch.searchsorted(ends_L, torch.arange(order_N.numel(), device=device), right=True)
-    return ExpertRows(order_N, inverse_N, ends_L.to(torch.int32), expert_N)
+    expert_M = torch.searchsorted(ends_L, torch.arange(order_M.numel(), device=device), right=True)
+    return ExpertRows(order_M, inverse_M, ends_L.to(torch.int32), expert_M)

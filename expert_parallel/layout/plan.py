@@ -96,15 +96,15 @@ def assign_slots(expert_SK: Tensor, active_SK: Tensor, num_experts: int,
     num_tokens, top_k = expert_SK.shape
     # inactive choices go to a sentinel bucket E that sorts last and is never packed
     bucket_KS = torch.where(active_SK, expert_SK, num_experts).t()
-    bucket_N = bucket_KS.reshape(-1)
-    order_N = torch.arange(bucket_N.numel(), device=bucket_N.device)
+    bucket_A = bucket_KS.reshape(-1)
+    order_A = torch.arange(bucket_A.numel(), device=bucket_A.device)
     if priority_SK is not None:
-        order_N = torch.sort(priority_SK.t().reshape(-1), stable=True).indices
-    count_with_sentinel = count_ids(bucket_N, num_experts + 1)
+        order_A = torch.sort(priority_SK.t().reshape(-1), stable=True).indices
+    count_with_sentinel = count_ids(bucket_A, num_experts + 1)
     start_E = torch.cumsum(count_with_sentinel, 0) - count_with_sentinel
-    sorted_bucket_N, by_bucket_N = torch.sort(bucket_N[order_N], stable=True)
-    order_N = order_N[by_bucket_N]
-    rank_sorted_N = torch.arange(bucket_N.numel(), device=bucket_N.device) - start_E[sorted_bucket_N]
-    slot_N = torch.empty_like(rank_sorted_N).scatter_(0, order_N, rank_sorted_N)
-    return SlotAssignment(bucket_KS, slot_N.view(top_k, num_tokens), count_with_sentinel[:num_experts])
+    sorted_bucket_A, by_bucket_A = torch.sort(bucket_A[order_A], stable=True)
+    order_A = order_A[by_bucket_A]
+    rank_sorted_A = torch.arange(bucket_A.numel(), device=bucket_A.device) - start_E[sorted_bucket_A]
+    slot_A = torch.empty_like(rank_sorted_A).scatter_(0, order_A, rank_sorted_A)
+    return SlotAssignment(bucket_KS, slot_A.view(top_k, num_tokens), count_with_sentinel[:num_experts])
 

@@ -22,7 +22,8 @@ from .types import Routing
 def route(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
           training: bool = True, noise_std_SE: Optional[Tensor] = None,
           selection_bias_E: Optional[Tensor] = None) -> Routing:
-    """Route ``S`` tokens with the router named by ``cfg.router``; add the z-loss if it is weighed.
+    """Route ``S`` tokens with the router named by ``cfg.router``, passing it the inputs its
+    ``RouterSpec`` names (from the arguments and ``cfg``); add the z-loss if it is weighed.
 
     Pure tensor math; syncs the host only where a router's capacity needs it (none of the
     token-choice routers does).
@@ -40,8 +41,10 @@ def route(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
     """
     spec = ROUTERS[cfg.router]
     given = {"uniform_S": uniform_S, "training": training, "noise_std_SE": noise_std_SE,
-             "selection_bias_E": selection_bias_E}
-    routing = spec.fn(logits_SE, cfg, **{name: given[name] for name in spec.inputs})
+             "selection_bias_E": selection_bias_E, "top_k": cfg.num_choices,
+             "capacity_factor": cfg.capacity_factor_for(training)}
+    routing = spec.fn(logits_SE, **{name: given[name] if name in given else getattr(cfg, name)
+                                    for name in spec.inputs})
     if cfg.z_loss_weight:
         routing = dataclasses.replace(routing, losses={**routing.losses, "z": z_loss(logits_SE)})
     return routing

@@ -1,6 +1,7 @@
 """Auxiliary-loss-free load balancing (DeepSeek-V3, Liu et al. 2024, section 2.1.2): the pure step
 rule. The router holds the bias and the counts (``Router.selection_bias``, ``selection_load``);
-``comm.update_selection_biases`` sums the counts over the ranks and applies this rule."""
+``comm.update_selection_biases`` sums the counts over the ranks (knowing nothing of routers: the
+``Router`` offers them as a ``comm.RankSummed``) and the router applies this rule to the sum."""
 
 from __future__ import annotations
 

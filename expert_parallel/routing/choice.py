@@ -1,7 +1,8 @@
 """Token-choice routers: logits -> chosen experts, combine weights, dispatch mask.
 
-Each router is a pure function ``(logits_SE, cfg, **inputs) -> Routing`` taking only the inputs it
-reads; adding one is a function plus an entry in ``routing.registry.ROUTERS``.
+Each router is a pure function ``(logits_SE, **inputs) -> Routing`` taking only the inputs it
+reads (as fairscale's ``top2gating`` takes logits); adding one is a function plus an entry in
+``routing.registry.ROUTERS`` and one in ``router_rules.ROUTER_RULES``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config import MoEConfig, reject
 from .losses import load_balance_loss
 from .types import Routing
 
@@ -22,12 +22,12 @@ def _normalized(prob_SX: Tensor) -> Tensor:
     return prob_SX / prob_SX.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def switch_top1(logits_SE: Tensor, cfg: MoEConfig) -> Routing:
-    """Switch Transformer top-1: the combine weight is the router probability of the choice.
+def switch_top1(logits_SE: Tensor) -> Routing:
+    """Switch Transformer top-1: the combine weight is the router probability of the choice (the
+    same routing in training and eval; nothing is drawn).
 
     Args:
         logits_SE: router logits ``[S, E]``.
-        cfg: the layer config (the same routing in training and eval; nothing is drawn).
 
     Returns:
         ``Routing`` with ``K = 1``.
@@ -39,8 +39,9 @@ def switch_top1(logits_SE: Tensor, cfg: MoEConfig) -> Routing:
     return Routing(expert_S1, weight_S1, active_S1, probs_SE, {"load_balance": aux})
 
 
-def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None) -> Routing:
-    """GShard top-2 with the second-expert policy of ``cfg`` (GShard Algorithm 1).
+def gshard_top2(logits_SE: Tensor, second_policy: str = "random", second_threshold: float = 0.0,
+                uniform_S: Optional[Tensor] = None) -> Routing:
+    """GShard top-2 with a second-expert policy (GShard Algorithm 1).
 
     ``g1, g2 = p1 / (p1 + p2), p2 / (p1 + p2)``. Policy ``random`` dispatches the second choice
     iff ``2 * g2 > u``; the uniforms ``u`` are drawn here, before any slot is assigned, so an
@@ -48,7 +49,8 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
 
     Args:
         logits_SE: router logits ``[S, E]``.
-        cfg: supplies ``second_policy`` and ``second_threshold``.
+        second_policy: ``"random"``, ``"all"`` or ``"threshold"`` (``MoEConfig.second_policy``).
+        second_threshold: the ``"threshold"`` policy's bound on ``g2``.
         uniform_S: ``U(0, 1)`` draws ``[S]`` for the ``random`` policy; drawn if ``None``. The
             policy draws in eval mode too (as GShard's reference does): eval output is stochastic
             unless ``second_policy`` is ``"all"`` or ``"threshold"``.
@@ -64,12 +66,12 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
     top_p_S2 = probs_SE.gather(-1, expert_S2)
     weight_S2 = _normalized(top_p_S2)
     g2_S = weight_S2[:, 1]
-    if cfg.second_policy == "random":
+    if second_policy == "random":
         if uniform_S is None:
             uniform_S = torch.rand(g2_S.shape, device=g2_S.device)
         second_S = 2.0 * g2_S > uniform_S
-    elif cfg.second_policy == "threshold":
-        second_S = g2_S > cfg.second_threshold
+    elif second_policy == "threshold":
+        second_S = g2_S > second_threshold
     else:  # "all"
         second_S = torch.ones_like(g2_S, dtype=torch.bool)
     active_S2 = torch.stack([torch.ones_like(second_S), second_S], dim=1)
@@ -77,25 +79,27 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
     return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, {"load_balance": aux})
 
 
-def topk(logits_SE: Tensor, cfg: MoEConfig, selection_bias_E: Optional[Tensor] = None) -> Routing:
+def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: int = 1, topk_group: int = 1,
+         group_score: str = "max", gate_after_topk: bool = False, normalize_topk: bool = False,
+         routed_scaling_factor: float = 1.0, selection_bias_E: Optional[Tensor] = None) -> Routing:
     """Score-based top-k (Mixtral, Qwen-MoE, DeepSeekMoE/V2/V3, ST-MoE): all k choices are dispatched.
 
     Scores: ``softmax(logits)`` over all experts, or ``sigmoid(logits)`` per expert with
-    ``cfg.scoring_func="sigmoid"`` (DeepSeek-V3). Experts are chosen by the selection scores,
+    ``scoring_func="sigmoid"`` (DeepSeek-V3). Experts are chosen by the selection scores,
     ``scores + selection_bias_E`` (DeepSeek-V3's bias; none by default), restricted with
-    ``cfg.n_group > 1`` to the ``cfg.topk_group`` best groups (``limit_to_groups``); the k largest
+    ``n_group > 1`` to the ``topk_group`` best groups (``limit_to_groups``); the k largest
     are kept (``torch.topk``, descending selection scores). Combine weights: the kept (unbiased)
-    scores; with ``cfg.normalize_topk`` divided by their sum (``+ 1e-20`` for sigmoid, as
-    DeepSeek-V3); with ``cfg.gate_after_topk`` the softmax over the k kept logits (Mixtral;
-    mathematically the normalised softmax scores); then times ``cfg.routed_scaling_factor``.
+    scores; with ``normalize_topk`` divided by their sum (``+ 1e-20`` for sigmoid, as
+    DeepSeek-V3); with ``gate_after_topk`` the softmax over the k kept logits (Mixtral;
+    mathematically the normalised softmax scores); then times ``routed_scaling_factor``.
     Load-balancing loss ``E * sum_e(f_e * P_e)`` with ``f_e`` the share of all ``S * k`` choices
     that went to ``e`` and ``P`` the softmax, or the sigmoid scores normalised to sum 1 per token.
     No host sync.
 
     Args:
         logits_SE: router logits ``[S, E]``.
-        cfg: supplies ``top_k``, ``scoring_func``, ``n_group``, ``topk_group``, ``group_score``,
-            ``normalize_topk``, ``gate_after_topk``, ``routed_scaling_factor`` (deterministic).
+        top_k, scoring_func, n_group, topk_group, group_score, gate_after_topk, normalize_topk,
+            routed_scaling_factor: the ``MoEConfig`` fields of those names (deterministic).
         selection_bias_E: ``[E]`` added to the scores for choosing experts and groups only;
             ``None`` adds nothing.
 
@@ -104,32 +108,29 @@ def topk(logits_SE: Tensor, cfg: MoEConfig, selection_bias_E: Optional[Tensor] =
         the loss's ``P``.
     """
     logits_SE = logits_SE.float()
-    if cfg.scoring_func == "sigmoid":
+    if scoring_func == "sigmoid":
         scores_SE = torch.sigmoid(logits_SE)
         probs_SE = _normalized(scores_SE)  # the loss's P: the scores as shares of their sum
     else:
         scores_SE = probs_SE = torch.softmax(logits_SE, dim=-1)
     choice_SE = scores_SE if selection_bias_E is None else scores_SE + selection_bias_E.float()
-    if cfg.n_group > 1:
-        choice_SE = limit_to_groups(choice_SE, cfg.n_group, cfg.topk_group, cfg.group_score)
-    expert_SK = choice_SE.topk(cfg.top_k, dim=-1).indices
-    weight_SK = _topk_weights(logits_SE, scores_SE.gather(-1, expert_SK), expert_SK, cfg)
-    active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
-    losses = {"load_balance": load_balance_loss(probs_SE, expert_SK)}
-    return Routing(expert_SK, weight_SK, active_SK, probs_SE, losses)
-
-
-def _topk_weights(logits_SE: Tensor, score_SK: Tensor, expert_SK: Tensor, cfg: MoEConfig) -> Tensor:
-    """``topk``'s combine weights ``[S, K]`` from the chosen experts' (unbiased) scores."""
-    if cfg.gate_after_topk:
+    if n_group > 1:
+        choice_SE = limit_to_groups(choice_SE, n_group, topk_group, group_score)
+    expert_SK = choice_SE.topk(top_k, dim=-1).indices
+    score_SK = scores_SE.gather(-1, expert_SK)
+    if gate_after_topk:
         weight_SK = torch.softmax(logits_SE.gather(-1, expert_SK), dim=-1)
-    elif cfg.normalize_topk and cfg.scoring_func == "sigmoid":
+    elif normalize_topk and scoring_func == "sigmoid":
         weight_SK = score_SK / (score_SK.sum(dim=-1, keepdim=True) + 1e-20)  # DeepSeek-V3's exact form
-    elif cfg.normalize_topk:
+    elif normalize_topk:
         weight_SK = _normalized(score_SK)
     else:
         weight_SK = score_SK
-    return weight_SK * cfg.routed_scaling_factor if cfg.routed_scaling_factor != 1.0 else weight_SK
+    if routed_scaling_factor != 1.0:
+        weight_SK = weight_SK * routed_scaling_factor
+    active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
+    losses = {"load_balance": load_balance_loss(probs_SE, expert_SK)}
+    return Routing(expert_SK, weight_SK, active_SK, probs_SE, losses)
 
 
 def limit_to_groups(choice_SE: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
@@ -153,23 +154,3 @@ def limit_to_groups(choice_SE: Tensor, n_group: int, topk_group: int, group_scor
     keep_SG = torch.zeros_like(group_SG, dtype=torch.bool).scatter(-1, chosen_SJ, True)
     keep_SE = keep_SG.unsqueeze(-1).expand_as(grouped_SGX).reshape(num_tokens, num_experts)
     return choice_SE.masked_fill(~keep_SE, float("-inf"))
-
-
-def check_topk(cfg: MoEConfig) -> None:
-    """``topk``'s own validation: the groups against ``num_experts`` and ``top_k``; the Mixtral
-    gate with softmax scores only. Raises ``ValueError`` naming the field, its value and the fix."""
-    per_group = cfg.num_experts // cfg.n_group
-    if cfg.num_experts % cfg.n_group:
-        reject("n_group", cfg.n_group, f"it does not divide num_experts={cfg.num_experts}; choose a divisor of "
-               "num_experts (1 disables group-limited routing)")
-    if cfg.topk_group > cfg.n_group:
-        reject("topk_group", cfg.topk_group, f"it must lie in [1, n_group={cfg.n_group}]")
-    if cfg.top_k > cfg.topk_group * per_group:
-        reject("top_k", cfg.top_k, f"a token may use topk_group={cfg.topk_group} group(s) of num_experts / n_group = "
-               f"{per_group} experts, {cfg.topk_group * per_group} in all; lower top_k or raise topk_group")
-    if cfg.n_group > 1 and cfg.group_score == "top2_sum" and per_group < 2:
-        reject("group_score", cfg.group_score, f"it sums each group's two best scores, and n_group={cfg.n_group} "
-               "leaves one expert per group; use group_score='max' or fewer groups")
-    if cfg.gate_after_topk and cfg.scoring_func != "softmax":
-        reject("gate_after_topk", True, f"it is the softmax over the kept logits (Mixtral), and scoring_func="
-               f"{cfg.scoring_func!r}; set gate_after_topk=False (normalize_topk=True normalises the scores)")

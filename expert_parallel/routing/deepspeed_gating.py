@@ -18,11 +18,12 @@ What they share, and where they differ from GShard (``choice.gshard_top2``):
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import MoEConfig, reject
 from .types import Routing
 
 
@@ -56,31 +57,31 @@ def _kept_first(kept_SK: Tensor) -> Tensor:
     return (~kept_SK).to(torch.int8)
 
 
-def deepspeed_top1(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> Routing:
+def deepspeed_top1(logits_SE: Tensor, capacity: Optional[int], gumbel: bool = False,
+                   random_token_selection: bool = False) -> Routing:
     """DeepSpeed's ``top1gating`` (``used_token=None``).
 
-    First choice ``argmax(softmax(logits))`` (``argmax(logits + Gumbel)`` with ``router_gumbel`` in
-    training); weight = its probability (no renormalisation). Aux loss ``E * sum_e(me * ce)``.
+    First choice ``argmax(softmax(logits))`` (``argmax(logits + Gumbel)`` with ``gumbel``); weight =
+    its probability (no renormalisation). Aux loss ``E * sum_e(me * ce)``. ``random_token_selection``
+    keeps a random subset of an overflowing expert's tokens (DeepSpeed's ``use_rts``).
 
     Returns:
-        ``Routing`` with ``K = 1``; with ``drop_tokens`` it fixes ``capacity`` and a priority that
-        keeps exactly the tokens DeepSpeed keeps.
+        ``Routing`` with ``K = 1``; with a ``capacity`` (``None``: no drops) it fixes it and a
+        priority that keeps exactly the tokens DeepSpeed keeps.
     """
     gates_SE = F.softmax(logits_SE, dim=1)
     num_tokens, num_experts = gates_SE.shape
-    if cfg.router_gumbel and training:
+    if gumbel:
         expert_S = torch.argmax(logits_SE + _gumbel(logits_SE.shape, logits_SE.device), dim=1)
     else:
         expert_S = torch.argmax(gates_SE, dim=1)
     mask_SE = F.one_hot(expert_S, num_classes=num_experts)
     aux_loss = torch.sum(_me_ce(gates_SE, mask_SE)) * num_experts
     score_SE = mask_SE
-    if cfg.random_token_selection:  # drawn with or without drops, as DeepSpeed draws it
+    if random_token_selection:  # drawn with or without drops, as DeepSpeed draws it
         score_SE = mask_SE * torch.rand(mask_SE.shape, device=mask_SE.device)
-    capacity, priority_S1 = None, None
-    if cfg.drop_tokens:
-        capacity = deepspeed_capacity(num_tokens, num_experts, 1, cfg.capacity_factor_for(training),
-                                      cfg.min_capacity)
+    priority_S1 = None
+    if capacity is not None:
         chosen_CE = torch.topk(score_SE, k=min(capacity, num_tokens), dim=0)[1]
         selected_SE = torch.zeros_like(mask_SE).scatter_(0, chosen_CE, 1)
         kept_S1 = (mask_SE * selected_SE).sum(dim=1, keepdim=True) > 0
@@ -90,11 +91,11 @@ def deepspeed_top1(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
                    gates_SE, {"load_balance": aux_loss}, priority_S1, renormalize_kept=False, capacity=capacity)
 
 
-def deepspeed_top2(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> Routing:
+def deepspeed_top2(logits_SE: Tensor, capacity: Optional[int], gumbel: bool = False) -> Routing:
     """DeepSpeed's ``top2gating``.
 
     First choice ``argmax(probs)``; second ``argmax`` of the logits (plus Gumbel noise with
-    ``second_policy="gumbel"``, in training and eval alike, as DeepSpeed) without the first; both
+    ``gumbel``, ``second_policy="gumbel"``, in training and eval alike, as DeepSpeed) without the first; both
     always dispatched, first choices before second choices; weights renormalised over the kept
     choices. Aux loss ``E * sum_e(me * ce)`` over first choices.
     """
@@ -102,20 +103,16 @@ def deepspeed_top2(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
     num_tokens, num_experts = gates_SE.shape
     first_S = torch.argmax(gates_SE, dim=1)
     mask1_SE = F.one_hot(first_S, num_classes=num_experts)
-    if cfg.second_policy == "gumbel":
+    if gumbel:
         logits_SE = logits_SE + _gumbel(logits_SE.shape, logits_SE.device)
     second_S = torch.argmax(logits_SE.masked_fill(mask1_SE.bool(), float("-inf")), dim=1)
     aux_loss = torch.mean(_me_ce(gates_SE, mask1_SE)) * num_experts * num_experts
-    capacity = None
-    if cfg.drop_tokens:
-        capacity = deepspeed_capacity(num_tokens, num_experts, 2, cfg.capacity_factor_for(training),
-                                      cfg.min_capacity)
     expert_S2 = torch.stack([first_S, second_S], dim=1)
     return Routing(expert_S2, gates_SE.gather(1, expert_S2), torch.ones_like(expert_S2, dtype=torch.bool),
                    gates_SE, {"load_balance": aux_loss}, None, renormalize_kept=True, capacity=capacity)
 
 
-def deepspeed_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> Routing:
+def deepspeed_topk(logits_SE: Tensor, top_k: int, capacity: Optional[int]) -> Routing:
     """DeepSpeed's ``topkgating`` (``drop_policy="probs"``), for any ``k``.
 
     Choices ``topk(probs, k)``, all dispatched; an overflowing expert keeps its tokens with the
@@ -124,14 +121,11 @@ def deepspeed_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
     """
     gates_SE = F.softmax(logits_SE, dim=1)
     num_tokens, num_experts = gates_SE.shape
-    top_k = cfg.top_k
     gate_SK, expert_SK = torch.topk(gates_SE, k=top_k, dim=1)
     mask_SE = torch.zeros_like(gates_SE, dtype=torch.bool).scatter_(1, expert_SK, True)
     aux_loss = torch.mean(_me_ce(gates_SE, mask_SE)) * num_experts * num_experts / top_k
-    capacity, priority_SK = None, None
-    if cfg.drop_tokens:
-        capacity = deepspeed_capacity(num_tokens, num_experts, top_k, cfg.capacity_factor_for(training),
-                                      cfg.min_capacity)
+    priority_SK = None
+    if capacity is not None:
         masked_gates_SE = torch.zeros_like(gates_SE).scatter(1, expert_SK, gate_SK)
         chosen_CE = torch.topk(masked_gates_SE, k=min(capacity, num_tokens), dim=0, sorted=False)[1]
         selected_SE = torch.zeros_like(gates_SE, dtype=torch.bool).scatter_(0, chosen_CE, True)
@@ -140,40 +134,32 @@ def deepspeed_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> 
                    {"load_balance": aux_loss}, priority_SK, renormalize_kept=True, capacity=capacity)
 
 
-def deepspeed_gating(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> Routing:
+def deepspeed_gating(logits_SE: Tensor, top_k: int, capacity_factor: float, min_capacity: int,
+                     drop_tokens: bool = True, second_policy: str = "all", router_gumbel: bool = False,
+                     random_token_selection: bool = False, training: bool = True) -> Routing:
     """DeepSpeed's ``TopKGate``: top-1 for ``k = 1``, top-2 for ``k = 2``, top-k otherwise.
 
     Args:
         logits_SE: router logits ``[S, E]`` (fp32).
-        cfg: the layer config (``top_k``, capacity factors, ``min_capacity``, ``drop_tokens``,
-            ``second_policy``, ``router_gumbel``, ``random_token_selection``).
-        training: picks ``capacity_factor`` or ``eval_capacity_factor``; ``router_gumbel`` noise
-            applies in training only. The draws are DeepSpeed's own (Gumbel, ``[S, E]``
-            uniforms), so that seeded runs of both libraries sample alike.
+        top_k: choices per token ``k``.
+        capacity_factor: the mode's factor (DeepSpeed's ``capacity_factor`` in training,
+            ``eval_capacity_factor`` in eval).
+        min_capacity: DeepSpeed's ``min_capacity``.
+        drop_tokens: derive a capacity (``deepspeed_capacity``) and drop past it; else none.
+        second_policy: top-2 only: ``"gumbel"`` samples the second expert (``top2_2nd_expert_sampling``).
+        router_gumbel: top-1 only: Gumbel-sampled first choice in training (``noisy_gate_policy="RSample"``).
+        random_token_selection: top-1 only: DeepSpeed's ``use_rts``.
+        training: ``router_gumbel`` noise applies in training only. The draws are DeepSpeed's own
+            (Gumbel, ``[S, E]`` uniforms), so that seeded runs of both libraries sample alike.
 
     Returns:
         ``Routing`` with ``K = top_k``.
     """
-    if cfg.top_k == 1:
-        return deepspeed_top1(logits_SE.float(), cfg, training)
-    if cfg.top_k == 2:
-        return deepspeed_top2(logits_SE.float(), cfg, training)
-    return deepspeed_topk(logits_SE.float(), cfg, training)
-
-
-def check_deepspeed(cfg: MoEConfig) -> None:
-    """The options DeepSpeed's gating takes: Gumbel first choice and random token selection for
-    top-1 only, ``"all"`` or ``"gumbel"`` second experts for top-2, and its own capacity rule."""
-    for name in ("router_gumbel", "random_token_selection"):
-        if getattr(cfg, name) and cfg.top_k != 1:
-            reject(name, True, f"router='deepspeed' implements it with top_k=1 only (got top_k={cfg.top_k}); "
-                   f"set {name}=False")
-    if cfg.top_k == 2 and cfg.second_policy not in ("all", "gumbel"):
-        reject("second_policy", cfg.second_policy, "router='deepspeed' with top_k=2 takes 'all' "
-               "(deterministic top-2) or 'gumbel' (DeepSpeed's top2_2nd_expert_sampling=True)")
-    if cfg.capacity is not None:
-        reject("capacity", cfg.capacity, "router='deepspeed' derives the capacity per batch as DeepSpeed "
-               "does; set capacity=None")
-    if cfg.dropless:
-        reject("dropless", True, "router='deepspeed' sizes its buffers as DeepSpeed does; use "
-               "drop_tokens=False for DeepSpeed's dropless mode")
+    num_tokens, num_experts = logits_SE.shape
+    capacity = deepspeed_capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity) if (
+        drop_tokens) else None
+    if top_k == 1:
+        return deepspeed_top1(logits_SE.float(), capacity, router_gumbel and training, random_token_selection)
+    if top_k == 2:
+        return deepspeed_top2(logits_SE.float(), capacity, second_policy == "gumbel")
+    return deepspeed_topk(logits_SE.float(), top_k, capacity)

@@ -7,10 +7,11 @@ in token order. ``active_SK`` says which (token, expert) pairs are dispatched.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from ..config import MoEConfig, reject
 from ..layout.capacity import expert_capacity
 from .types import Routing
 
@@ -20,15 +21,14 @@ def _every_expert_SE(num_tokens: int, num_experts: int, device: torch.device) ->
     return torch.arange(num_experts, device=device).expand(num_tokens, num_experts)
 
 
-def soft(logits_SE: Tensor, cfg: MoEConfig) -> Routing:
+def soft(logits_SE: Tensor) -> Routing:
     """Dense soft mixture (Jacobs et al. 1991): ``y = sum_e p_e * expert_e(x)``, ``p = softmax``.
 
     Every token goes to every expert, so the capacity is the local token count (the layer agrees
     on the maximum over the EP group): nothing is ever dropped, and every token visits every rank.
 
     Args:
-        logits_SE: router logits ``[S, E]``.
-        cfg: the layer config (nothing in it changes soft routing; deterministic).
+        logits_SE: router logits ``[S, E]`` (deterministic; nothing else changes soft routing).
 
     Returns:
         ``Routing`` with ``K = E``, weights ``probs_SE``, all active, ``capacity = S``; no losses.
@@ -40,40 +40,32 @@ def soft(logits_SE: Tensor, cfg: MoEConfig) -> Routing:
     return Routing(expert_SE, probs_SE, active_SE, probs_SE, {}, capacity=num_tokens)
 
 
-def expert_choice(logits_SE: Tensor, cfg: MoEConfig, training: bool = True) -> Routing:
+def expert_choice(logits_SE: Tensor, capacity_factor: float, min_capacity: int,
+                  capacity: Optional[int] = None) -> Routing:
     """Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens of this rank.
 
     ``probs = softmax(logits)`` over experts (token by token); expert ``e`` takes the ``C`` tokens
     with the largest ``probs[:, e]`` (``torch.topk`` over tokens) and weighs each by that
     probability. ``C = min(S, max(min_capacity, ceil(S * capacity_factor / E)))`` from the local
-    token count ``S`` (``eval_capacity_factor`` in eval; ``min(S, capacity)`` when the config fixes
-    it). Every expert processes exactly ``C`` tokens, so no balancing loss is needed and nothing
-    picked is dropped; a token may be picked by several experts or by none (the residual carries
-    it).
+    token count ``S`` (``min(S, capacity)`` when the config fixes it). Every expert processes
+    exactly ``C`` tokens, so no balancing loss is needed and nothing picked is dropped; a token may
+    be picked by several experts or by none (the residual carries it).
 
     Args:
         logits_SE: router logits ``[S, E]``.
-        cfg: capacity fields.
-        training: picks ``capacity_factor`` or ``eval_capacity_factor``.
+        capacity_factor: the mode's factor (``MoEConfig.capacity_factor_for``).
+        min_capacity: the lower bound of the derived capacity.
+        capacity: a fixed capacity (``MoEConfig.capacity``), or ``None`` to derive it.
 
     Returns:
         ``Routing`` with ``K = E``, ``active_SK`` the picked pairs, ``capacity = C``; no losses.
     """
     probs_SE = torch.softmax(logits_SE.float(), dim=-1)
     num_tokens, num_experts = probs_SE.shape
-    if cfg.capacity is not None:
-        capacity = cfg.capacity
-    else:
-        capacity = expert_capacity(num_tokens, num_experts, 1, cfg.capacity_factor_for(training), cfg.min_capacity)
+    if capacity is None:
+        capacity = expert_capacity(num_tokens, num_experts, 1, capacity_factor, min_capacity)
     capacity = min(capacity, num_tokens)
     picked_CE = probs_SE.topk(capacity, dim=0).indices
     active_SE = torch.zeros_like(probs_SE, dtype=torch.bool).scatter_(0, picked_CE, True)
     expert_SE = _every_expert_SE(num_tokens, num_experts, probs_SE.device)
     return Routing(expert_SE, probs_SE * active_SE, active_SE, probs_SE, {}, capacity=capacity)
-
-
-def check_soft(cfg: MoEConfig) -> None:
-    """``soft`` never drops a token (its capacity is the token count): no fixed ``capacity``."""
-    if cfg.capacity is not None:
-        reject("capacity", cfg.capacity, "router='soft' sends every token to every expert and never "
-               "drops one (its capacity is the token count); set capacity=None")

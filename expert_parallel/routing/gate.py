@@ -100,8 +100,13 @@ class Router(nn.Module):
         if self.selection_load is not None:
             self.selection_load.add_(count_E.detach())
 
+    def counts_to_sum(self) -> Optional[Tensor]:
+        """``selection_load [E]``, the tokens per expert since the last bias update (``None`` without
+        one): what ``comm.update_selection_biases`` sums over the ranks."""
+        return self.selection_load
+
     @torch.no_grad()
-    def apply_selection_load(self, load_E: Tensor) -> None:
+    def take_summed_counts(self, load_E: Tensor) -> None:
         """Step ``selection_bias`` by ``routing.selection_bias_step(load_E, bias_update_rate)`` and
         zero ``selection_load``. ``load_E [E]`` is the load summed over every rank;
         ``comm.update_selection_biases`` calls this after its all-reduce. No host sync."""

@@ -17,7 +17,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..config import MoEConfig
 from ..counting import count_ids
 from .losses import cv_squared
 from .types import Routing
@@ -44,13 +43,13 @@ def smooth_load(clean_SE: Tensor, noisy_SE: Tensor, noise_std_SE: Tensor, top_SJ
     return torch.where(is_in_SE, prob_if_in_SE, prob_if_out_SE).sum(dim=0)
 
 
-def noisy_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True, noise_std_SE: Optional[Tensor] = None,
+def noisy_topk(logits_SE: Tensor, top_k: int, training: bool = True, noise_std_SE: Optional[Tensor] = None,
                normal_SE: Optional[Tensor] = None) -> Routing:
     """Shazeer et al.'s noisy top-k gating (see the module docstring).
 
     Args:
         logits_SE: clean logits ``x W_g`` ``[S, E]``.
-        cfg: supplies ``top_k``.
+        top_k: choices per token ``k``.
         training: add the noise and use the smooth load; eval is noise-free.
         noise_std_SE: ``softplus(x W_noise)`` ``[S, E]`` (``Router`` computes it in training);
             ``None`` means no noise.
@@ -61,7 +60,7 @@ def noisy_topk(logits_SE: Tensor, cfg: MoEConfig, training: bool = True, noise_s
         dispatched, ``probs_SE = softmax(H)``, and the losses ``"importance"`` and ``"load"``.
     """
     clean_SE = logits_SE.float()
-    num_experts, top_k = clean_SE.shape[1], cfg.top_k
+    num_experts = clean_SE.shape[1]
     noisy = training and noise_std_SE is not None
     if noisy:
         normal_SE = torch.randn_like(clean_SE) if normal_SE is None else normal_SE.float()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from expert_parallel import MoEConfig, MoELayer
+from tests.unit.reference import capacity_formula as unit_capacity_formula
 
 EXPERT_PARAMS = ("w1", "w2", "w3", "b1", "b2")
 ACTIVATIONS = {
@@ -145,8 +146,9 @@ def load_layer(layer: MoELayer, weights: dict[str, Tensor], ep_rank: int) -> Non
 
 
 def capacity_formula(num_tokens: int, cfg: MoEConfig, factor: float) -> int:
-    """``C = max(min_capacity, ceil(k * S * cf / E))`` as documented."""
-    return max(cfg.min_capacity, math.ceil(cfg.top_k * num_tokens * factor / cfg.num_experts))
+    """``C = max(min_capacity, ceil(k * S * cf / E), 1)`` as documented, for ``cfg`` (the one
+    reference formula, exact fractions: ``tests.unit.reference.capacity_formula``)."""
+    return unit_capacity_formula(num_tokens, cfg.num_experts, cfg.num_choices, factor, cfg.min_capacity)
 
 
 def _expert(v_D: Tensor, weights: dict[str, Tensor], e: int, cfg: MoEConfig) -> Tensor:

@@ -85,9 +85,12 @@ def test_weights_saved_at_ep1_compute_the_same_function_at_ep2(checkpoint):
 
 def test_engine_checkpoint_converts_to_a_topology_free_one_with_every_expert_in_place(checkpoint, tmp_path):
     from expert_parallel.checkpoint import load_checkpoint, read_manifest
-    from expert_parallel.checkpoint.__main__ import main as cli
+    from expert_parallel.checkpoint.__main__ import main as core_cli
+    from expert_parallel.integrations.deepspeed.__main__ import main as cli
 
     out = tmp_path / "converted"
+    assert core_cli(["from-deepspeed", checkpoint[0]["directory"], str(out)]) == 2  # points to the integration
+    assert not out.exists()
     assert cli(["from-deepspeed", checkpoint[0]["directory"], str(out), "--tag", "step2",
                 "--model", "tests.integration.deepspeed_helpers:tiny_model_ep1"]) == 0
     assert not any(key.startswith("optim.") for key in read_manifest(out)["tensors"])  # weights only, as documented

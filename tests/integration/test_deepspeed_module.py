@@ -29,6 +29,8 @@ def test_is_a_deepspeed_moe_so_the_engine_recognises_it():
     _, ours = _pair()
     assert isinstance(ours, DeepSpeedMoE)
     assert deepspeed.moe.utils.has_moe_layers(torch.nn.Sequential(ours)) == (True, 4)
+    # built by MoELayer's own constructor (unbound until the engine makes its groups), nothing missing
+    assert ours.deepspeed_moe.shared_experts is None and ours.deepspeed_moe.shared_gate is None
 
 
 @pytest.mark.parametrize("expert_kind,impl", [("mlp", StackedExperts), ("mlp_nobias_relu", StackedExperts),

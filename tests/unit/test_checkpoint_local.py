@@ -84,6 +84,38 @@ def test_inspect_lists_logical_shapes_and_expert_tensors(tmp_path, capsys):
     assert cli(["inspect", str(tmp_path / "missing")]) == 2
 
 
+def _flip_byte(path, at: int = 40) -> None:
+    data = bytearray(path.read_bytes())
+    data[at % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_metadata_file_is_named(tmp_path):
+    save_checkpoint(tmp_path / "c", model())
+    (tmp_path / "c" / ".metadata").write_bytes(b"\x80\x04\x95\xff\xfe not a pickle \xc3\x28")
+    with pytest.raises(CheckpointError, match=r"\.metadata of .* is corrupted .*restore the file or load an earlier"):
+        load_checkpoint(tmp_path / "c", model())
+
+
+def test_inspect_verify_checks_every_checksum_and_names_the_file(tmp_path, capsys):
+    save_checkpoint(tmp_path / "c", model())
+    assert cli(["inspect", "--verify", str(tmp_path / "c")]) == 0
+    assert "verified" in capsys.readouterr().out
+    storage = next((tmp_path / "c").glob("*.distcp"))
+    _flip_byte(storage, at=-1)  # a byte no tensor read checks before the file checksum
+    assert cli(["inspect", "--verify", str(tmp_path / "c")]) == 2
+    assert f"storage file {storage.name} of {tmp_path / 'c'} is corrupted" in capsys.readouterr().err
+    save_checkpoint(tmp_path / "m", model())
+    _flip_byte(tmp_path / "m" / ".metadata", at=-1)
+    assert cli(["inspect", "--verify", str(tmp_path / "m")]) == 2
+    assert ".metadata of" in capsys.readouterr().err
+
+
+def test_the_core_cli_points_from_deepspeed_to_the_integration(tmp_path, capsys):
+    assert cli(["from-deepspeed", str(tmp_path), str(tmp_path / "out"), "--model", "m:f"]) == 2
+    assert "python -m expert_parallel.integrations.deepspeed from-deepspeed" in capsys.readouterr().err
+
+
 def test_a_failed_overwrite_leaves_the_directory_unfinished_not_stale(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "c", model())
 

@@ -50,6 +50,22 @@ def test_every_global_expert_gets_its_own_init_whatever_the_ep_size():
     assert not torch.equal(whole.w1[0], whole.w1[2])
 
 
+def test_placing_experts_after_construction_gives_the_weights_of_their_global_ids():
+    # build, then bind: experts built as 0.. and placed as 2.. hold what experts 2.. are given at
+    # construction from the same seed (the expert-TP slice likewise), with no further global RNG draw
+    torch.manual_seed(0)
+    whole = StackedExperts(4, 8, 16, gated=True, bias=True, tp_size=2, tp_rank=1)
+    torch.manual_seed(0)
+    placed = StackedExperts(2, 8, 16, gated=True, bias=True, tp_size=2)
+    after = torch.rand(1)
+    placed.place(2, tp_rank=1)
+    for name in ("w1", "w2", "w3", "b1", "b2"):
+        assert torch.equal(getattr(placed, name), getattr(whole, name)[2:4]), name
+    torch.manual_seed(0)
+    StackedExperts(2, 8, 16, gated=True, bias=True, tp_size=2)
+    assert torch.equal(torch.rand(1), after)
+
+
 def test_grouped_experts_take_any_gradient_layout():
     # .sum() sends back a stride-0 gradient, which the grouped GEMM's own backward rejects
     experts = StackedExperts(2, 16, 32, gated=True, bias=True)

@@ -10,6 +10,7 @@ import statistics
 import pytest
 import torch
 
+from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.experts import sharded_expert_parameters
 from tests.unit.layer_helpers import inject_uniforms, make_input, make_layer, uniforms
 from tests.unit.reference import layer_reference
@@ -181,3 +182,26 @@ def test_expert_parameters_are_found_by_structure_after_copies_and_rebuilds(clon
     found = {id(p) for p in sharded_expert_parameters(model)}
     names = {name.replace("_orig_mod.", "") for name, p in model.named_parameters() if id(p) in found}
     assert names == {f"moe.experts.{n}" for n in ("w1", "w2", "w3", "b1", "b2")}
+
+
+def test_a_layer_built_unbound_binds_later_to_the_same_layer():
+    # build, then bind: bind=False builds every module; bind() ties the groups and the forward runs
+    cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4, ep_size=1, capacity=8, second_policy="all")
+    torch.manual_seed(0)
+    bound = MoELayer(cfg)
+    torch.manual_seed(0)
+    unbound = MoELayer(cfg, bind=False)
+    assert unbound.ep_ranks is None and unbound.first_expert == 0
+    x = torch.randn(6, 8)
+    with pytest.raises(RuntimeError, match=r"not bound to its groups; call layer\.bind"):
+        unbound(x)
+    unbound.bind()
+    assert unbound.ep_ranks == bound.ep_ranks == (0,)
+    torch.testing.assert_close(unbound(x).output, bound(x).output, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(unbound.state_dict().values(), bound.state_dict().values()))
+
+
+def test_an_unbound_layer_of_several_ep_ranks_has_no_first_expert_yet():
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4, ep_size=2), bind=False)
+    with pytest.raises(RuntimeError, match=r"the layer has no EP group yet .*layer\.bind"):
+        _ = layer.first_expert

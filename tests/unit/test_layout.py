@@ -137,7 +137,7 @@ def test_router_and_plan_pipeline_matches_reference(capacity):
     logits = torch.randn(num_tokens, num_experts, generator=gen) * 2
     uniform = torch.rand(num_tokens, generator=gen)
     cfg = MoEConfig(d_model=4, d_ff=4, num_experts=num_experts)
-    routing = gshard_top2(logits, cfg, uniform_S=uniform)
+    routing = gshard_top2(logits, cfg.second_policy, cfg.second_threshold, uniform_S=uniform)
     plan = plan_slots(routing.expert_SK, routing.active_SK, num_experts, capacity)
     # reference: Algorithm 1 with the same uniforms
     probs = logits.double().softmax(-1)

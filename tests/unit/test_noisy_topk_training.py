@@ -79,7 +79,7 @@ def test_noisy_topk_training_matches_the_paper_token_by_token(top_k):
     assert _well_separated(clean + normal * std)
     cfg = make_layer(router="noisy_topk", top_k=top_k, num_experts=E).cfg
 
-    routing = noisy_topk(clean, cfg, training=True, noise_std_SE=std, normal_SE=normal)
+    routing = noisy_topk(clean, cfg.num_choices, training=True, noise_std_SE=std, normal_SE=normal)
     want = noisy_reference(clean.tolist(), std.tolist(), normal.tolist(), top_k)
 
     assert routing.expert_SK.tolist() == want.experts

@@ -54,7 +54,7 @@ def reference_decision(logits: list[float], bias: list[float], cfg: MoEConfig) -
 
         kept = sorted(range(cfg.n_group), key=lambda g: -group_score(groups[g]))[:cfg.topk_group]
         allowed = [e for g in kept for e in groups[g]]
-    experts = sorted(allowed, key=lambda e: -choice[e])[:cfg.top_k]
+    experts = sorted(allowed, key=lambda e: -choice[e])[:cfg.num_choices]
     weights = [scores[e] for e in experts]
     if cfg.normalize_topk:
         total = sum(weights) + (1e-20 if cfg.scoring_func == "sigmoid" else 0.0)
@@ -96,7 +96,7 @@ def test_topk_with_scores_groups_scaling_and_bias_matches_per_token_reference(ca
     counts = [sum(e in d[0] for d in decisions) for e in range(E)]
     probs = [_scores(row, cfg.scoring_func) for row in rows]
     probs = [[p / sum(row) for p in row] for row in probs]
-    aux = sum(E * counts[e] / (S * cfg.top_k) * sum(p[e] for p in probs) / S for e in range(E))
+    aux = sum(E * counts[e] / (S * cfg.num_choices) * sum(p[e] for p in probs) / S for e in range(E))
     assert_close(out.aux_loss.item(), aux, rtol=1e-5, atol=1e-7)
     assert out.stats.tokens_per_expert.tolist() == counts
 

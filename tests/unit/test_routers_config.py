@@ -10,6 +10,7 @@ import torch
 
 from expert_parallel import MoEConfig, MoELayer, presets
 from expert_parallel.config import LOSS_WEIGHTS
+from expert_parallel.router_rules import ROUTER_RULES
 from expert_parallel.routing import ROUTERS
 from tests.unit.reference import softmax_row
 
@@ -26,14 +27,24 @@ def _config(**overrides) -> MoEConfig:
 ])
 def test_unset_top_k_is_the_routers_own(router, top_k, choices):
     cfg = _config(router=router, **({"second_policy": "all"} if router == "deepspeed" else {}))
-    assert (cfg.top_k, cfg.num_choices) == (top_k, choices)
+    assert (cfg.top_k, cfg.num_choices) == (None, choices)  # the field keeps what was given
     assert cfg.replace() == cfg
 
 
 def test_explicit_top_k_is_kept_in_either_argument_order():
     assert _config(top_k=2, router="gshard").top_k == 2
     assert _config(router="topk", top_k=5).replace(capacity_factor=2.0).top_k == 5
-    assert MoEConfig(d_model=4, d_ff=4, num_experts=1, router="topk").top_k == 1
+    assert MoEConfig(d_model=4, d_ff=4, num_experts=1, router="topk").num_choices == 1
+
+
+def test_replace_router_takes_the_new_routers_own_top_k():
+    switch = _config(router="switch")
+    assert switch.replace(router="gshard").num_choices == 2
+    assert switch.replace(router="soft").num_choices == 8
+    assert _config(router="soft").replace(router="switch").num_choices == 1
+    assert switch.replace(router="gshard").replace(router="switch") == switch
+    with pytest.raises(ValueError, match=r"MoEConfig.top_k=1 is invalid: router='gshard' routes top-2"):
+        _config(router="switch", top_k=1).replace(router="gshard")  # an explicit top_k is kept
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))
@@ -170,7 +181,7 @@ def test_presets_set_what_their_papers_use(name):
 
 def test_preset_overrides_reach_every_field():
     cfg = presets.mixtral(16, 32, 8, top_k=3, drop_tokens=True, capacity_factor=1.5, z_loss_weight=0.1)
-    assert (cfg.top_k, cfg.drop_tokens, cfg.capacity_factor, cfg.z_loss_weight) == (3, True, 1.5, 0.1)
+    assert (cfg.num_choices, cfg.drop_tokens, cfg.capacity_factor, cfg.z_loss_weight) == (3, True, 1.5, 0.1)
     with pytest.raises(ValueError, match="top_k=2 .*router='expert_choice' takes no top_k"):
         presets.expert_choice(16, 32, 8, top_k=2)
 
@@ -189,10 +200,10 @@ def test_mixtral_preset_weighs_balance_like_hugging_face_mixtral(overrides):
     hf_config = mixtral_hf.MixtralConfig()  # built locally: the defaults of Hugging Face's Mixtral
     num_experts, num_tokens = hf_config.num_local_experts, 40
     cfg = presets.mixtral(num_experts, 16, num_experts, **overrides)
-    assert cfg.top_k == overrides.get("top_k", hf_config.num_experts_per_tok)
+    assert cfg.num_choices == overrides.get("top_k", hf_config.num_experts_per_tok)
     logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(6)) * 2.0
     # HF's loss over one layer's router logits, weighed by Mixtral's router_aux_loss_coef (0.001)
-    want = mixtral_hf.load_balancing_loss_func((logits,), num_experts, cfg.top_k) * hf_config.router_aux_loss_coef
+    want = mixtral_hf.load_balancing_loss_func((logits,), num_experts, cfg.num_choices) * hf_config.router_aux_loss_coef
     torch.testing.assert_close(_identity_router_layer(cfg)(logits).aux_loss, want, rtol=1e-5, atol=1e-8)
 
 
@@ -206,7 +217,7 @@ def test_deepseek_preset_weighs_deepseekmoes_expert_level_balance_loss():
     # P_i = (1 / T) * sum_t s_{i,t}, s the softmax affinities; alpha_1 = 0.001 for DeepSeekMoE 16B
     num_experts, num_tokens, alpha_1 = 64, 48, 0.001
     cfg = presets.deepseek(num_experts, 8, num_experts)
-    top_k = cfg.top_k
+    top_k = cfg.num_choices
     logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(8)) * 2.0
     f, p = [0.0] * num_experts, [0.0] * num_experts
     for t in range(num_tokens):
@@ -238,3 +249,7 @@ def test_presets_are_an_attribute_of_the_package():
     code = "import expert_parallel; print(expert_parallel.presets.mixtral(8, 16, 4).router)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "topk"
+
+
+def test_every_router_has_one_rule_and_one_spec():
+    assert sorted(ROUTERS) == sorted(ROUTER_RULES)

@@ -145,7 +145,7 @@ def test_noisy_topk_smooth_load_estimates_the_sampled_load():
     logits = distinct.repeat(2000, 1)
     std = torch.rand(8, 6, generator=gen).add(0.3).repeat(2000, 1)
     torch.manual_seed(1)
-    routing = noisy_topk(logits, make_layer(router="noisy_topk", top_k=2, num_experts=6).cfg, training=True,
+    routing = noisy_topk(logits, 2, training=True,
                          noise_std_SE=std)
     counts = torch.bincount(routing.expert_SK.reshape(-1), minlength=6).tolist()
     want = _cv_squared([float(c) for c in counts])

@@ -28,7 +28,7 @@ def test_gshard_top2_matches_per_token_reference(policy):
     logits = _logits()
     uniform = _uniforms(logits.shape[0])
     cfg = CFG.replace(second_policy=policy, second_threshold=0.3)
-    routing = gshard_top2(logits, cfg, uniform_S=uniform)
+    routing = gshard_top2(logits, cfg.second_policy, cfg.second_threshold, uniform_S=uniform)
     assert routing.expert_SK.shape == (32, 2) and routing.expert_SK.dtype == torch.long
     assert routing.priority_SK is None and routing.renormalize_kept is False
     for s in range(logits.shape[0]):
@@ -46,10 +46,10 @@ def test_gshard_gates_of_a_hand_computed_token():
     # probs (0.5, 0.3, 0.2): e1=0, e2=1, g1 = 0.5/0.8 = 0.625, g2 = 0.375; 2*g2 = 0.75
     logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
     cfg = MoEConfig(d_model=4, d_ff=4, num_experts=3)
-    taken = gshard_top2(logits, cfg, uniform_S=torch.tensor([0.74]))
+    taken = gshard_top2(logits, cfg.second_policy, cfg.second_threshold, uniform_S=torch.tensor([0.74]))
     assert taken.expert_SK.tolist() == [[0, 1]]
     assert taken.weight_SK[0].tolist() == pytest.approx([0.625, 0.375], abs=1e-6)
-    skipped = gshard_top2(logits, cfg, uniform_S=torch.tensor([0.76]))
+    skipped = gshard_top2(logits, cfg.second_policy, cfg.second_threshold, uniform_S=torch.tensor([0.76]))
     assert skipped.active_SK.tolist() == [[True, False]]
     assert skipped.weight_SK[0].tolist() == pytest.approx([0.625, 0.0], abs=1e-6)
 
@@ -57,7 +57,7 @@ def test_gshard_gates_of_a_hand_computed_token():
 def test_second_choice_is_dispatched_iff_twice_g2_exceeds_the_uniform():
     logits = _logits(64)
     uniform = _uniforms(64)
-    routing = gshard_top2(logits, CFG, uniform_S=uniform)
+    routing = gshard_top2(logits, CFG.second_policy, uniform_S=uniform)
     top2 = logits.softmax(-1).sort(dim=-1, descending=True).values[:, :2]
     g2 = top2[:, 1] / top2.sum(-1)
     assert torch.equal(routing.active_SK[:, 1], 2 * g2 > uniform)
@@ -66,7 +66,7 @@ def test_second_choice_is_dispatched_iff_twice_g2_exceeds_the_uniform():
 
 
 def test_second_choice_always_dispatched_with_policy_all():
-    routing = gshard_top2(_logits(), CFG.replace(second_policy="all"))
+    routing = gshard_top2(_logits(), "all")
     assert routing.active_SK.all()
     assert (routing.weight_SK > 0).all()
     assert torch.allclose(routing.weight_SK.sum(-1), torch.ones(32))
@@ -76,32 +76,31 @@ def test_threshold_policy_dispatches_second_iff_g2_above_threshold():
     # probs (0.6, 0.4, 0): g2 = 0.4 ; probs (0.9, 0.1, 0): g2 = 0.1
     logits = torch.tensor([[0.6, 0.4, 1e-9], [0.9, 0.1, 1e-9]]).log()
     cfg = MoEConfig(d_model=4, d_ff=4, num_experts=3, second_policy="threshold", second_threshold=0.2)
-    routing = gshard_top2(logits, cfg)
+    routing = gshard_top2(logits, cfg.second_policy, cfg.second_threshold)
     assert routing.active_SK.tolist() == [[True, True], [True, False]]
     assert routing.weight_SK[1, 1].item() == 0.0
 
 
 def test_gshard_ties_pick_the_lowest_expert_ids():
     # a zero token (padding) gives equal logits: e1 = argmax -> 0, e2 = argmax of the rest -> 1
-    routing = gshard_top2(torch.zeros(3, 6), CFG.replace(second_policy="all"))
+    routing = gshard_top2(torch.zeros(3, 6), "all")
     assert routing.expert_SK.tolist() == [[0, 1]] * 3
 
 
 def test_switch_ties_pick_the_lowest_expert_id():
-    cfg = MoEConfig(d_model=8, d_ff=16, num_experts=6, router="switch", top_k=1)
-    assert switch_top1(torch.zeros(3, 6), cfg).expert_SK.tolist() == [[0]] * 3
+    assert switch_top1(torch.zeros(3, 6)).expert_SK.tolist() == [[0]] * 3
 
 
 def test_gshard_computes_in_fp32_for_bf16_logits():
     logits = _logits().bfloat16()
-    routing = gshard_top2(logits, CFG.replace(second_policy="all"))
+    routing = gshard_top2(logits, "all")
     assert routing.probs_SE.dtype == torch.float32 and routing.weight_SK.dtype == torch.float32
     assert torch.allclose(routing.probs_SE, logits.float().softmax(-1))
 
 
 def test_gshard_aux_loss_is_the_unweighted_load_balance_loss_of_first_choices():
     logits = _logits(40)
-    routing = gshard_top2(logits, CFG.replace(aux_loss_weight=0.5), uniform_S=_uniforms(40))
+    routing = gshard_top2(logits, CFG.second_policy, uniform_S=_uniforms(40))
     probs = logits.softmax(-1).tolist()
     num_experts = 6
     first = [first_argmax(row) for row in probs]
@@ -112,8 +111,7 @@ def test_gshard_aux_loss_is_the_unweighted_load_balance_loss_of_first_choices():
 
 def test_switch_top1_weight_is_the_router_probability_of_the_choice():
     logits = _logits(24)
-    cfg = MoEConfig(d_model=8, d_ff=16, num_experts=6, router="switch", top_k=1)
-    routing = switch_top1(logits, cfg)
+    routing = switch_top1(logits)
     assert routing.expert_SK.shape == (24, 1) and routing.active_SK.all()
     probs_rows = logits.softmax(-1)
     for s in range(24):

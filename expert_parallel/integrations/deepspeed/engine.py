@@ -40,6 +40,24 @@ from torch import nn
 
 from ...experts import sharded_expert_parameters
 from ...layer import MoELayer
+from .experts import mark_expert_params
+
+
+def expert_parallel_group(ep_size: int, use_data_before_expert_parallel_: bool = False,
+                          with_mpu: bool = False) -> dist.ProcessGroup:
+    """DeepSpeed's expert-parallel group ``ep_size_<ep_size>`` of this rank, created once (with its
+    expert-data-parallel groups) by DeepSpeed's own helpers, as its ``MoE`` creates them: with
+    ``with_mpu`` (expert tensor parallelism under ``deepspeed.initialize(mpu=...)``) within the mpu's
+    data-parallel ranks, otherwise in consecutive blocks. Collective the first time."""
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        if with_mpu:
+            groups._create_expert_data_and_model_parallel(
+                ep_size, mpu=groups.mpu, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        else:
+            groups._create_expert_and_data_parallel(
+                ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+    return groups._get_expert_parallel_group(name)
 
 
 class ExpertGroupDeclaration(deepspeed.moe.layer.MoE):
@@ -67,10 +85,8 @@ class ExpertGroupDeclaration(deepspeed.moe.layer.MoE):
             RuntimeError: DeepSpeed's EP group of this rank is not the converted blocks' group
                 (e.g. ``use_data_before_expert_parallel_`` orders the ranks differently).
         """
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(
-                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
-        ranks = tuple(dist.get_process_group_ranks(groups._get_expert_parallel_group(self.expert_group_name)))
+        group = expert_parallel_group(self.ep_size, use_data_before_expert_parallel_)
+        ranks = tuple(dist.get_process_group_ranks(group))
         if ranks != self.ep_ranks:
             raise RuntimeError(f"DeepSpeed's expert-parallel group of rank {dist.get_rank()} is {ranks}, the "
                                f"model's MoE layers all-to-all over {self.ep_ranks}; leave "
@@ -110,9 +126,7 @@ class EngineModel(nn.Module):
                              "integrations.deepspeed.MoE with an mpu for tensor-parallel MoE layers")
         self.model = model
         self.expert_groups = ExpertGroupDeclaration(ep_size, layers[0].cfg.num_experts, layers[0].ep_ranks)
-        for param in sharded_expert_parameters(model):
-            param.allreduce = False
-            param.group_name = self.expert_groups.expert_group_name
+        mark_expert_params(model, self.expert_groups.expert_group_name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward."""

@@ -120,15 +120,15 @@ def detect_expert(expert: nn.Module, d_model: int) -> Optional[ExpertSpec]:
     if not candidates:
         return None
     probe = copy.deepcopy(expert).float().cpu()
-    x_ND = torch.randn(16, d_model, generator=torch.Generator().manual_seed(0))
+    x_MD = torch.randn(16, d_model, generator=torch.Generator().manual_seed(0))
     with torch.random.fork_rng(devices=[]):
-        want = probe(x_ND)
-    if not isinstance(want, Tensor) or want.shape != x_ND.shape:
+        want = probe(x_MD)
+    if not isinstance(want, Tensor) or want.shape != x_MD.shape:
         return None
     for spec in candidates:
         stacked = stacked_experts(spec, 1, d_model)
         load_template(stacked, spec, probe)
-        got = stacked(x_ND.unsqueeze(0))[0]
+        got = stacked(x_MD.unsqueeze(0))[0]
         if torch.allclose(got, want, rtol=1e-4, atol=1e-5):
             return spec
     return None
@@ -161,12 +161,12 @@ class GenericExperts(Experts):
         self.ep_size = ep_size
         self.deepspeed_experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_local_experts))
 
-    def forward(self, x_END: Tensor) -> Tensor:
+    def forward(self, x_EMD: Tensor) -> Tensor:
         """``[E_local, ep_size * C, D] -> [E_local, ep_size * C, D]``."""
-        num_local, rows, dim = x_END.shape
+        num_local, rows, dim = x_EMD.shape
         outputs = []
-        for x_ND, expert in zip(x_END.unbind(0), self.deepspeed_experts):
-            out = expert(x_ND.reshape(self.ep_size, 1, rows // self.ep_size, dim))
+        for x_MD, expert in zip(x_EMD.unbind(0), self.deepspeed_experts):
+            out = expert(x_MD.reshape(self.ep_size, 1, rows // self.ep_size, dim))
             outputs.append((out[0] if isinstance(out, tuple) else out).reshape(rows, dim))
         return torch.stack(outputs)
 

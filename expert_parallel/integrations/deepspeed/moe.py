@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from typing import Any, Optional
 
 import deepspeed
@@ -31,7 +30,7 @@ from torch.nn import functional as F
 from ...comm import register
 from ...config import MoEConfig
 from ...layer import MoELayer
-from ...routing import Router
+from .engine import expert_parallel_group
 from .experts import (
     GenericExperts,
     add_deepspeed_keys,
@@ -54,23 +53,16 @@ class DeepSpeedMoELayer(MoELayer):
     """``MoELayer`` whose EP and TP groups come from DeepSpeed and whose experts are given.
 
     Its state dict uses DeepSpeed's names: ``gate.wg.weight`` for the router, and the experts'
-    own (``experts.deepspeed_experts.<i>.<...>``). The EP and TP ranks stay ``None`` until
-    ``bind_group`` (DeepSpeed creates groups after the model is built). ``cfg.d_ff`` is the given
-    experts' width until then; with expert tensor parallelism they are one TP slice of it.
+    own (``experts.deepspeed_experts.<i>.<...>``). It is built unbound (``MoELayer(..., bind=False)``)
+    and bound by ``bind_group`` once DeepSpeed has created its groups (after the model is built).
+    ``cfg.d_ff`` is the given experts' width until then; with expert tensor parallelism they are one
+    TP slice of it.
     """
 
     def __init__(self, cfg: MoEConfig, experts: nn.Module) -> None:
-        nn.Module.__init__(self)  # not MoELayer.__init__: it would build groups and random experts
-        self.cfg = cfg
-        self.ep_ranks: Optional[tuple[int, ...]] = None
-        self.tp_ranks: Optional[tuple[int, ...]] = None
+        with torch.random.fork_rng(devices=[]):  # DeepSpeed's MoE draws its gate itself (see MoE)
+            super().__init__(cfg, experts=experts, bind=False)
         self.slice_d_ff = cfg.d_ff
-        with torch.random.fork_rng(devices=[]):
-            self.router = Router.from_config(cfg)
-        self.experts = experts
-        self.shared_experts = None  # DeepSpeed's MoE has none (its use_residual is separate)
-        self._phase_hooks = OrderedDict()
-        self.filled_compute = self._choose_expert_compute()
         self.register_state_dict_post_hook(_router_to_gate)
         self.register_load_state_dict_pre_hook(_gate_to_router)
 
@@ -80,12 +72,11 @@ class DeepSpeedMoELayer(MoELayer):
         ``tp_group`` (the mpu's tensor-parallel group; ``None``: no TP), with the experts split
         over ``tp_group`` when ``expert_tensor_parallel`` (the config follows: ``tp_size``,
         ``expert_tensor_parallel``, and ``d_ff`` the whole experts' width)."""
-        self.ep_ranks, self.tp_ranks = register(group), register(tp_group)
-        tp_size = len(self.tp_ranks)
+        tp_size = len(register(tp_group))
         expert_tensor_parallel = expert_tensor_parallel and tp_size > 1
         self.cfg = self.cfg.replace(tp_size=tp_size, expert_tensor_parallel=expert_tensor_parallel,
                                     d_ff=self.slice_d_ff * (tp_size if expert_tensor_parallel else 1))
-        self._build_hierarchy()
+        self.bind(group, tp_group)
 
 
 def _router_to_gate(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
@@ -241,17 +232,10 @@ class MoE(deepspeed.moe.layer.MoE):
                              f"{dist.get_world_size()}; choose an ep_size that divides it")
         if not deepspeed.comm.is_initialized():  # torch.distributed is: wrap it, as the engine does
             deepspeed.init_distributed(dist_backend=dist.get_backend())
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            log_rank0(f"creating expert groups {self.expert_group_name}")
-            if groups.mpu is None or not self.enable_expert_tensor_parallelism:
-                groups._create_expert_and_data_parallel(
-                    self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
-            else:
-                groups._create_expert_data_and_model_parallel(
-                    self.ep_size, mpu=groups.mpu, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        group = expert_parallel_group(self.ep_size, use_data_before_expert_parallel_,
+                                      with_mpu=groups.mpu is not None and self.enable_expert_tensor_parallelism)
         tp_size = bwc_tensor_model_parallel_world_size(groups.mpu)
-        self.deepspeed_moe.bind_group(groups._get_expert_parallel_group(self.expert_group_name),
-                                      bwc_tensor_model_parallel_group(groups.mpu) if tp_size > 1 else None,
+        self.deepspeed_moe.bind_group(group, bwc_tensor_model_parallel_group(groups.mpu) if tp_size > 1 else None,
                                       self.enable_expert_tensor_parallelism)
 
     def forward(self, hidden_states: Tensor,
