@@ -58,14 +58,20 @@ class MoEConfig:
         capacity: a fixed capacity C; removes the capacity all-reduce and every host sync.
         drop_tokens: ``False`` sizes the buffers to the fullest expert of the EP group (one
             all-reduce, no drops; DeepSpeed's ``drop_tokens=False``); ``capacity`` must be None.
-        dropless: size every expert's buffer to the local token count ``S`` (an expert takes a
-            token at most once), so nothing drops whatever the routing, with no all-reduce and no
-            host read (unlike ``drop_tokens=False``, which agrees on the fullest expert). Every EP
-            rank must pass the same number of tokens (a fixed ``[batch, seq]`` shape): with
-            another count on one rank the all-to-all sizes disagree and the collective fails or
-            hangs (gloo hangs), as nothing is agreed per batch in this mode; uneven batches want
-            ``drop_tokens=False``. Buffers and wire bytes grow to ``E * S * D``
-            per rank and direction; with filled expert compute the FLOPs still follow the tokens.
+        dropless: never drop a token: every expert's buffer holds as many slots as the EP group's
+            largest local token count ``S`` (an expert takes a token at most once), agreed per batch
+            by the one small all-reduce (a host read; none at ``ep_size=1``), so every EP rank may
+            pass another number of tokens, 0 included (dynamic padding, packed sequences, the last
+            batch of an epoch). Unlike ``drop_tokens=False``, which agrees on the fullest expert,
+            the buffers do not depend on the routing. With ``max_tokens_per_rank`` the buffers have
+            that fixed size instead and nothing is agreed (no host sync). Buffers and wire bytes
+            grow to ``E * S * D`` per rank and direction; with filled expert compute the FLOPs still
+            follow the tokens.
+        max_tokens_per_rank: ``dropless`` only: a static bound on the tokens any rank passes in one
+            call; every expert's buffer then has that many slots, so the forward needs no
+            agreement and reads nothing back to the host. An input of more tokens raises
+            ``ValueError`` on its rank before any collective (see ``MoELayer``). ``None`` (default):
+            agree on the largest token count per batch.
         expert_compute: ``"filled"`` runs the experts on the filled slots only (grouped GEMM,
             ``torch._grouped_mm``, with device-side offsets), ``"padded"`` on every slot (one
             ``bmm`` per weight), ``"auto"`` (default) filled where the experts' device and dtype
@@ -162,6 +168,7 @@ class MoEConfig:
     capacity: Optional[int] = None
     drop_tokens: bool = True
     dropless: bool = False
+    max_tokens_per_rank: Optional[int] = None
     expert_compute: str = "auto"
     num_chunks: int = 1
     a2a: str = "flat"
@@ -229,6 +236,11 @@ class MoEConfig:
         if self.dropless and not self.drop_tokens:
             reject("dropless", True, "drop_tokens=False is the other dropless mode (it agrees on the fullest "
                    "expert, one all-reduce); choose one of the two")
+        if self.max_tokens_per_rank is not None:
+            _check_int("max_tokens_per_rank", self.max_tokens_per_rank, 1)
+            if not self.dropless:
+                reject("max_tokens_per_rank", self.max_tokens_per_rank, "it bounds the buffers of dropless=True, and "
+                       "dropless=False; set dropless=True or max_tokens_per_rank=None")
         self._check_communication()
         if self.expert not in EXPERT_KINDS:
             reject("expert", self.expert, f"choose one of {list(EXPERT_KINDS)}")

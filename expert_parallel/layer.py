@@ -139,8 +139,10 @@ class MoELayer(nn.Module):
     and see every token; their sum is added to the routed output.
 
     The forward syncs the host once, for the per-batch agreement (one small all-reduce), unless
-    ``cfg.capacity`` is fixed or ``cfg.dropless`` is set, and ``cfg.check_finite`` is off: then it
-    syncs nothing. The experts compute the filled slots only (grouped GEMM) or every slot
+    ``cfg.capacity`` or ``cfg.max_tokens_per_rank`` fixes the buffers and ``cfg.check_finite`` is
+    off: then it syncs nothing. Any rank may pass any number of tokens, 0 included (``[0, D]``,
+    ``[0, T, D]``), in every capacity mode; with ``max_tokens_per_rank`` more tokens than the bound
+    are invalid input. The experts compute the filled slots only (grouped GEMM) or every slot
     (batched matmuls), as ``cfg.expert_compute`` says; ``filled_compute`` tells which was chosen.
     With ``bias_update_rate > 0`` each training forward adds its tokens per expert to
     ``router.selection_load`` (on the device, no sync) for ``comm.update_selection_biases``.
@@ -259,10 +261,10 @@ class MoELayer(nn.Module):
             slots = assign_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, routing.priority_SK)
             if self.training:
                 self.router.count_selection(slots.count_E)  # DeepSeek-V3's bias update reads these
-            local = Agreement(capacity_input(cfg, x_SD.shape[0], slots.count_E, routing.capacity), nonfinite)
+            local = Agreement(capacity_input(cfg, x_SD.shape[0], slots.count_E, routing.capacity),
+                              nonfinite if cfg.check_finite else 0)
             agreed = self._agree(local, group, x.device)  # the one collective (none when nothing varies)
-            capacity = layer_capacity(cfg, agreed.capacity_input, self.training, routing.capacity is not None,
-                                      x_SD.shape[0])
+            capacity = layer_capacity(cfg, agreed.capacity_input, self.training, routing.capacity is not None)
             plan = slots.plan(capacity)
         tp_group = lookup(self.tp_ranks)
         with self._phase("pack") as phase:
@@ -414,9 +416,10 @@ class MoELayer(nn.Module):
             hook(event)
 
     def _needs_agreement(self) -> bool:
-        """Is there a per-batch all-reduce? Not with a fixed capacity (or ``dropless``) and
-        ``check_finite`` off."""
-        return (self.cfg.capacity is None and not self.cfg.dropless) or self.cfg.check_finite
+        """Is there a per-batch all-reduce? Not with fixed buffers (``capacity`` or
+        ``max_tokens_per_rank``) and ``check_finite`` off."""
+        fixed = self.cfg.capacity is not None or self.cfg.max_tokens_per_rank is not None
+        return not fixed or self.cfg.check_finite
 
     def _agree(self, local: Agreement, group: Optional[ProcessGroup], device: torch.device) -> Agreement:
         """The EP group's maxima of ``local`` (one all-reduce), raising on every rank together if
@@ -455,6 +458,11 @@ class MoELayer(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.cfg.d_model:
             return (f"MoELayer input has shape {tuple(x.shape)}, but its last dimension must be "
                     f"d_model={self.cfg.d_model}; reshape the input or fix MoEConfig.d_model")
+        bound, num_tokens = self.cfg.max_tokens_per_rank, x.numel() // self.cfg.d_model
+        if bound is not None and num_tokens > bound:
+            return (f"MoELayer input has {num_tokens} tokens (shape {tuple(x.shape)}), more than "
+                    f"MoEConfig.max_tokens_per_rank={bound}; pass at most {bound} tokens per call, or raise "
+                    "max_tokens_per_rank (or set it to None to agree on the token count per batch)")
         weight_dtype = next(self.experts.parameters()).dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             return (f"MoELayer input dtype {x.dtype} differs from the expert weights' {weight_dtype}; "

@@ -21,10 +21,11 @@ from .grads import reduce_gradients
 from .groups import ExpertGroups, expert_groups, lookup, node_groups, rank, register, world_size
 from .hierarchical import Hierarchy, NodeRanks, resolve_ranks_per_node
 from .tensor_parallel import tp_copy, tp_drop, tp_gather, tp_reduce
+from .uneven import UnevenInputs, moe_layers
 
-__all__ = ["A2AGroup", "Agreement", "ExpertGroups", "Hierarchy", "NodeRanks", "PendingAllToAll", "RankSummed", "agree",
-           "all_gather_along", "all_to_all", "all_to_all_start", "by_expert", "by_source", "device_for_backend",
-           "dispatch", "exchange", "exchange_back", "exchange_back_start", "exchange_fill", "exchange_start",
-           "expert_groups", "gather_experts", "gather_objects", "lookup", "node_groups", "rank", "reduce_gradients",
-           "register", "resolve_ranks_per_node", "tp_copy", "tp_drop", "tp_gather", "tp_reduce", "undispatch",
-           "update_selection_biases", "world_size"]
+__all__ = ["A2AGroup", "agree", "Agreement", "all_gather_along", "all_to_all", "all_to_all_start", "by_expert",
+           "by_source", "device_for_backend", "dispatch", "exchange", "exchange_back", "exchange_back_start",
+           "exchange_fill", "exchange_start", "expert_groups", "ExpertGroups", "gather_experts", "gather_objects",
+           "Hierarchy", "lookup", "moe_layers", "node_groups", "NodeRanks", "PendingAllToAll", "rank", "RankSummed",
+           "reduce_gradients", "register", "resolve_ranks_per_node", "tp_copy", "tp_drop", "tp_gather", "tp_reduce",
+           "undispatch", "UnevenInputs", "update_selection_biases", "world_size"]

@@ -1,8 +1,9 @@
 """The per-batch agreement: one small all-reduce of maxima over the EP group.
 
 Every EP rank must use the same buffer shape and must stop together on bad input, so the few
-numbers this needs ride on one all-reduce (MAX) per forward. With a fixed capacity and no
-``check_finite`` the layer skips it, and the forward is free of host syncs.
+numbers this needs ride on one all-reduce (MAX) per forward. With fixed buffers (``capacity``, or
+``max_tokens_per_rank`` of ``dropless``) and no ``check_finite`` the layer skips it, and the
+forward is free of host syncs.
 """
 
 from __future__ import annotations
@@ -66,9 +67,12 @@ def agree(local: Agreement, group: Optional[ProcessGroup], device: torch.device)
     Args:
         local: this rank's values (ints or device scalars; device scalars are not read back
             before the all-reduce).
-        group: the EP group; ``None`` (one rank) returns ``local`` as ints.
+        group: the EP group; ``None`` (one rank) returns ``local`` as ints (as it is, with no
+            device copy or host read, when it holds only ints).
         device: the layer input's device (see ``device_for_backend``).
     """
+    if group is None and not any(isinstance(value, Tensor) for value in local):
+        return local  # one rank, Python ints: nothing to copy to the device or read back
     where = device if group is None else device_for_backend(str(dist.get_backend(group)), device)
     values = torch.stack([torch.as_tensor(v, device=where).to(torch.long).reshape(()) for v in local])
     if group is not None:

@@ -49,12 +49,23 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _Ticket:
-    """The works in flight of one started all-to-all (forward) and of its gradient (backward)."""
+    """The works in flight of one started all-to-all (forward) and of its gradient (backward).
+
+    The autograd graph holds the ticket as long as the output lives, so a work is released as soon
+    as it has been waited for: a gloo work kept past ``destroy_process_group`` (an output still
+    alive at teardown) can abort the process at exit."""
 
     def __init__(self, group: A2AGroup) -> None:
         self.group = group
         self.work: Optional[Work] = None
         self.grad_work: Optional[Work] = None
+
+    def finish(self, out_RX: Tensor, which: str) -> Tensor:
+        """``out_RX`` once the work ``which`` (``"work"`` or ``"grad_work"``) has completed; the
+        ticket lets go of that work."""
+        work = getattr(self, which)
+        setattr(self, which, None)
+        return _finish(out_RX, work)
 
 
 class _Start(torch.autograd.Function):
@@ -70,7 +81,7 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         ticket, ctx.ticket = ctx.ticket, None
-        return _finish(grad, ticket.grad_work), None
+        return ticket.finish(grad, "grad_work"), None
 
 
 class _Wait(torch.autograd.Function):
@@ -80,8 +91,7 @@ class _Wait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, ticket: _Ticket) -> Tensor:  # type: ignore[override]
         ctx.ticket = ticket
-        _finish(out, ticket.work)
-        return out.view_as(out)
+        return ticket.finish(out, "work").view_as(out)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

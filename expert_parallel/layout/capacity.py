@@ -41,38 +41,38 @@ def capacity_input(cfg: MoEConfig, num_tokens: int, count_E: Tensor, proposed: O
 
     Returns:
         With ``drop_tokens=False`` the fullest expert's count (a device scalar: no host read);
-        else the router's proposal if it made one, else ``S``. 0 with a fixed capacity or
-        ``dropless`` (nothing to agree on).
+        else the router's proposal if it made one, else ``S`` (also for ``dropless``). 0 with a
+        fixed capacity or ``max_tokens_per_rank`` (nothing to agree on).
     """
-    if cfg.capacity is not None or cfg.dropless:
+    if cfg.capacity is not None or cfg.max_tokens_per_rank is not None:
         return 0
     if not cfg.drop_tokens:
         return count_E.max() if count_E.numel() else 0
     return num_tokens if proposed is None else proposed
 
 
-def layer_capacity(cfg: MoEConfig, agreed_input: int, training: bool, proposed: bool, num_tokens: int) -> int:
+def layer_capacity(cfg: MoEConfig, agreed_input: int, training: bool, proposed: bool) -> int:
     """The capacity ``C`` every EP rank uses, from the group's maximum ``capacity_input``.
 
-    A fixed ``cfg.capacity`` wins; ``dropless`` takes the local token count ``S`` (every EP rank
-    passes the same); ``drop_tokens=False`` or a router's proposal is used as it is
-    (at least 1); otherwise ``expert_capacity`` of the largest token count with the capacity factor
-    of the mode (``capacity_factor`` in training, ``eval_capacity_factor`` in eval). The derived
-    capacity is rounded up to a multiple of ``cfg.tp_size`` (each TP rank sends ``C / tp_size``
-    slots of every expert).
+    A fixed ``cfg.capacity`` wins; ``dropless`` takes ``max_tokens_per_rank`` if set, else the
+    group's largest token count (an expert takes a token at most once, so nothing drops);
+    ``drop_tokens=False`` or a router's proposal is used as it is; otherwise ``expert_capacity``
+    of the largest token count with the capacity factor of the mode (``capacity_factor`` in
+    training, ``eval_capacity_factor`` in eval). Always at least 1 (0 tokens on every rank
+    still exchange one empty slot). The derived capacity is rounded up to a multiple of
+    ``cfg.tp_size`` (each TP rank sends ``C / tp_size`` slots of every expert).
 
     Args:
         cfg: the layer config.
         agreed_input: the maximum over the EP group of ``capacity_input``.
         training: the layer's mode.
         proposed: the router proposed a capacity (``Routing.capacity is not None``).
-        num_tokens: ``S``, this rank's token count.
     """
     if cfg.capacity is not None:
         return cfg.capacity  # validated divisible by tp_size
-    if cfg.dropless:
-        capacity = max(num_tokens, 1)
-    elif not cfg.drop_tokens or proposed:
+    if cfg.max_tokens_per_rank is not None:
+        capacity = cfg.max_tokens_per_rank
+    elif not cfg.drop_tokens or proposed or cfg.dropless:
         capacity = max(agreed_input, 1)
     else:
         capacity = expert_capacity(agreed_input, cfg.num_experts, cfg.num_choices, cfg.capacity_factor_for(training),

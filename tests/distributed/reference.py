@@ -245,7 +245,8 @@ def reference_rank(case: Case, rank: int, capacity: Optional[int],
 
 def ep1_layer_run(case: Case, rank: int, capacity: int) -> dict[str, Any]:
     """The EP=1 layer with the full weights and a fixed ``capacity`` on ``rank``'s tokens."""
-    layer = MoELayer(case.config(ep_size=1, capacity=capacity, drop_tokens=True, dropless=False))
+    layer = MoELayer(case.config(ep_size=1, capacity=capacity, drop_tokens=True, dropless=False,
+                                 max_tokens_per_rank=None))
     load_layer(layer, full_weights(case), 0)
     layer.train(not case.eval)
     x = tokens(case, rank).requires_grad_()

@@ -85,8 +85,10 @@ def expected_capacity(case: Case, group: tuple[int, ...]) -> int:
     cfg = case.config()
     if cfg.capacity is not None:
         return cfg.capacity
-    if cfg.dropless:  # every rank of the group passes the same number of tokens
-        return max(case.num_tokens(group[0]), 1)
+    if cfg.max_tokens_per_rank is not None:  # dropless with a static bound: the bound
+        return cfg.max_tokens_per_rank
+    if cfg.dropless:  # the group's largest token count
+        return max(max(case.num_tokens(r) for r in group), 1)
     if not cfg.drop_tokens:
         loads = [reference_rank(case, r, None, backward=False)["count"].max() for r in group]
         return max(int(max(loads)), 1)

@@ -80,6 +80,13 @@ def misconfigure(rank: int, world_size: int) -> dict:
     for name, changes in CHECK_FINITE.items():
         outcomes[f"nan-{name}"] = _attempt(_nonfinite_forward(rank, float("nan"), **changes))
     outcomes["inf"] = _attempt(_nonfinite_forward(rank, float("inf")))
+    # dropless with a declared bound: more tokens than it is invalid input; check_finite keeps an
+    # agreement in flight, so the peer raises too; without one every rank over the bound raises alone
+    bounded = _cfg(dropless=True, max_tokens_per_rank=4)
+    many = 6 if rank == NAN_RANK else 3
+    outcomes["over-bound-on-one-rank"] = _attempt(
+        lambda: MoELayer(bounded.replace(check_finite=True))(torch.randn(many, 8)))
+    outcomes["over-bound-on-every-rank"] = _attempt(lambda: MoELayer(bounded)(torch.randn(2, 3, 8)))
     return {"outcomes": outcomes, "nan_counted": run_case(rank, NAN_COUNTED),
             "healthy": run_case(rank, HEALTHY)}
 
@@ -95,6 +102,7 @@ def results():
     ("world-group-for-ep-size-2", "ep_size=2 does not match the size 4 of ep_group"),
     ("pair-group-for-ep-size-4", "ep_size=4 does not match the size 2 of ep_group"),
     ("wrong-d-model-on-every-rank", "must be d_model=8"),
+    ("over-bound-on-every-rank", "has 6 tokens (shape (2, 3, 8)), more than MoEConfig.max_tokens_per_rank=4"),
 ])
 def test_bad_config_raises_value_error_on_every_rank(results, attempt, message):
     for rank, res in enumerate(results):
@@ -113,10 +121,15 @@ def test_nonfinite_input_on_one_rank_raises_on_its_whole_ep_group(results, attem
     assert outcomes[2] == outcomes[3] == ("ok", ""), "the other EP group has finite input"
 
 
-def test_invalid_input_on_one_rank_stops_its_ep_peer_instead_of_hanging_it(results):
-    outcomes = [res["outcomes"]["wrong-d-model-on-one-rank"] for res in results]
+@pytest.mark.parametrize("attempt,message", [
+    ("wrong-d-model-on-one-rank", "must be d_model=8"),
+    # dropless with a declared bound: with check_finite an agreement is in flight to carry it
+    ("over-bound-on-one-rank", "max_tokens_per_rank=4"),
+])
+def test_invalid_input_on_one_rank_stops_its_ep_peer_instead_of_hanging_it(results, attempt, message):
+    outcomes = [res["outcomes"][attempt] for res in results]
     peer = 1 - NAN_RANK
-    assert outcomes[NAN_RANK][0] == "ValueError" and "must be d_model=8" in outcomes[NAN_RANK][1]
+    assert outcomes[NAN_RANK][0] == "ValueError" and message in outcomes[NAN_RANK][1]
     assert outcomes[peer][0] == "ValueError" and "another rank of this EP group" in outcomes[peer][1]
     assert outcomes[2] == outcomes[3] == ("ok", ""), "the other EP group has valid input"
 

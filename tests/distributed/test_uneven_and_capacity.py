@@ -31,6 +31,15 @@ EP2_CASES = [
          options=dict(second_policy="all", capacity_factor=0.5, eval_capacity_factor=1.5), seed=36),
     Case("train-capacity", 2, ((10,), (6,)),
          options=dict(second_policy="all", capacity_factor=0.5, eval_capacity_factor=1.5), seed=36),
+    # dropless (the Hugging Face conversion's default) with other token counts on each rank, 0 included
+    Case("dropless-empty-rank", 2, ((5,), (0,)), skew=1.0, options=dict(dropless=True, second_policy="all"), seed=38),
+    Case("dropless-uneven-3d-chunked", 2, ((7,), (1, 3)),
+         options=dict(dropless=True, expert="swiglu", num_chunks=2), seed=39),
+    Case("dropless-bound-empty-rank", 2, ((0, 4), (2, 3)), skew=1.0,
+         options=dict(dropless=True, max_tokens_per_rank=8, second_policy="all"), seed=40),
+    Case("dropless-bound-uneven", 2, ((7,), (3,)),
+         options=dict(dropless=True, max_tokens_per_rank=7, router="switch", top_k=1, expert_compute="padded"),
+         seed=44),
 ]
 
 EP4_CASES = [
@@ -42,6 +51,8 @@ EP4_CASES = [
     Case("eval-capacity", 4, ((4,), (7,), (2,), (7,)), eval=True,
          options=dict(router="switch", top_k=1, capacity_factor=0.5, eval_capacity_factor=3.0),
          seed=43),
+    Case("dropless-uneven", 4, ((5,), (0,), (7,), (3,)), num_experts=8,
+         options=dict(dropless=True, second_policy="all"), seed=45),
 ]
 CASES = {2: EP2_CASES, 4: EP4_CASES}
 
@@ -117,3 +128,19 @@ def test_train_mode_uses_capacity_factor_for_the_same_batch(world2):
     check_case(case, results)
     cfg = case.config()
     assert _capacities(results) == [capacity_formula(10, cfg, cfg.capacity_factor)] * 2
+
+
+@pytest.mark.parametrize("world_size,name", [
+    (2, "dropless-empty-rank"), (2, "dropless-uneven-3d-chunked"), (4, "dropless-uneven"),
+    (2, "dropless-bound-empty-rank"), (2, "dropless-bound-uneven")])
+def test_dropless_takes_any_token_count_per_rank_and_drops_nothing(request, world_size, name):
+    # the buffers hold the group's largest token count (or the declared bound), so the
+    # all-to-all sizes agree and every token reaches its experts: output and gradients
+    # equal the single-process computation without a capacity
+    case, results = _case(request, world_size, name)
+    check_case(case, results)
+    cfg = case.config()
+    expected = cfg.max_tokens_per_rank or max(case.num_tokens(r) for r in range(case.world_size))
+    assert _capacities(results) == [expected] * case.world_size
+    for res in results:
+        assert float(res["stats"]["dropped_fraction"]) == 0.0

@@ -106,9 +106,10 @@ def test_num_local_experts_splits_experts_over_ep_ranks():
 
 def test_capacity_is_rounded_up_to_a_multiple_of_tp_size():
     # 16 tokens, top-2 of 4 experts, factor 1.25: 10 slots; each of 3 TP ranks sends an equal share
-    assert layer_capacity(_config(min_capacity=0), 16, True, False, 16) == 10
-    assert layer_capacity(_config(min_capacity=0, tp_size=3), 16, True, False, 16) == 12
-    assert layer_capacity(_config(dropless=True, tp_size=4), 0, True, False, 6) == 8
+    assert layer_capacity(_config(min_capacity=0), 16, True, False) == 10
+    assert layer_capacity(_config(min_capacity=0, tp_size=3), 16, True, False) == 12
+    assert layer_capacity(_config(dropless=True, tp_size=4), 6, True, False) == 8
+    assert layer_capacity(_config(dropless=True, max_tokens_per_rank=5, tp_size=4), 0, True, False) == 8
 
 
 def test_tp_size_above_one_without_process_group_raises_runtime_error():

@@ -98,10 +98,17 @@ def test_dropless_drops_nothing_and_equals_a_dropless_reference():
     torch.testing.assert_close(out.output, ref.output, rtol=1e-5, atol=1e-6)
 
 
-def test_dropless_makes_no_agreement(monkeypatch):
+def test_dropless_with_a_token_bound_makes_no_agreement(monkeypatch):
     import expert_parallel.layer as layer_module
-    monkeypatch.setattr(layer_module, "agree", lambda *args: pytest.fail("dropless must not all-reduce"))
-    make_layer(dropless=True, router="topk", top_k=2)(make_input(10))
+    monkeypatch.setattr(layer_module, "agree", lambda *args: pytest.fail("bounded dropless must not all-reduce"))
+    out = make_layer(dropless=True, max_tokens_per_rank=12, router="topk", top_k=2)(make_input(10))
+    assert out.stats.capacity.item() == 12 and out.stats.dropped_fraction.item() == 0.0
+
+
+def test_more_tokens_than_the_declared_bound_is_a_value_error_naming_the_fix():
+    layer = make_layer(dropless=True, max_tokens_per_rank=8, router="topk", top_k=2)
+    with pytest.raises(ValueError, match=r"has 9 tokens .*max_tokens_per_rank=8; pass at most 8 tokens"):
+        layer(make_input(9))
 
 
 @pytest.mark.parametrize(("options", "pattern"), [
@@ -109,6 +116,8 @@ def test_dropless_makes_no_agreement(monkeypatch):
     (dict(dropless=True, drop_tokens=False), r"dropless=True .*drop_tokens=False is the other dropless mode"),
     (dict(dropless=True, router="soft"), r"dropless=True .*router='soft' sizes its own buffers"),
     (dict(dropless=True, router="deepspeed", top_k=1), r"dropless=True .*router='deepspeed'"),
+    (dict(max_tokens_per_rank=16), r"max_tokens_per_rank=16 .*set dropless=True or max_tokens_per_rank=None"),
+    (dict(dropless=True, max_tokens_per_rank=0), r"max_tokens_per_rank=0 .*an integer >= 1"),
     (dict(expert_compute="fast"), r"expert_compute='fast' .*choose one of \['auto', 'filled', 'padded'\]"),
 ])
 def test_bad_filled_or_dropless_options_name_the_field_and_fix(options, pattern):

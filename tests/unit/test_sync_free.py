@@ -79,8 +79,9 @@ def test_fixed_capacity_forward_and_backward_read_nothing_back(no_host_reads, op
                                      dict(router="gshard", expert="swiglu", num_shared_experts=1),
                                      dict(router="topk", top_k=4, scoring_func="sigmoid", n_group=4, topk_group=2,
                                           group_score="top2_sum", bias_update_rate=1e-3, num_shared_experts=1,
-                                          shared_expert_gate=True)],
-                         ids=["topk-bias", "gshard-swiglu-shared", "deepseek-v3-gated-shared"])
+                                          shared_expert_gate=True),
+                                     dict(router="topk", top_k=2, max_tokens_per_rank=64, num_chunks=2)],
+                         ids=["topk-bias", "gshard-swiglu-shared", "deepseek-v3-gated-shared", "bounded-chunked"])
 def test_dropless_forward_and_backward_read_nothing_back(no_host_reads, options):
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(d_model=16, d_ff=32, num_experts=8, dropless=True, **options))
