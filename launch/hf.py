@@ -155,8 +155,6 @@ def save_hf(model: nn.Module, corpus: Any, out: Path, rank: int, seq_len: int) -
     ``OUT/hf/char_vocab.json`` (the corpus's characters in id order), and ``OUT/hf_probe.pt``: a
     fixed batch and this converted model's fp32 logits on it (eval mode), which
     ``from_pretrained(OUT/hf)`` reproduces without this library."""
-    from expert_parallel.integrations.huggingface import to_hf_state_dict
-
     was_training = model.training
     model.eval()
     inputs, targets = corpus.batch(0, 0, 2, seq_len)
@@ -164,7 +162,7 @@ def save_hf(model: nn.Module, corpus: Any, out: Path, rank: int, seq_len: int) -
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits.float().cpu()
     model.train(was_training)
-    model.save_pretrained(out / "hf", state_dict=to_hf_state_dict(model))
+    model.save_pretrained(out / "hf")  # a converted model's: the experts gathered under the HF keys
     if rank == 0:
         (out / "hf" / "char_vocab.json").write_text(json.dumps(corpus.vocab) + "\n")
         torch.save({"input_ids": ids.cpu(), "logits": logits}, out / PROBE)

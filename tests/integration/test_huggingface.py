@@ -1,6 +1,7 @@
 """Converted transformers models against transformers' own: logits, router logits, the model's
-aux loss and gradients at EP 1 (in process) and EP 2 (2 gloo ranks); saving back at EP 2 and
-loading with plain transformers; errors. Tiny random models, no hub access."""
+aux loss and gradients at EP 1 (in process) and EP 2 (2 gloo ranks); plain ``save_pretrained`` at
+EP 1 and EP 2 loaded by plain transformers; the release policy; errors. Tiny random models, no hub
+access. CI runs this file under the oldest and the newest supported release (.ci/hf_newest.sh)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import dataclasses
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+from packaging.specifiers import SpecifierSet
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,10 +23,12 @@ from expert_parallel.comm import expert_groups, reduce_gradients  # noqa: E402
 from expert_parallel.experts import StackedExperts  # noqa: E402
 from expert_parallel.integrations.huggingface import (  # noqa: E402
     SUPPORTED_TRANSFORMERS,
+    TESTED_TRANSFORMERS,
     ExpertParallelBlock,
     convert,
     to_hf_state_dict,
 )
+from expert_parallel.integrations.huggingface.compat import recorded  # noqa: E402
 from expert_parallel.integrations.huggingface.specs import SPECS_BY_BLOCK, hf_to_ours, ours_to_hf  # noqa: E402
 from tests.harness import run_ranks  # noqa: E402
 
@@ -80,6 +85,11 @@ def num_experts(name: str) -> int:
 
 def batch(seed: int) -> torch.Tensor:
     return torch.randint(0, BASE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def load(directory) -> transformers.PreTrainedModel:
+    """Plain transformers' model of a saved directory, with the tiny models' attention."""
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
 
 
 def hf_grads(model: torch.nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
@@ -179,13 +189,15 @@ def test_shared_mlp_layouts_compute_the_hf_mlp(name, n_shared, d_ff):
 
 def ep2_worker(rank: int, world: int, names: list[str], save_dir: str) -> dict:
     """Per model: HF's step on each rank's batch (reference), ours at EP 2 on this rank's batch;
-    the state dict gathered back; one data-parallel SGD step, then save and the logits after it."""
+    a plain save_pretrained and the state dict gathered back; one data-parallel SGD step, then a
+    plain save_pretrained and the logits after it."""
     results = {}
     for name in names:
         reference = tiny_model(name)
         keys = {key for key, _ in reference.named_parameters()}
         wants = [run(reference, batch(10 + r), keys) for r in range(world)]
         model = convert(copy.deepcopy(reference), ep_size=2)
+        model.save_pretrained(os.path.join(save_dir, name, "converted"))  # plain: every rank, rank 0 writes
         gathered = to_hf_state_dict(model)
         same_state = list(gathered) == list(reference.state_dict()) and all(
             torch.equal(gathered[key], value) for key, value in reference.state_dict().items())
@@ -194,7 +206,7 @@ def ep2_worker(rank: int, world: int, names: list[str], save_dir: str) -> dict:
         torch.optim.SGD(model.parameters(), lr=0.5).step()
         with torch.no_grad():
             after = model(input_ids=batch(99)).logits
-        model.save_pretrained(os.path.join(save_dir, name), state_dict=to_hf_state_dict(model))
+        model.save_pretrained(os.path.join(save_dir, name, "trained"))
         results[name] = {"wants": wants, "got": got, "same_state": same_state, "after": after,
                          "local_experts": model.model.layers[-1].mlp.moe.experts.w1.shape[0]}
     return results
@@ -221,16 +233,59 @@ def test_converted_model_equals_transformers_at_ep2(ep2, name):
 
 
 @pytest.mark.parametrize("name", PARAMS)
-def test_saved_at_ep2_loads_in_plain_transformers_with_the_same_logits(ep2, name):
+def test_plain_save_pretrained_at_ep2_loads_in_plain_transformers_with_the_same_logits(ep2, name):
+    """Right after convert: the original model's logits exactly; after a trained step: the
+    converted model's logits (every rank's)."""
     per_rank, save_dir = ep2
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(save_dir, name))
-    assert not any(isinstance(m, ExpertParallelBlock) for m in loaded.modules())
+    fresh, trained = (load(os.path.join(save_dir, name, kind)) for kind in ("converted", "trained"))
+    assert not any(isinstance(m, ExpertParallelBlock) for m in (*fresh.modules(), *trained.modules()))
     with torch.no_grad():
-        logits = loaded(input_ids=batch(99)).logits
         before = tiny_model(name)(input_ids=batch(99)).logits
+        assert torch.equal(fresh(input_ids=batch(99)).logits, before)
+        logits = trained(input_ids=batch(99)).logits
     assert not torch.allclose(logits, before, atol=1e-3)  # the step changed the model
     for results in per_rank:
         torch.testing.assert_close(logits, results[name]["after"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("given", [None, "hf", "ours"])
+def test_save_pretrained_at_ep1_writes_the_hf_checkpoint_whatever_state_dict_it_gets(tmp_path, given):
+    """Plain, the documented ``state_dict=to_hf_state_dict(model)``, and a state dict under the
+    converted keys (as Trainer passes ``model.state_dict()``): the original logits exactly."""
+    reference = tiny_model("qwen2_moe")
+    model = convert(copy.deepcopy(reference))
+    state = {None: None, "hf": lambda: to_hf_state_dict(model), "ours": model.state_dict}[given]
+    model.save_pretrained(tmp_path, **({} if state is None else {"state_dict": state()}))
+    loaded = load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=batch(3)).logits, reference(input_ids=batch(3)).logits)
+
+
+def test_push_to_hub_uploads_the_hf_checkpoint(tmp_path, monkeypatch):
+    """push_to_hub saves through save_pretrained; the hub calls are stubbed, the upload is a copy."""
+    reference = tiny_model("mixtral")
+    model = convert(copy.deepcopy(reference))
+    from transformers.utils import hub
+    monkeypatch.setattr(hub, "hf_api", lambda: type("Api", (), {
+        "create_repo": lambda self, repo_id, **kwargs: type("Repo", (), {"repo_id": repo_id})()})())
+    monkeypatch.setattr(hub, "create_and_tag_model_card",
+                        lambda *args, **kwargs: type("Card", (), {"save": lambda self, path: None})())
+    monkeypatch.setattr(type(model), "_upload_modified_files",
+                        lambda self, folder, *args, **kwargs: __import__("shutil").copytree(folder, tmp_path / "hub"))
+    model.push_to_hub("me/tiny")
+    loaded = load(tmp_path / "hub")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=batch(3)).logits, reference(input_ids=batch(3)).logits)
+
+
+def test_the_recorded_outputs_are_read_while_the_model_collects_them():
+    """The one private transformers API (the output collector), on the installed release."""
+    model = convert(tiny_model("mixtral"))
+    seen = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: seen.append(recorded("router_logits")))
+    model(input_ids=batch(0), output_router_logits=True)
+    model(input_ids=batch(0))
+    assert isinstance(seen[0], list) and seen[1] is None
 
 
 def test_an_unsupported_moe_block_names_its_class():
@@ -246,12 +301,71 @@ def test_num_experts_not_divisible_by_ep_size_names_both_and_the_fix():
         convert(tiny_model("mixtral"), ep_size=3)
 
 
-@pytest.mark.parametrize("version", ["5.23.0", "5.21.1", "4.57.0"])
-def test_a_transformers_version_outside_the_range_names_both(monkeypatch, version):
+@pytest.mark.parametrize("version", ["5.21.1", "4.57.0"])
+def test_a_transformers_release_older_than_the_range_names_both(monkeypatch, version):
     monkeypatch.setattr(transformers, "__version__", version)
     with pytest.raises(ValueError, match=rf"transformers {version} is installed.*supports "
                                          rf"transformers{SUPPORTED_TRANSFORMERS}"):
         convert(tiny_model("mixtral"))
+
+
+def test_the_tested_releases_are_the_supported_range_and_convert_without_a_warning():
+    assert all(version in SpecifierSet(SUPPORTED_TRANSFORMERS) for version in TESTED_TRANSFORMERS)
+    assert transformers.__version__ in TESTED_TRANSFORMERS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(tiny_model("mixtral"))
+
+
+def test_a_newer_release_converts_with_a_warning_when_the_structure_is_as_expected(monkeypatch):
+    reference = tiny_model("deepseek_v3")
+    monkeypatch.setattr(transformers, "__version__", "5.26.0")
+    with pytest.warns(UserWarning, match=r"transformers 5\.26\.0 is newer than the releases .* tested on"):
+        model = convert(copy.deepcopy(reference))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batch(4)).logits, reference(input_ids=batch(4)).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def _renamed_config_field(model):
+    def without(config, name):
+        if name == "num_local_experts":
+            raise AttributeError(name)
+        return object.__getattribute__(config, name)
+    model.config.__class__ = type("MixtralConfig", (type(model.config),), {"__getattribute__": without})
+
+
+def _extra_tensor(model):
+    model.model.layers[1].mlp.register_buffer("scale", torch.ones(1))
+
+
+def _renamed_block(model):
+    model.model.layers[1].mlp.__class__ = type("MixtralSparseMoE", (type(model.model.layers[1].mlp),), {})
+
+
+def _recording_moved(model):
+    from expert_parallel.integrations.huggingface import compat
+    compat._active_collector = None
+
+
+@pytest.mark.parametrize("change,match", [
+    (_renamed_config_field, r"config \(MixtralConfig\) has no \['num_local_experts'\], which the mixtral spec reads"),
+    (_extra_tensor, r"holds tensors \['scale'\] that the spec does not map"),
+    (_renamed_block, r"is a MixtralSparseMoE, a sparse-MoE block that no spec converts"),
+    (_recording_moved, r"_active_collector, where transformers collects the router logits .* is missing"),
+])
+def test_a_newer_release_that_changed_what_a_spec_reads_is_refused(monkeypatch, change, match):
+    from expert_parallel.integrations.huggingface import compat
+    monkeypatch.setattr(compat, "_active_collector", compat._active_collector)
+    model = tiny_model("mixtral")
+    change(model)
+    monkeypatch.setattr(transformers, "__version__", "6.0.0")
+    with pytest.raises(ValueError, match=match + r".*transformers 6\.0\.0 is newer than the newest release tested "
+                                               rf"\({TESTED_TRANSFORMERS[-1]}\)"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # refused before any warning
+            convert(model)
+    assert not any(isinstance(m, ExpertParallelBlock) for m in model.modules())
 
 
 @pytest.mark.parametrize("override,match", [
@@ -311,11 +425,13 @@ def test_the_core_imports_without_transformers():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_the_extra_pins_the_supported_range_and_ci_runs_the_readme_command():
+def test_the_extra_pins_the_supported_range_and_ci_runs_the_newest_release():
+    """The library's extra is the tested range, the AutoEP baseline's pin is its own extra, and
+    the CI script runs this file under the newest tested release."""
     with open(os.path.join(ROOT, "setup.py")) as f:
-        assert f'"huggingface": ["transformers{SUPPORTED_TRANSFORMERS}"]' in f.read()
-    with open(os.path.join(ROOT, ".ci", "run")) as f:
-        ci = f.read().strip().splitlines()[-1]
-    with open(os.path.join(ROOT, "README.md")) as f:
-        assert ci in f.read()
-    assert "huggingface" in ci
+        setup = f.read()
+    assert f'"huggingface": ["transformers{SUPPORTED_TRANSFORMERS}"]' in setup
+    assert '"autoep": ["transformers>=5.1,<5.23"]' in setup
+    with open(os.path.join(ROOT, ".ci", "hf_newest.sh")) as f:
+        script = f.read()
+    assert "TESTED_TRANSFORMERS[-1]" in script and "tests/integration/test_huggingface.py" in script

@@ -2,13 +2,14 @@
 ``MoELayer`` s in place, ``to_hf_state_dict`` to save it back under the original keys.
 
 This package is the only code of ``expert_parallel`` that imports ``transformers``; the core runs
-without it. Supported blocks and versions: ``specs.SPECS``, ``SUPPORTED_TRANSFORMERS``; see
-docs/huggingface.md.
+without it. Supported blocks and versions: ``specs.SPECS``, ``SUPPORTED_TRANSFORMERS`` (tested
+on ``TESTED_TRANSFORMERS``); see docs/huggingface.md.
 """
 
 from .block import ExpertParallelBlock
-from .convert import SUPPORTED_TRANSFORMERS, check_transformers_version, convert, to_hf_state_dict
+from .compat import SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, check_transformers_version
+from .convert import convert, to_hf_state_dict
 from .specs import SPECS, BlockSpec, WeightMap
 
-__all__ = ["SPECS", "SUPPORTED_TRANSFORMERS", "BlockSpec", "ExpertParallelBlock", "WeightMap",
+__all__ = ["SPECS", "SUPPORTED_TRANSFORMERS", "TESTED_TRANSFORMERS", "BlockSpec", "ExpertParallelBlock", "WeightMap",
            "check_transformers_version", "convert", "to_hf_state_dict"]

@@ -8,33 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-from transformers.utils.output_capturing import _active_collector
 
 from ...checkpoint import expert_shards
 from ...config import MoEConfig
 from ...layer import MoELayer
+from .compat import recorded
 from .specs import BlockSpec, hf_to_ours, join_parts, ours_to_hf
-
-
-def _recording(key: str) -> Optional[list]:
-    """The list the running model collects ``key`` outputs in (``output_router_logits=True``), else
-    ``None``. Hugging Face fills it from forward hooks on its router class; our block has no module
-    of that class, so it appends its router logits itself, at the place the router would."""
-    collected = _active_collector.get()
-    if collected is None or key not in collected:
-        return None
-    return collected[key]
 
 
 class ExpertParallelBlock(nn.Module):
     """Stands in for one Hugging Face sparse-MoE block (its ``spec.block``), built on ``MoELayer``.
 
     ``forward(hidden_states [B, T, D]) -> [B, T, D]``, the call and return of the Hugging Face
-    blocks in transformers 5.22 (a tensor). While the model collects router logits
-    (``output_router_logits=True``), the block appends its logits ``[B*T, E]`` (fp32, from the
-    un-jittered input; one extra ``[S, D] x [D, E]`` matmul, only then) to the model's
-    ``spec.record_key`` output, so ``outputs.router_logits`` and the model's own load-balancing
-    ``aux_loss`` work as before. The layer's own ``aux_loss`` and stats are not used.
+    blocks in transformers 5.22-5.25 (a tensor); any ``[..., D]``, ``B = 0`` included, and EP
+    ranks may pass different shapes (with the default dropless layer, agreed per batch). While
+    the model collects router logits (``output_router_logits=True``), the block appends its
+    logits ``[B*T, E]`` (fp32, from the un-jittered input; one extra ``[S, D] x [D, E]`` matmul,
+    only then) to the model's ``spec.record_key`` output, so ``outputs.router_logits`` and the
+    model's own load-balancing ``aux_loss`` work as before. The layer's own ``aux_loss`` and stats are not used.
 
     Attributes:
         spec: the ``BlockSpec`` it was converted with.
@@ -75,19 +66,31 @@ class ExpertParallelBlock(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """``[B, T, D] -> [B, T, D]`` (any ``[..., D]``); see the class docstring."""
-        sink = _recording(self.spec.record_key)
+        sink = recorded(self.spec.record_key)
         if sink is not None:
             with torch.autocast(hidden_states.device.type, enabled=False):
                 weight = self.moe.router.weight
                 sink.append(F.linear(hidden_states.reshape(-1, weight.shape[1]).float(), weight.float()))
         return self.moe(hidden_states).output
 
-    def hf_state_dict(self) -> dict[str, Tensor]:
+    def hf_state_dict(self, state: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
         """This block's tensors under the HF block's keys, with every expert: the routed experts
         are gathered from the EP group (one all-gather per weight; every rank of the group must
-        call this, blocks in the same order). Tensors may share storage with the parameters."""
+        call this, blocks in the same order). Tensors may share storage with the parameters.
+
+        Args:
+            state: this rank's tensors under ``self.moe.state_dict()`` 's keys (default: the
+                layer's own), e.g. from a state dict of the whole model.
+
+        Raises:
+            ValueError: ``state`` lacks a tensor the spec maps.
+        """
         shards = expert_shards(self.moe)  # the checkpoint's logical tensors: one way to gather experts
-        state = self.moe.state_dict()
+        state = self.moe.state_dict() if state is None else state
+        missing = sorted(wm.ours for wm in self.spec.weights if wm.ours not in state)
+        if missing:
+            raise ValueError(f"the state dict of a converted {self.spec.block} lacks {missing}; pass a whole "
+                             "model.state_dict() (or none) to save the block")
         parts: dict[str, dict[int, Tensor]] = {}
         for wm in self.spec.weights:
             value = state[wm.ours].detach()

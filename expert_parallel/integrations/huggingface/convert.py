@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Optional
+import functools
+import os
+from typing import Any, Iterator, Optional, Union
 
-import transformers
-from packaging.specifiers import SpecifierSet
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from transformers import PreTrainedModel
 
 from ...config import MoEConfig
 from .block import ExpertParallelBlock
+from .compat import check_recording, check_transformers_version, mismatch, warn_untested
 from .specs import SPECS_BY_BLOCK, BlockSpec
 
-# the transformers releases whose blocks, keys and output recording the specs are verified against
-SUPPORTED_TRANSFORMERS = ">=5.22,<5.23"
 # what convert sets unless overridden: no drops (the same function as the model), no layer-level loss
 # (the model computes its own load-balancing loss from the recorded router logits)
 DEFAULTS: dict[str, Any] = {"dropless": True, "aux_loss_weight": 0.0}
@@ -30,17 +29,6 @@ MOE_SUFFIXES = ("SparseMoeBlock", "Moe", "MoE")
 MOE_FIELDS = frozenset(field.name for field in dataclasses.fields(MoEConfig))
 
 
-def check_transformers_version(version: Optional[str] = None) -> None:
-    """Raise ``ValueError`` unless ``version`` (default: the installed transformers) is in
-    ``SUPPORTED_TRANSFORMERS``: the block classes, state-dict keys and output recording the specs
-    read change between releases."""
-    version = transformers.__version__ if version is None else version
-    if version not in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True):
-        raise ValueError(f"transformers {version} is installed, and expert_parallel.integrations.huggingface supports "
-                         f"transformers{SUPPORTED_TRANSFORMERS} (the versions its conversions are verified against); "
-                         f'install one: pip install "transformers{SUPPORTED_TRANSFORMERS}"')
-
-
 def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[ProcessGroup] = None,
             **overrides: Any) -> PreTrainedModel:
     """Replace, in place, every supported sparse-MoE block of ``model`` by an ``ExpertParallelBlock``.
@@ -49,8 +37,10 @@ def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[Process
     experts (global expert ``e`` on EP rank ``e // E_local``) and the shared experts, with the
     block's dtype and device; the HF block and its other experts are dropped. The model's forward,
     ``output_router_logits`` and its ``aux_loss`` work as before. By default the layers are
-    dropless (``MoEConfig.dropless``): nothing is dropped, so the model computes the same function;
-    every EP rank must then pass the same number of tokens (a fixed ``[batch, seq]`` shape).
+    dropless (``MoEConfig.dropless``): nothing is dropped, so the model computes the same function,
+    and EP ranks may pass different ``[batch, seq]`` shapes (0 included; the buffer size is agreed
+    per batch). ``model.save_pretrained`` (and ``push_to_hub``) then write the full Hugging Face
+    checkpoint: call it on every rank (the experts are gathered), rank 0 writes.
 
     Call it on every rank with the same model (e.g. each rank's ``from_pretrained``); with
     ``ep_size > 1`` it builds process groups, so ``torch.distributed`` must be initialised.
@@ -69,12 +59,13 @@ def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[Process
         ``model`` itself.
 
     Raises:
-        ValueError: transformers outside ``SUPPORTED_TRANSFORMERS``; an MoE block no spec
+        ValueError: transformers older than ``SUPPORTED_TRANSFORMERS``; an MoE block no spec
             converts (naming its class); ``num_experts`` not divisible by ``ep_size``; an unknown
-            or structural override; a config value a spec does not implement. Raised on every
-            rank alike, before any block changes.
+            or structural override; a config value a spec does not implement or a config field
+            it reads missing. Raised on every rank alike, before any block changes. A release
+            newer than the tested ones converts with a warning when every check passes.
     """
-    check_transformers_version()
+    tested = check_transformers_version()
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"convert takes a transformers PreTrainedModel (it reads the model's config), got "
                          f"{type(model).__name__}; pass the model, e.g. AutoModelForCausalLM.from_pretrained(...)")
@@ -85,41 +76,57 @@ def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[Process
             for path, block, spec, hf_config in _moe_blocks(model, model.config)]
     if not plan:
         converted = any(isinstance(module, ExpertParallelBlock) for module in model.modules())
-        raise ValueError(f"{type(model).__name__} has no {'unconverted ' if converted else ''}sparse-MoE block to "
-                         f"convert; supported blocks: {sorted(SPECS_BY_BLOCK)}"
-                         + (" (it was converted already)" if converted else ""))
+        message = (f"{type(model).__name__} has no {'unconverted ' if converted else ''}sparse-MoE block to convert; "
+                   f"supported blocks: {sorted(SPECS_BY_BLOCK)}")
+        raise ValueError(message + " (it was converted already)") if converted else mismatch(message)
     for path, block, spec, _ in plan:
         _check_coverage(path, block, spec)
+    check_recording()
+    if not tested:
+        warn_untested()
     for path, block, spec, cfg in plan:
         model.set_submodule(path, ExpertParallelBlock.from_hf(block, spec, cfg, ep_group))
+    # transformers' save_pretrained saves model.state_dict() (this rank's experts, our keys) unless given a state dict
+    model.save_pretrained = functools.partial(_save_pretrained, model)
     return model
 
 
-def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` with every converted block back under its original Hugging Face keys
-    and layouts, with all of its experts (gathered from each block's EP group: collective, call it
-    on every rank). Save it with the model's config, on every rank (transformers writes on rank 0)::
+def _save_pretrained(model: PreTrainedModel, save_directory: Union[str, os.PathLike], is_main_process: bool = True,
+                     state_dict: Optional[dict[str, Tensor]] = None, **kwargs: Any) -> Any:
+    """A converted model's ``save_pretrained``: transformers' own with ``to_hf_state_dict(model,
+    state_dict)``, the full checkpoint under the HF keys. Collective: every rank calls it (with
+    ``is_main_process`` as transformers asks); transformers writes on rank 0."""
+    state = to_hf_state_dict(model, state_dict)
+    return type(model).save_pretrained(model, save_directory, is_main_process, state, **kwargs)
 
-        model.save_pretrained(directory, state_dict=to_hf_state_dict(model))
 
+def to_hf_state_dict(model: nn.Module, state_dict: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+    """``state_dict`` (default ``model.state_dict()``) with every converted block back under its
+    original Hugging Face keys and layouts, with all of its experts (gathered from each block's EP
+    group: collective, call it on every rank). Keys that are HF keys already pass through.
+    A converted model's ``save_pretrained(directory)`` saves it (on every rank; rank 0 writes);
     ``AutoModelForCausalLM.from_pretrained(directory)`` then loads a plain transformers model,
     without this library. Tensors may share storage with the model's parameters. Tensors of the
     layer without an HF counterpart (e.g. ``noisy_topk``'s ``noise_weight``) are not included.
 
     Raises:
-        ValueError: transformers outside ``SUPPORTED_TRANSFORMERS``.
+        ValueError: transformers older than ``SUPPORTED_TRANSFORMERS``; ``state_dict`` holds only
+            some of a block's tensors.
     """
     check_transformers_version()
-    blocks = {name + ".": module for name, module in model.named_modules() if isinstance(module, ExpertParallelBlock)}
+    blocks = {name + ".moe.": block for name, block in model.named_modules() if isinstance(block, ExpertParallelBlock)}
+    given = model.state_dict() if state_dict is None else state_dict
     state: dict[str, Tensor] = {}
     done: set[str] = set()
-    for key, value in model.state_dict().items():
+    for key, value in given.items():
         prefix = next((prefix for prefix in blocks if key.startswith(prefix)), None)
         if prefix is None:
             state[key] = value
         elif prefix not in done:  # the block's first key: all of its tensors, in their place
             done.add(prefix)
-            state.update({prefix + name: tensor for name, tensor in blocks[prefix].hf_state_dict().items()})
+            layer_state = {name[len(prefix):]: tensor for name, tensor in given.items() if name.startswith(prefix)}
+            state.update({prefix[:-len("moe.")] + name: tensor
+                          for name, tensor in blocks[prefix].hf_state_dict(layer_state).items()})
     return state
 
 
@@ -133,9 +140,9 @@ def _moe_blocks(module: nn.Module, hf_config: Any, prefix: str = "") -> Iterator
         if kind in SPECS_BY_BLOCK:
             yield path, child, SPECS_BY_BLOCK[kind], hf_config
         elif kind.endswith(MOE_SUFFIXES):
-            raise ValueError(f"{path} is a {kind}, a sparse-MoE block that no spec converts; supported blocks: "
-                             f"{sorted(SPECS_BY_BLOCK)} (add a BlockSpec for {kind} to "
-                             "expert_parallel.integrations.huggingface.specs)")
+            raise mismatch(f"{path} is a {kind}, a sparse-MoE block that no spec converts; supported blocks: "
+                           f"{sorted(SPECS_BY_BLOCK)} (add a BlockSpec for {kind} to "
+                           "expert_parallel.integrations.huggingface.specs)")
         else:
             yield from _moe_blocks(child, child.config if isinstance(child, PreTrainedModel) else hf_config, path + ".")
 
@@ -171,6 +178,6 @@ def _check_coverage(path: str, block: nn.Module, spec: BlockSpec) -> None:
     """Every tensor of the HF block is mapped by the spec, and every mapped one exists."""
     have, mapped = set(block.state_dict()), {wm.hf for wm in spec.weights}
     if have != mapped:
-        raise ValueError(f"{path} ({spec.block}) holds tensors {sorted(have - mapped)} that the spec does not map "
-                         f"and lacks {sorted(mapped - have)} that it does; this variant of {spec.block} is not "
-                         "supported (e.g. biases): extend its BlockSpec")
+        raise mismatch(f"{path} ({spec.block}) holds tensors {sorted(have - mapped)} that the spec does not map "
+                       f"and lacks {sorted(mapped - have)} that it does; this variant of {spec.block} is not "
+                       "supported (e.g. biases): extend its BlockSpec")

@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from .compat import mismatch
+
 # how an HF tensor holds one of ours; our expert weights are [N, in, out] per expert (x @ w)
 LAYOUTS = ("same", "stacked", "linear_out", "linear_in")
 
@@ -135,8 +137,14 @@ class BlockSpec:
         """The ``MoEConfig`` fields of a block of a model with ``hf_config``.
 
         Raises:
-            ValueError: the config has a value the conversion does not implement.
+            ValueError: the config has a value the conversion does not implement, or lacks a
+                field the spec reads.
         """
+        absent = [attr for attr in (*(attr for _, attr in self.config), *(attr for attr, _ in self.requires))
+                  if not hasattr(hf_config, attr)]
+        if absent:
+            raise mismatch(f"{self.block}: the model's config ({type(hf_config).__name__}) has no {absent}, which the "
+                           f"{self.name} spec reads")
         for attr, accepted in self.requires:
             value = getattr(hf_config, attr, None)
             if value not in accepted:
