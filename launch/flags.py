@@ -57,6 +57,8 @@ def check_flags(args: argparse.Namespace, world_size: int, given: frozenset[str]
                          "choose an ep size that divides it")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr {args.lr}: must be a finite number > 0")
+    if not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
+        raise ValueError(f"--clip-grad {args.clip_grad}: must be a finite number >= 0 (0 turns clipping off)")
     if args.ckpt_every < 0 or not args.timeout_s > 0:
         raise ValueError(f"--ckpt-every {args.ckpt_every} must be >= 0 and --timeout-s {args.timeout_s} > 0")
     if args.simulate_failure and not re.fullmatch(r"\d+:\d+", args.simulate_failure):

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=64, help="characters per sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--clip-grad", type=float, default=1.0,
+                        help="clip the gradient norm (the whole model's, each expert counted once) to this; 0: no "
+                             "clipping (the norm is still logged as grad_norm); deepspeed: the config's "
+                             "gradient_clipping if it has one")
     parser.add_argument("--seed", type=int, default=0, help="weights, data order and routing noise")
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
     parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
@@ -171,12 +175,13 @@ def train(args: argparse.Namespace) -> None:
         if (rank, step) == (fail_rank, fail_step):
             os._exit(3)  # abrupt, like a crashed node: no cleanup, no goodbye to the peers
         inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len, world))
-        loss, aux_loss, stats = backend.step(inputs, targets)
+        loss, aux_loss, stats, grad_norm = backend.step(inputs, targets)
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             elapsed = time.perf_counter() - window_start
             steps_in_window, logged_step = done - logged_step, done
             record = {"step": done, **mean_metrics(loss, aux_loss, stats, device),
+                      "grad_norm": None if grad_norm is None else float(grad_norm),  # the same on every rank
                       "tokens_per_s": tokens_per_step * steps_in_window / elapsed,
                       "step_ms": 1e3 * elapsed / steps_in_window}
             window_start = time.perf_counter()
@@ -186,7 +191,8 @@ def train(args: argparse.Namespace) -> None:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             progress.set_postfix(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.4f}",
-                                 drop=f"{record['drop_fraction']:.1%}", tok_s=f"{record['tokens_per_s']:.0f}")
+                                 drop=f"{record['drop_fraction']:.1%}", gnorm=f"{record['grad_norm'] or 0:.3f}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
         if done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0):
             backend.save(done)
     progress.close()

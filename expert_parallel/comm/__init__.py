@@ -17,13 +17,13 @@ from .dispatcher import (
     undispatch,
 )
 from .gather import all_gather_along, gather_experts, gather_objects
-from .grads import clip_grad_norm_, reduce_gradients
+from .grads import clip_grad_norm_, grad_norm, reduce_gradients
 from .groups import ExpertGroups, expert_groups, lookup, node_groups, register
 from .hierarchical import Hierarchy, NodeRanks, resolve_ranks_per_node
 from .tensor_parallel import tp_copy, tp_drop, tp_gather, tp_reduce
 
 __all__ = ["A2AGroup", "Agreement", "ExpertGroups", "Hierarchy", "NodeRanks", "PendingAllToAll", "agree",
-           "clip_grad_norm_",
+           "clip_grad_norm_", "grad_norm",
            "all_gather_along", "all_to_all", "all_to_all_start", "by_expert", "by_source", "device_for_backend",
            "dispatch", "exchange", "exchange_back", "exchange_back_start", "exchange_fill", "exchange_start",
            "expert_groups", "gather_experts", "gather_objects", "lookup", "node_groups", "reduce_gradients",

@@ -43,7 +43,8 @@ def _assert_trained(out: Path, steps: int = 30) -> list[dict]:
     assert [r["step"] for r in records] == list(range(10, steps + 1, 10))
     for record in records:
         assert set(record) >= {"step", "loss", "aux_loss", "drop_fraction", "k_eff", "load_cv",
-                               "padding_fraction", "wire_mib", "tokens_per_s", "step_ms"}
+                               "padding_fraction", "wire_mib", "grad_norm", "tokens_per_s", "step_ms"}
+        assert record["grad_norm"] is None or 0 < record["grad_norm"] < math.inf
     assert records[-1]["loss"] < 0.8 * records[0]["loss"], records
     assert json.loads((out / "summary.json").read_text())["steps"] == steps
     return records
@@ -147,6 +148,8 @@ def test_a_bad_flag_is_a_one_line_error_before_any_process_starts(tmp_path, flag
     (["--ep-size", "0"], "--ep-size 0: must be >= 1"),
     (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
     (["--ckpt-every", "-1"], "--ckpt-every -1 must be >= 0"),
+    (["--clip-grad", "-1"], "--clip-grad -1.0: must be a finite number >= 0 (0 turns clipping off)"),
+    (["--clip-grad", "inf"], "--clip-grad inf: must be a finite number >= 0"),
 ])
 def test_model_flags_the_run_cannot_build_are_rejected_by_name(flags, message) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from expert_parallel import MoEConfig, MoELayer
-from expert_parallel.comm import clip_grad_norm_, expert_groups
+from expert_parallel.comm import clip_grad_norm_, expert_groups, grad_norm
 
 
 def _layer_with_grads() -> tuple[MoELayer, MoELayer]:
@@ -58,6 +58,13 @@ def test_a_tensor_parallel_parameter_must_be_a_dense_one_of_the_module() -> None
 def test_no_gradients_give_a_zero_norm() -> None:
     layer = MoELayer(MoEConfig(d_model=8, d_ff=16, num_experts=4))
     assert clip_grad_norm_(layer, 1.0, expert_groups(1)).item() == 0.0
+
+
+def test_grad_norm_measures_without_scaling() -> None:
+    layer, twin = _layer_with_grads()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()])
+    torch.testing.assert_close(grad_norm(layer, expert_groups(1)), expected, rtol=1e-6, atol=0)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(layer.parameters(), twin.parameters()))
 
 
 def test_a_non_finite_norm_is_returned_or_raised_as_torch_does() -> None:
