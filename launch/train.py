@@ -38,14 +38,13 @@ from tqdm import tqdm
 
 from expert_parallel import MoELayer, RoutingStats
 from expert_parallel.comm import expert_groups
-from expert_parallel.experts import StackedExperts
 from expert_parallel.presets import PRESETS
 from expert_parallel.spawn import free_port
 from launch.backends import DeepSpeedBackend, TorchBackend, lm_loss
 from launch.corpus import CORPORA, CharCorpus
 from launch.flags import check_flags, moe_config
 from launch.hf import HF_MODELS, CausalLMLoss, build_hf_model, save_hf
-from launch.model import DeepSpeedMoEFFN, MoETransformerLM
+from launch.model import DeepSpeedMoEFFN, MoETransformerLM, seed_routed_experts
 
 __all__ = ["build_parser", "check_flags", "given_flags", "main", "train"]
 
@@ -129,13 +128,13 @@ def build_job(args: argparse.Namespace, corpus: CharCorpus, rank: int, world: in
         model, loss_fn, name = hf_model, CausalLMLoss(hf_model), hf_model.config.model_type
     else:
         cfg = moe_config(args, world)
-        torch.manual_seed(args.seed)  # dense weights identical on every rank
+        # the same draws on every rank: replicated weights (dense, routers, shared experts) are
+        # identical, and StackedExperts seeds each routed expert by its global id (any EP size)
+        torch.manual_seed(args.seed)
         model = MoETransformerLM(corpus.vocab_size, cfg, args.layers, args.heads, args.seq_len,
                                  moe_ffn=DeepSpeedMoEFFN if args.deepspeed_config else MoELayer)
-        torch.manual_seed(args.seed + 1 + rank % ep_size)  # each EP rank its own experts
-        for module in model.modules():
-            if isinstance(module, StackedExperts):
-                module.reset_parameters()
+        if args.deepspeed_config:
+            seed_routed_experts(model, rank % ep_size)
         loss_fn, name = lm_loss, args.preset
     if args.deepspeed_config:
         if hf_model is not None:
