@@ -134,6 +134,11 @@ class DeepSpeedBackend:
         """Where the engine keeps the model."""
         return self.engine.device
 
+    @property
+    def model(self) -> nn.Module:
+        """The engine's model."""
+        return self.engine.module
+
     def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats], Optional[float]]:
         """One engine step (ZeRO reduces and clips as configured); the gradient norm is the
         engine's (``None`` where it records none: without ZeRO in fp32)."""

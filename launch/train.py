@@ -38,10 +38,12 @@ from tqdm import tqdm
 
 from expert_parallel import MoELayer, RoutingStats
 from expert_parallel.comm import expert_groups
+from expert_parallel.flight import FlightRecorder, default_store
 from expert_parallel.presets import PRESETS
 from expert_parallel.spawn import free_port
 from launch.backends import DeepSpeedBackend, TorchBackend, lm_loss
 from launch.corpus import CORPORA, CharCorpus
+from launch.faults import Failure, report_stall
 from launch.flags import check_flags, moe_config
 from launch.hf import HF_MODELS, CausalLMLoss, build_hf_model, save_hf
 from launch.model import DeepSpeedMoEFFN, MoETransformerLM, seed_routed_experts
@@ -99,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train with the DeepSpeed engine and this config (e.g. launch/ds_zero2_bf16.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the job reads LOCAL_RANK from the environment")
-    parser.add_argument("--simulate-failure", default=None, metavar="RANK:STEP",
-                        help="testing aid: rank RANK exits abruptly before step STEP")
+    parser.add_argument("--simulate-failure", default=None, metavar="RANK:STEP[:hang]",
+                        help="testing aid: rank RANK exits abruptly before step STEP (with :hang, stalls in that "
+                             "step's forward instead)")
     parser.add_argument("--timeout-s", type=float, default=120.0,
-                        help="collective timeout: a dead rank or stuck rendezvous ends the job after this")
+                        help="collective timeout: a dead or stalled rank or a stuck rendezvous ends the job after "
+                             "this (a stall prints where every rank stopped)")
     return parser
 
 
@@ -158,7 +162,20 @@ def train(args: argparse.Namespace) -> None:
     start_step = backend.load() if args.resume else 0
     if not args.resume:
         torch.manual_seed(args.seed + 7919 * rank)  # routing noise differs per rank
-    fail_rank, fail_step = map(int, args.simulate_failure.split(":")) if args.simulate_failure else (-1, -1)
+    with FlightRecorder(backend.model, default_store()) as recorder:
+        try:
+            _train_loop(args, job, corpus, start_step, recorder)
+        except RuntimeError as error:  # e.g. a collective timed out (gloo: a plain RuntimeError): who stalled?
+            report_stall(error)
+            raise
+
+
+def _train_loop(args: argparse.Namespace, job: Job, corpus: CharCorpus, start_step: int,
+                recorder: FlightRecorder) -> None:
+    """The steps, metrics, checkpoints and summary of ``train``."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    backend, device = job.backend, job.device
+    failure = Failure.parse(args.simulate_failure)
 
     out = Path(args.out)
     metrics_file = None
@@ -171,8 +188,9 @@ def train(args: argparse.Namespace) -> None:
     first_loss, last, logged_step = None, {}, start_step
     wall_start = window_start = time.perf_counter()
     for step in progress:
-        if (rank, step) == (fail_rank, fail_step):
-            os._exit(3)  # abrupt, like a crashed node: no cleanup, no goodbye to the peers
+        recorder.step(step)
+        if failure is not None and (rank, step) == (failure.rank, failure.step):
+            failure.strike(backend.model)
         inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len, world))
         loss, aux_loss, stats, grad_norm = backend.step(inputs, targets)
         done = step + 1
