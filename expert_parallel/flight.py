@@ -97,7 +97,7 @@ class FlightRecorder:
         self.record = self.record._replace(layer=None, phase=phase, events=self.record.events + 1, time=time.time())
 
     def close(self) -> None:
-        """Remove the hooks and stop publishing (the last record stays in the store)."""
+        """Remove the hooks, publish the last record and stop publishing."""
         for handle in self._handles:
             handle.remove()
         self._stop.set()
@@ -131,15 +131,16 @@ class FlightRecorder:
     def _publish(self, interval_s: float) -> None:
         published = None
         while True:
-            record = self.record
+            stopping, record = self._stop.is_set(), self.record  # a last look after close
             if record is not published:
                 try:
                     self.store.set(self.key, json.dumps(record._asdict()))
                 except Exception:  # noqa: BLE001 - the store went away with the job: stop quietly
                     return
                 published = record
-            if self._stop.wait(interval_s):
+            if stopping:
                 return
+            self._stop.wait(interval_s)
 
 
 def default_store() -> Optional[dist.Store]:
