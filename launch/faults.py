@@ -48,6 +48,15 @@ def _stall(module: nn.Module, args: tuple) -> None:
         time.sleep(1)
 
 
+# how a collective whose peer stalled or died fails (gloo raises plain RuntimeErrors)
+PEER_FAILURES = ("timed out", "connection closed", "connection reset")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Did a collective fail because a peer never came (timed out, or its connection dropped)?"""
+    return isinstance(error, dist.DistError) or any(text in str(error).lower() for text in PEER_FAILURES)
+
+
 def report_stall(error: BaseException) -> None:
     """After ``error`` (a collective failed or timed out), print where every rank stopped, naming
     the ranks behind the others, to stderr; once per job (the first rank to get here)."""

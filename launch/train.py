@@ -43,7 +43,7 @@ from expert_parallel.presets import PRESETS
 from expert_parallel.spawn import free_port
 from launch.backends import DeepSpeedBackend, TorchBackend, lm_loss
 from launch.corpus import CORPORA, CharCorpus
-from launch.faults import Failure, report_stall
+from launch.faults import Failure, is_peer_failure, report_stall
 from launch.flags import check_flags, moe_config
 from launch.hf import HF_MODELS, CausalLMLoss, build_hf_model, save_hf
 from launch.model import DeepSpeedMoEFFN, MoETransformerLM, seed_routed_experts
@@ -158,15 +158,16 @@ def train(args: argparse.Namespace) -> None:
     device = torch.device(f"cuda:{local_rank}") if dist.get_backend() == "nccl" else torch.device("cpu")
     corpus = CharCorpus.named(args.corpus)
     job = build_job(args, corpus, rank, world, device)
-    backend, device = job.backend, job.device
-    start_step = backend.load() if args.resume else 0
+    start_step = job.backend.load() if args.resume else 0
     if not args.resume:
         torch.manual_seed(args.seed + 7919 * rank)  # routing noise differs per rank
-    with FlightRecorder(backend.model, default_store()) as recorder:
+    # where this rank is, for the table a rank prints when a collective times out
+    with FlightRecorder(job.backend.model, default_store()) as recorder:
         try:
             _train_loop(args, job, corpus, start_step, recorder)
-        except RuntimeError as error:  # e.g. a collective timed out (gloo: a plain RuntimeError): who stalled?
-            report_stall(error)
+        except RuntimeError as error:
+            if is_peer_failure(error):  # a collective timed out or lost a peer: who never arrived?
+                report_stall(error)
             raise
 
 
