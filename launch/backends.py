@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ from expert_parallel.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
-from expert_parallel.comm import ExpertGroups, reduce_gradients
+from expert_parallel.comm import ExpertGroups, clip_grad_norm_, grad_norm, reduce_gradients
 
 # (model, inputs [B, T], targets [B, T]) -> (LM loss, weighted aux loss, stats of every MoE layer);
 # the backends differentiate the sum
@@ -38,7 +38,8 @@ def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, 
 
 
 class TorchBackend:
-    """AdamW; dense gradients averaged over the data-parallel ranks, expert gradients over their replicas.
+    """AdamW; dense gradients averaged over the data-parallel ranks, expert gradients over their
+    replicas, then clipped to ``--clip-grad`` by the whole model's norm (each expert counted once).
 
     Checkpoints are topology-free (``expert_parallel.checkpoint``): ``OUT/checkpoint/step<N>/``,
     the last complete one named by ``OUT/checkpoint/latest``; a resume may change the world size
@@ -52,15 +53,21 @@ class TorchBackend:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         self.root = Path(args.out) / "checkpoint"
         self.rank, self.batch_size, self.global_batch = rank, args.batch_size, args.batch_size * world
+        self.clip_grad = args.clip_grad
 
-    def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
-        """One optimizer step; returns the (detached) loss, aux loss and stats."""
+    def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats], Tensor]:
+        """One optimizer step; returns the (detached) loss, aux loss, stats and the gradient norm
+        before clipping (a device scalar, the same on every rank)."""
         loss, aux_loss, stats = self.loss_fn(self.model, inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         (loss + aux_loss).backward()
         reduce_gradients(self.model, self.groups)
+        if self.clip_grad:
+            norm = clip_grad_norm_(self.model, self.clip_grad, self.groups)
+        else:
+            norm = grad_norm(self.model, self.groups)
         self.optimizer.step()
-        return loss.detach(), aux_loss.detach(), stats
+        return loss.detach(), aux_loss.detach(), stats, norm
 
     def save(self, step: int) -> None:
         """Save ``step<N>`` (every rank its shard), then point ``latest`` at it: a job killed
@@ -97,7 +104,8 @@ class TorchBackend:
 
 class DeepSpeedBackend:
     """``deepspeed.initialize`` with the JSON config of ``--deepspeed-config``; the client AdamW
-    runs on DeepSpeed's MoE parameter groups. Checkpoints are engine checkpoints in
+    runs on DeepSpeed's MoE parameter groups; ``--clip-grad`` is the engine's ``gradient_clipping``
+    unless the config sets one. Checkpoints are engine checkpoints in
     ``OUT/checkpoint`` (per-expert files for DeepSpeed MoE layers), resumed from the latest tag.
     ``model``'s expert parameters must carry DeepSpeed's tags (``allreduce=False``, ``group_name``):
     the drop-in MoE layers tag theirs, ``expert_parallel.integrations.deepspeed.EngineModel`` a converted model's."""
@@ -110,6 +118,7 @@ class DeepSpeedBackend:
         config["train_micro_batch_size_per_gpu"] = args.batch_size
         config["gradient_accumulation_steps"] = 1
         config.pop("train_batch_size", None)
+        config.setdefault("gradient_clipping", args.clip_grad)
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": list(model.parameters()), "name": "parameters"})
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
@@ -125,12 +134,18 @@ class DeepSpeedBackend:
         """Where the engine keeps the model."""
         return self.engine.device
 
-    def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
-        """One engine step (ZeRO reduces and clips as configured)."""
+    @property
+    def model(self) -> nn.Module:
+        """The engine's model."""
+        return self.engine.module
+
+    def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats], Optional[float]]:
+        """One engine step (ZeRO reduces and clips as configured); the gradient norm is the
+        engine's (``None`` where it records none: without ZeRO in fp32)."""
         loss, aux_loss, stats = self.loss_fn(self.engine, inputs, targets)
         self.engine.backward(loss + aux_loss)
         self.engine.step()
-        return loss.detach(), aux_loss.detach(), stats
+        return loss.detach(), aux_loss.detach(), stats, self.engine.get_global_grad_norm()
 
     def save(self, step: int) -> None:
         """Engine checkpoint tagged ``step<N>``, with every rank's RNG state as client state."""

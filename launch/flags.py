@@ -13,6 +13,7 @@ from pathlib import Path
 from expert_parallel import MoEConfig
 from expert_parallel.presets import preset
 from launch.corpus import CharCorpus
+from launch.faults import FAILURE_PATTERN
 from launch.hf import TOP_K
 
 # flags of the demo model that a Hugging Face model does not read: --preset always (the model
@@ -57,10 +58,13 @@ def check_flags(args: argparse.Namespace, world_size: int, given: frozenset[str]
                          "choose an ep size that divides it")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr {args.lr}: must be a finite number > 0")
+    if not (math.isfinite(args.clip_grad) and args.clip_grad >= 0):
+        raise ValueError(f"--clip-grad {args.clip_grad}: must be a finite number >= 0 (0 turns clipping off)")
     if args.ckpt_every < 0 or not args.timeout_s > 0:
         raise ValueError(f"--ckpt-every {args.ckpt_every} must be >= 0 and --timeout-s {args.timeout_s} > 0")
-    if args.simulate_failure and not re.fullmatch(r"\d+:\d+", args.simulate_failure):
-        raise ValueError(f"--simulate-failure {args.simulate_failure!r}: expected RANK:STEP, e.g. 1:5")
+    if args.simulate_failure and not re.fullmatch(FAILURE_PATTERN, args.simulate_failure):
+        raise ValueError(f"--simulate-failure {args.simulate_failure!r}: expected RANK:STEP or RANK:STEP:hang, "
+                         "e.g. 1:5")
     if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
         raise ValueError(f"--deepspeed-config {args.deepspeed_config}: no such file")
     if args.hf_model or args.hf_path:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from expert_parallel import MoEConfig, MoELayer, MoEOutput, RoutingStats
-from expert_parallel.experts import plain_expert
+from expert_parallel.experts import StackedExperts, plain_expert
 
 FFNFactory = Callable[[MoEConfig], nn.Module]
 
@@ -39,6 +39,21 @@ class DeepSpeedMoEFFN(nn.Module):
     def forward(self, x: Tensor) -> MoEOutput:
         """``[..., D] -> MoEOutput``; the inner layer's stats, which DeepSpeed's tuple drops."""
         return self.moe.deepspeed_moe(x)
+
+
+def seed_routed_experts(model: nn.Module, ep_rank: int) -> None:
+    """Initialise the routed experts of ``model``'s ``DeepSpeedMoEFFN`` layers by global expert id.
+
+    DeepSpeed's ``MoE`` copies its template into every expert, so all would start alike; this
+    gives each ``StackedExperts`` shard its first global expert id (``ep_rank * E_local``, for
+    DeepSpeed's consecutive EP groups) and re-draws it with ``reset_parameters``, the experts'
+    own per-global-expert init. Call it with the same RNG state on every rank; shared experts and
+    every other weight are left as they are.
+    """
+    for module in model.modules():
+        if isinstance(module, StackedExperts) and module.sharded:
+            module.first_expert = ep_rank * module.w1.shape[0]
+            module.reset_parameters()
 
 
 class Block(nn.Module):

@@ -38,14 +38,15 @@ from tqdm import tqdm
 
 from expert_parallel import MoELayer, RoutingStats
 from expert_parallel.comm import expert_groups
-from expert_parallel.experts import StackedExperts
+from expert_parallel.flight import FlightRecorder, default_store
 from expert_parallel.presets import PRESETS
 from expert_parallel.spawn import free_port
 from launch.backends import DeepSpeedBackend, TorchBackend, lm_loss
 from launch.corpus import CORPORA, CharCorpus
+from launch.faults import Failure, is_peer_failure, report_stall
 from launch.flags import check_flags, moe_config
 from launch.hf import HF_MODELS, CausalLMLoss, build_hf_model, save_hf
-from launch.model import DeepSpeedMoEFFN, MoETransformerLM
+from launch.model import DeepSpeedMoEFFN, MoETransformerLM, seed_routed_experts
 
 __all__ = ["build_parser", "check_flags", "given_flags", "main", "train"]
 
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=64, help="characters per sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--clip-grad", type=float, default=1.0,
+                        help="clip the gradient norm (the whole model's, each expert counted once) to this; 0: no "
+                             "clipping (the norm is still logged as grad_norm); deepspeed: the config's "
+                             "gradient_clipping if it has one")
     parser.add_argument("--seed", type=int, default=0, help="weights, data order and routing noise")
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
     parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
@@ -96,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train with the DeepSpeed engine and this config (e.g. launch/ds_zero2_bf16.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the job reads LOCAL_RANK from the environment")
-    parser.add_argument("--simulate-failure", default=None, metavar="RANK:STEP",
-                        help="testing aid: rank RANK exits abruptly before step STEP")
+    parser.add_argument("--simulate-failure", default=None, metavar="RANK:STEP[:hang]",
+                        help="testing aid: rank RANK exits abruptly before step STEP (with :hang, stalls in that "
+                             "step's forward instead)")
     parser.add_argument("--timeout-s", type=float, default=120.0,
-                        help="collective timeout: a dead rank or stuck rendezvous ends the job after this")
+                        help="collective timeout: a dead or stalled rank or a stuck rendezvous ends the job after "
+                             "this (a stall prints where every rank stopped)")
     return parser
 
 
@@ -125,13 +132,13 @@ def build_job(args: argparse.Namespace, corpus: CharCorpus, rank: int, world: in
         model, loss_fn, name = hf_model, CausalLMLoss(hf_model), hf_model.config.model_type
     else:
         cfg = moe_config(args, world)
-        torch.manual_seed(args.seed)  # dense weights identical on every rank
+        # the same draws on every rank: replicated weights (dense, routers, shared experts) are
+        # identical, and StackedExperts seeds each routed expert by its global id (any EP size)
+        torch.manual_seed(args.seed)
         model = MoETransformerLM(corpus.vocab_size, cfg, args.layers, args.heads, args.seq_len,
                                  moe_ffn=DeepSpeedMoEFFN if args.deepspeed_config else MoELayer)
-        torch.manual_seed(args.seed + 1 + rank % ep_size)  # each EP rank its own experts
-        for module in model.modules():
-            if isinstance(module, StackedExperts):
-                module.reset_parameters()
+        if args.deepspeed_config:
+            seed_routed_experts(model, rank % ep_size)
         loss_fn, name = lm_loss, args.preset
     if args.deepspeed_config:
         if hf_model is not None:
@@ -151,11 +158,25 @@ def train(args: argparse.Namespace) -> None:
     device = torch.device(f"cuda:{local_rank}") if dist.get_backend() == "nccl" else torch.device("cpu")
     corpus = CharCorpus.named(args.corpus)
     job = build_job(args, corpus, rank, world, device)
-    backend, device = job.backend, job.device
-    start_step = backend.load() if args.resume else 0
+    start_step = job.backend.load() if args.resume else 0
     if not args.resume:
         torch.manual_seed(args.seed + 7919 * rank)  # routing noise differs per rank
-    fail_rank, fail_step = map(int, args.simulate_failure.split(":")) if args.simulate_failure else (-1, -1)
+    # where this rank is, for the table a rank prints when a collective times out
+    with FlightRecorder(job.backend.model, default_store()) as recorder:
+        try:
+            _train_loop(args, job, corpus, start_step, recorder)
+        except RuntimeError as error:
+            if is_peer_failure(error):  # a collective timed out or lost a peer: who never arrived?
+                report_stall(error)
+            raise
+
+
+def _train_loop(args: argparse.Namespace, job: Job, corpus: CharCorpus, start_step: int,
+                recorder: FlightRecorder) -> None:
+    """The steps, metrics, checkpoints and summary of ``train``."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    backend, device = job.backend, job.device
+    failure = Failure.parse(args.simulate_failure)
 
     out = Path(args.out)
     metrics_file = None
@@ -168,15 +189,17 @@ def train(args: argparse.Namespace) -> None:
     first_loss, last, logged_step = None, {}, start_step
     wall_start = window_start = time.perf_counter()
     for step in progress:
-        if (rank, step) == (fail_rank, fail_step):
-            os._exit(3)  # abrupt, like a crashed node: no cleanup, no goodbye to the peers
+        recorder.step(step)
+        if failure is not None and (rank, step) == (failure.rank, failure.step):
+            failure.strike(backend.model)
         inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len, world))
-        loss, aux_loss, stats = backend.step(inputs, targets)
+        loss, aux_loss, stats, grad_norm = backend.step(inputs, targets)
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             elapsed = time.perf_counter() - window_start
             steps_in_window, logged_step = done - logged_step, done
             record = {"step": done, **mean_metrics(loss, aux_loss, stats, device),
+                      "grad_norm": None if grad_norm is None else float(grad_norm),  # the same on every rank
                       "tokens_per_s": tokens_per_step * steps_in_window / elapsed,
                       "step_ms": 1e3 * elapsed / steps_in_window}
             window_start = time.perf_counter()
@@ -186,7 +209,8 @@ def train(args: argparse.Namespace) -> None:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             progress.set_postfix(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.4f}",
-                                 drop=f"{record['drop_fraction']:.1%}", tok_s=f"{record['tokens_per_s']:.0f}")
+                                 drop=f"{record['drop_fraction']:.1%}", gnorm=f"{record['grad_norm'] or 0:.3f}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
         if done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0):
             backend.save(done)
     progress.close()

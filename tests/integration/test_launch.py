@@ -43,7 +43,8 @@ def _assert_trained(out: Path, steps: int = 30) -> list[dict]:
     assert [r["step"] for r in records] == list(range(10, steps + 1, 10))
     for record in records:
         assert set(record) >= {"step", "loss", "aux_loss", "drop_fraction", "k_eff", "load_cv",
-                               "padding_fraction", "wire_mib", "tokens_per_s", "step_ms"}
+                               "padding_fraction", "wire_mib", "grad_norm", "tokens_per_s", "step_ms"}
+        assert record["grad_norm"] is None or 0 < record["grad_norm"] < math.inf
     assert records[-1]["loss"] < 0.8 * records[0]["loss"], records
     assert json.loads((out / "summary.json").read_text())["steps"] == steps
     return records
@@ -127,7 +128,8 @@ def test_resume_at_another_world_and_ep_size(tmp_path: Path) -> None:
     (["--ep-size", "3"], "--ep-size 3 does not divide the world size 2"),
     (["--experts", "5"], "num_experts=5 is invalid"),
     (["--preset", "nope"], "invalid choice: 'nope'"),
-    (["--simulate-failure", "x"], "expected RANK:STEP"),
+    (["--simulate-failure", "x"], "expected RANK:STEP or RANK:STEP:hang"),
+    (["--simulate-failure", "1:3:stall"], "expected RANK:STEP or RANK:STEP:hang"),
 ])
 def test_a_bad_flag_is_a_one_line_error_before_any_process_starts(tmp_path, flags, message) -> None:
     start = time.perf_counter()
@@ -147,6 +149,8 @@ def test_a_bad_flag_is_a_one_line_error_before_any_process_starts(tmp_path, flag
     (["--ep-size", "0"], "--ep-size 0: must be >= 1"),
     (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
     (["--ckpt-every", "-1"], "--ckpt-every -1 must be >= 0"),
+    (["--clip-grad", "-1"], "--clip-grad -1.0: must be a finite number >= 0 (0 turns clipping off)"),
+    (["--clip-grad", "inf"], "--clip-grad inf: must be a finite number >= 0"),
 ])
 def test_model_flags_the_run_cannot_build_are_rejected_by_name(flags, message) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -161,6 +165,24 @@ def test_a_dying_rank_ends_the_job_with_a_message(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "rank 1 failed" in result.stderr
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_is_named_with_where_every_rank_stopped(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), "--steps", "50", *SMALL,
+                   "--simulate-failure", "1:3:hang", "--timeout-s", "10"], timeout=120)
+    assert result.returncode != 0
+    assert time.perf_counter() - start < 60
+    assert "rank(s) 1 never arrived (rank 0 gave up waiting" in result.stderr
+    table = result.stderr[result.stderr.index("rank  host"):].splitlines()
+    assert table[0].split() == ["rank", "host", "step", "MoE", "layer", "last", "event", "tokens", "capacity", "idle"]
+    rows = {row.split()[0]: row.split() for row in table[1:3]}
+    # rank 1 entered the first MoE layer of step 3 and stalled; rank 0 routed and waits for it
+    assert rows["1"][2:5] == ["3", "0", "fwd/enter"] and rows["1"][-3:] == ["<-", "never", "arrived"]
+    assert rows["0"][2:5] == ["3", "0", "fwd/route"] and rows["0"][-1] == "waiting"
+    assert rows["0"][5] == str(8 * 32)  # tokens of that forward; the capacity of its last one
+    assert int(rows["0"][6]) > 0
 
 
 def test_deepspeed_launcher_zero2_bf16_trains_and_resumes(tmp_path: Path) -> None:
