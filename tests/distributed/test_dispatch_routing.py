@@ -17,6 +17,8 @@ from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.comm import dispatch, expert_groups, undispatch
 from tests.harness import run_ranks
 
+pytestmark = pytest.mark.distributed
+
 LOCAL_EXPERTS = 2
 CAPACITY = 3
 TOKENS = 8
@@ -92,7 +94,8 @@ def route_coded_tokens(rank: int, world_size: int, ep_size: int) -> dict:
             **_receiver_coded_gradients(ep_rank, ep_size, groups.ep_group)}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)],
+                ids=lambda w: f"world{w}")
 def routed(request):
     """One spawn per world size (EP = world) feeds both tests."""
     return request.param, run_ranks(route_coded_tokens, request.param, request.param, timeout=90)

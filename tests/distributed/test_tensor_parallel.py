@@ -22,6 +22,8 @@ from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.comm import expert_groups, reduce_gradients
 from tests.harness import run_ranks
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 TP, EP, WORLD = 2, 2, 4
 D_MODEL, D_FF, NUM_EXPERTS = 8, 16, 4
 ROUTERS = {
