@@ -8,13 +8,11 @@ from .balance import update_selection_biases
 from .dispatcher import (
     by_expert,
     by_source,
-    dispatch,
     exchange,
     exchange_back,
     exchange_back_start,
     exchange_fill,
     exchange_start,
-    undispatch,
 )
 from .gather import all_gather_along, gather_experts, gather_objects
 from .grads import reduce_gradients
@@ -24,7 +22,7 @@ from .tensor_parallel import tp_copy, tp_drop, tp_gather, tp_reduce
 
 __all__ = ["A2AGroup", "Agreement", "ExpertGroups", "Hierarchy", "NodeRanks", "PendingAllToAll", "agree",
            "all_gather_along", "all_to_all", "all_to_all_start", "by_expert", "by_source", "device_for_backend",
-           "dispatch", "exchange", "exchange_back", "exchange_back_start", "exchange_fill", "exchange_start",
+           "exchange", "exchange_back", "exchange_back_start", "exchange_fill", "exchange_start",
            "expert_groups", "gather_experts", "gather_objects", "lookup", "node_groups", "reduce_gradients",
-           "register", "resolve_ranks_per_node", "tp_copy", "tp_drop", "tp_gather", "tp_reduce", "undispatch",
+           "register", "resolve_ranks_per_node", "tp_copy", "tp_drop", "tp_gather", "tp_reduce",
            "update_selection_biases"]
