@@ -278,7 +278,8 @@ class MoELayer(nn.Module):
             with self._phase("shared") as phase:
                 y_SD = y_SD + self._shared(phase.input(x_SD))
         stats = routing_stats(routing, plan, nonfinite, cfg.ep_size, self.first_expert // cfg.num_local_experts,
-                              x_SD.shape[1] * x_SD.element_size())
+                              x_SD.shape[1] * x_SD.element_size(), cfg.tp_size,
+                              self.tp_ranks.index(dist.get_rank()) if cfg.tp_size > 1 else 0)
         aux_loss = weighted_aux_loss(routing.losses, cfg, routing.probs_SE)
         return MoEOutput(y_SD.reshape(x.shape).to(x.dtype), aux_loss, stats)
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .layout import DispatchPlan
+from .layout import DispatchPlan, fill_within
 from .routing import Routing
 
 
@@ -26,8 +26,9 @@ class RoutingStats(NamedTuple):
         capacity: slots per expert (long scalar).
         nonfinite_tokens: tokens whose router logits hold NaN or inf (long scalar).
         wire_bytes: bytes this rank sends in the dispatch all-to-all of one forward (long
-            scalar): the static ``[E, C, D]`` buffer minus the block it keeps for itself,
-            ``(E - E_local) * C * D * element_size``, padding included; 0 when ``ep_size == 1``.
+            scalar): the static ``[E, C, D]`` buffer minus the block it keeps for itself, of which
+            a TP rank sends its ``C / tp_size`` slots per expert: ``(E - E_local) * (C / tp_size) *
+            D * element_size``, padding included; 0 when ``ep_size == 1``.
             Only the dispatch of the forward: the return all-to-all sends as much again, and the
             backward repeats both, so one training step moves ``4 * wire_bytes`` per MoE layer.
             With ``tp_size > 1`` it counts every slot ``C`` of the buffer, which the TP group
@@ -35,7 +36,7 @@ class RoutingStats(NamedTuple):
             rank's own dispatch is ``wire_bytes / tp_size``.
         padding_fraction: empty slots / all slots of the blocks sent (scalar): the share of
             ``wire_bytes`` that is capacity padding, from the plan's fill counts (over the whole
-            buffer when ``ep_size == 1`` and nothing is sent).
+            buffer, or this TP rank's share of it, when ``ep_size == 1`` and nothing is sent).
 
     For ``soft`` and ``expert_choice`` the K = E columns are the experts, not choice ranks:
     ``k_eff`` is the mean number of experts per token (E for soft, ``E * C / S`` for expert
@@ -69,7 +70,7 @@ class RoutingStats(NamedTuple):
 
 @torch.no_grad()
 def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor, ep_size: int,
-                  ep_rank: int, row_bytes: int) -> RoutingStats:
+                  ep_rank: int, row_bytes: int, tp_size: int = 1, tp_rank: int = 0) -> RoutingStats:
     """Compute ``RoutingStats`` without any host sync.
 
     Args:
@@ -79,6 +80,9 @@ def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor
         ep_size: ``R``, ranks of the EP group (the buffer is ``[R, E_local, C, D]`` on the wire).
         ep_rank: this rank's index in the EP group (the block it keeps).
         row_bytes: bytes of one slot of the dispatched buffer, ``D * element_size``.
+        tp_size: ranks of the TP group; each sends slots ``[tp_rank * C/tp, (tp_rank + 1) * C/tp)``
+            of every expert.
+        tp_rank: this rank's index in the TP group.
     """
     active_KS = routing.active_SK.t()
     dispatched_K = active_KS.sum(dim=1).float()
@@ -88,7 +92,7 @@ def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor
     mean_load = count_E.mean()
     load_cv = count_E.std(correction=0) / mean_load.clamp_min(1e-9)
     second = dispatched_K[1] / tokens if dispatched_K.numel() > 1 else dispatched_K.new_zeros(())
-    wire_bytes, padding = _wire(plan, ep_size, ep_rank, row_bytes)
+    wire_bytes, padding = _wire(plan, ep_size, ep_rank, row_bytes, tp_size, tp_rank)
     return RoutingStats(
         tokens_per_expert=plan.count_E,
         dropped_fraction=dropped_K.sum() / dispatched_K.sum().clamp_min(1.0),
@@ -103,10 +107,13 @@ def routing_stats(routing: Routing, plan: DispatchPlan, nonfinite_tokens: Tensor
     )
 
 
-def _wire(plan: DispatchPlan, ep_size: int, ep_rank: int, row_bytes: int) -> tuple[Tensor, Tensor]:
+def _wire(plan: DispatchPlan, ep_size: int, ep_rank: int, row_bytes: int, tp_size: int,
+          tp_rank: int) -> tuple[Tensor, Tensor]:
     """``(wire_bytes, padding_fraction)`` of the dispatch (see ``RoutingStats``); no host sync."""
-    fill_RL = plan.fill_E.view(ep_size, -1)
-    block_slots = fill_RL.shape[1] * plan.capacity
+    share = plan.capacity // tp_size  # the slots of each expert this TP rank sends
+    fill_E = plan.fill_E if tp_size == 1 else fill_within(plan.fill_E, tp_rank * share, share)
+    fill_RL = fill_E.view(ep_size, -1)
+    block_slots = fill_RL.shape[1] * share
     if ep_size == 1:  # nothing is sent: the padding of the whole buffer
         return plan.count_E.new_zeros(()), 1.0 - fill_RL.sum().float() / block_slots
     sent_slots = (ep_size - 1) * block_slots

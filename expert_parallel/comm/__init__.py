@@ -8,27 +8,22 @@ from .balance import RankSummed, update_selection_biases
 from .dispatcher import (
     by_expert,
     by_source,
-    dispatch,
     exchange,
     exchange_back,
     exchange_back_start,
     exchange_fill,
     exchange_start,
-    undispatch,
 )
 from .gather import all_gather_along, gather_experts, gather_objects
-from .grads import reduce_gradients
-from .groups import ExpertGroups, expert_groups, lookup, node_groups, rank, register, world_size
 from .grads import clip_grad_norm_, grad_norm, reduce_gradients
-from .groups import ExpertGroups, expert_groups, lookup, node_groups, register
+from .groups import ExpertGroups, expert_groups, lookup, node_groups, rank, register, world_size
 from .hierarchical import Hierarchy, NodeRanks, resolve_ranks_per_node
 from .tensor_parallel import tp_copy, tp_drop, tp_gather, tp_reduce
 from .uneven import UnevenInputs, moe_layers
 
 __all__ = ["A2AGroup", "agree", "Agreement", "all_gather_along", "all_to_all", "all_to_all_start", "by_expert",
-           "by_source", "clip_grad_norm_", "device_for_backend", "dispatch", "exchange", "exchange_back",
-           "exchange_back_start", "exchange_fill", "exchange_start", "expert_groups", "ExpertGroups",
-           "gather_experts", "gather_objects", "grad_norm", "Hierarchy", "lookup", "moe_layers", "node_groups",
-           "NodeRanks", "PendingAllToAll", "rank", "RankSummed", "reduce_gradients", "register",
-           "resolve_ranks_per_node", "tp_copy", "tp_drop", "tp_gather", "tp_reduce", "undispatch", "UnevenInputs",
-           "update_selection_biases", "world_size"]
+           "by_source", "clip_grad_norm_", "device_for_backend", "exchange", "exchange_back", "exchange_back_start",
+           "exchange_fill", "exchange_start", "expert_groups", "ExpertGroups", "gather_experts", "gather_objects",
+           "grad_norm", "Hierarchy", "lookup", "moe_layers", "node_groups", "NodeRanks", "PendingAllToAll", "rank",
+           "RankSummed", "reduce_gradients", "register", "resolve_ranks_per_node", "tp_copy", "tp_drop", "tp_gather",
+           "tp_reduce", "UnevenInputs", "update_selection_biases", "world_size"]

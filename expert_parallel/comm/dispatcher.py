@@ -4,7 +4,7 @@
 D] <-> [R(source), E_local, C, D]``); ``exchange_start`` / ``exchange_back_start`` start them
 asynchronously (for chunked overlap); ``exchange_fill`` tells each expert rank how many slots of
 every block are filled; ``by_expert`` / ``by_source`` transpose to and from the padded per-expert
-layout ``[E_local, R*C, D]``, and ``dispatch`` / ``undispatch`` are the exchanges with them.
+layout ``[E_local, R*C, D]``.
 
 ``group`` is the EP process group, a ``Hierarchy`` of it (hierarchical all-to-all, the same
 result), or ``None`` for a single rank.
@@ -64,12 +64,3 @@ def by_source(out_LMD: Tensor, ep_size: int) -> Tensor:
     local, rows, dim = out_LMD.shape
     return out_LMD.view(local, ep_size, rows // ep_size, dim).transpose(0, 1).contiguous()
 
-
-def dispatch(buffer_ECD: Tensor, ep_size: int, group: A2AGroup) -> Tensor:
-    """``exchange``, then ``by_expert``: ``[E, C, D] -> [E_local, R*C, D]``."""
-    return by_expert(exchange(buffer_ECD, ep_size, group))
-
-
-def undispatch(out_ELD: Tensor, ep_size: int, group: A2AGroup) -> Tensor:
-    """Inverse of ``dispatch``: ``[E_local, R*C, D] -> [E, C, D]`` back on the source ranks."""
-    return exchange_back(by_source(out_ELD, ep_size), group)

@@ -196,3 +196,11 @@ def node_groups(ep_ranks: tuple[int, ...], ranks_per_node: int) -> tuple[tuple[i
     start = where - where % ranks_per_node
     _NODE_RANKS[key] = (ep_ranks[start:start + ranks_per_node], ep_ranks[where % ranks_per_node::ranks_per_node])
     return _NODE_RANKS[key]
+
+
+def forget() -> None:
+    """Forget every group this process built or registered (for a process that outlives its
+    groups: ``spawn``'s pooled ranks destroy them between runs)."""
+    _GROUPS.clear()
+    _BUILT.clear()
+    _NODE_RANKS.clear()

@@ -28,6 +28,8 @@ from expert_parallel.checkpoint import (
 from expert_parallel.comm import expert_groups, reduce_gradients
 from tests.harness import RankError, run_ranks
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # 4-rank topologies
+
 D, E, TOKENS, SAVED_STEPS, NEXT_STEPS, LR = 8, 8, 16, 3, 2, 1e-2
 # (ep_size, world, tp_size): the last splits every expert's d_ff over TP pairs (expert tensor parallelism)
 TOPOLOGIES = [(4, 4, 1), (1, 2, 1), (2, 4, 1), (2, 4, 2)]

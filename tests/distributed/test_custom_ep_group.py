@@ -18,6 +18,8 @@ from tests.harness import run_ranks
 from .reference import Case
 from .scenarios import check_case, run_case
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 WORLD = 4
 TOKENS = ((6,), (10,), (6,), (10,))  # per rank: groups {0, 2} and {1, 3} agree on 6 and 10 tokens
 OPTIONS = dict(second_policy="all", capacity_factor=0.75)

@@ -1,6 +1,7 @@
 """Tokens go to the rank that owns their expert and come back to their source slot.
 
-``dispatch``/``undispatch`` are checked with coded buffers (every row says which rank sent it,
+The exchange the layer runs (``exchange`` then ``by_expert`` to the experts, ``by_source`` then
+``exchange_back`` back: the padded expert path) is checked with coded buffers (every row says which rank sent it,
 for which expert, in which slot); the layer is checked with identity-like experts, so each output
 row reveals the token (its source rank id and index) that produced it.
 """
@@ -14,8 +15,10 @@ import torch
 from torch.distributed import ProcessGroup
 
 from expert_parallel import MoEConfig, MoELayer
-from expert_parallel.comm import dispatch, expert_groups, undispatch
+from expert_parallel.comm import by_expert, by_source, exchange, exchange_back, expert_groups
 from tests.harness import run_ranks
+
+pytestmark = pytest.mark.distributed
 
 LOCAL_EXPERTS = 2
 CAPACITY = 3
@@ -47,6 +50,16 @@ def _identity_layer(ep_size: int) -> MoELayer:
             layer.experts.w1[local] = torch.cat([eye, -eye], dim=1)
             layer.experts.w2[local] = torch.cat([eye, -eye], dim=0) * scale
     return layer
+
+
+def dispatch(buffer_ECD: torch.Tensor, ep_size: int, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """The layer's way to its experts (padded compute): ``[E, C, D] -> [E_local, R*C, D]``."""
+    return by_expert(exchange(buffer_ECD, ep_size, group))
+
+
+def undispatch(out_LMD: torch.Tensor, ep_size: int, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """The layer's way back: ``[E_local, R*C, D] -> [E, C, D]`` on the source ranks."""
+    return exchange_back(by_source(out_LMD, ep_size), group)
 
 
 def _receiver_coded_gradients(ep_rank: int, ep_size: int, group: Optional[ProcessGroup]) -> dict:
@@ -92,7 +105,8 @@ def route_coded_tokens(rank: int, world_size: int, ep_size: int) -> dict:
             **_receiver_coded_gradients(ep_rank, ep_size, groups.ep_group)}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)],
+                ids=lambda w: f"world{w}")
 def routed(request):
     """One spawn per world size (EP = world) feeds both tests."""
     return request.param, run_ranks(route_coded_tokens, request.param, request.param, timeout=90)

@@ -14,6 +14,8 @@ from tests.harness import run_ranks
 from .reference import Case
 from .scenarios import check_case, run_cases
 
+pytestmark = pytest.mark.distributed
+
 EP2_CASES = [
     Case("gshard-ffn-all-no-drops", 2, ((12,), (12,)),
          options=dict(second_policy="all", capacity_factor=4.0), seed=1),
@@ -79,6 +81,7 @@ def test_ep2_output_and_grads_equal_single_process_layer(ep2_results, index):
 
 
 @pytest.mark.parametrize("index", range(len(EP4_CASES)), ids=[c.name for c in EP4_CASES])
+@pytest.mark.slow
 def test_ep4_output_and_grads_equal_single_process_layer(ep4_results, index):
     case = EP4_CASES[index]
     refs = check_case(case, [per_rank[index] for per_rank in ep4_results])

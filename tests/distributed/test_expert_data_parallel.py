@@ -11,6 +11,8 @@ from tests.harness import run_ranks
 from .reference import Case
 from .scenarios import check_case, run_cases
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 CASES = [
     Case("gshard-swiglu-random-even", 2, ((8,),) * 4,
          options=dict(expert="swiglu", second_policy="random", capacity_factor=1.0), seed=21,

@@ -22,6 +22,8 @@ from tests.harness import run_ranks
 from .reference import Case
 from .scenarios import check_case, run_case
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 WORLD = 4
 NAN_RANK = 1  # in EP group (0, 1); group (2, 3) is clean
 CHECK_FINITE = {

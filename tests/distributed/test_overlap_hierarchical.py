@@ -33,6 +33,8 @@ from .reference import Case
 from .scenarios import check_case, run_case
 from .test_dispatch_routing import CAPACITY, _codes
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 WORLD = 4
 NODE = dict(a2a="hierarchical", ranks_per_node=2)
 SLOTS = CAPACITY  # coded buffers [R(dest), SLOTS, 3]: (source, destination, slot), as for dispatch

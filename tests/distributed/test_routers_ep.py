@@ -20,6 +20,8 @@ from torch.testing import assert_close
 from expert_parallel import MoEConfig, MoELayer
 from tests.harness import run_ranks
 
+pytestmark = pytest.mark.distributed
+
 EP = 2
 
 

@@ -4,6 +4,7 @@ would give; an EP=2 layer and a data-parallel (EP=1) layer in one model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -11,6 +12,8 @@ from torch import nn
 from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.comm import update_selection_biases
 from tests.harness import run_ranks
+
+pytestmark = pytest.mark.distributed
 
 RATES = (0.5, 0.25)
 # hand-set counts per rank and layer; summed: layer 0 [6, 2, 3, 5] (mean 4), layer 1 [3, 2, 2, 0] (mean 7/4)

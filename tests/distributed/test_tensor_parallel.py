@@ -22,6 +22,8 @@ from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.comm import expert_groups, reduce_gradients
 from tests.harness import run_ranks
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 TP, EP, WORLD = 2, 2, 4
 D_MODEL, D_FF, NUM_EXPERTS = 8, 16, 4
 ROUTERS = {
@@ -53,7 +55,7 @@ def _run(layer: MoELayer, replica: int) -> dict[str, Any]:
     out = layer(x)
     ((out.output * cotangent).sum() + out.aux_loss).backward()
     return {"y": out.output.detach(), "aux": out.aux_loss.detach(), "x_grad": x.grad,
-            "capacity": int(out.stats.capacity)}
+            "capacity": int(out.stats.capacity), "wire_bytes": int(out.stats.wire_bytes)}
 
 
 def tp_worker(rank: int, world: int, cases: list[tuple[str, bool, str]]) -> list[dict[str, Any]]:
@@ -120,3 +122,11 @@ def test_tp2_ep2_forward_backward_equals_the_unsplit_layer(results, index):
             assert torch.equal(got["params"][param], expect), f"rank {rank} {param}: not the unsplit init's slice"
             expect = _slice(param, mean_grads[param], got["ep_rank"], got["tp_rank"], etp)
             assert_close(got["grads"][param], expect, **TOLERANCE, msg=f"rank {rank} {param} gradient")
+
+
+def test_each_tp_rank_reports_the_bytes_of_its_share_of_the_slots(results):
+    # a rank sends the other EP rank's experts, C / TP slots each: (E - E_local) * C / TP * D * 4
+    for rank_results in results:
+        for case, result in zip(CASES, rank_results):
+            expected = (NUM_EXPERTS - NUM_EXPERTS // EP) * result["capacity"] // TP * D_MODEL * 4
+            assert result["wire_bytes"] == expected, case

@@ -14,6 +14,8 @@ from tests.harness import run_ranks
 from .reference import Case, capacity_formula
 from .scenarios import check_case, run_cases
 
+pytestmark = pytest.mark.distributed
+
 EP2_CASES = [
     Case("uneven-gshard-random-empty-rank", 2, ((9,), (0,)),
          options=dict(second_policy="random", capacity_factor=1.0), seed=31),
@@ -85,7 +87,7 @@ def _capacities(results: list[dict]) -> list[int]:
 @pytest.mark.parametrize("world_size,name", [
     (2, "uneven-gshard-random-empty-rank"), (2, "uneven-switch-3d-empty-rank"),
     (2, "uneven-gshard-swiglu"), (2, "uneven-fixed-capacity-empty-rank"),
-    (4, "uneven-gshard-empty-rank")])
+    pytest.param(4, "uneven-gshard-empty-rank", marks=pytest.mark.slow)])
 def test_uneven_batches_agree_on_capacity_of_largest_rank(request, world_size, name):
     case, results = _case(request, world_size, name)
     check_case(case, results)
@@ -98,7 +100,8 @@ def test_uneven_batches_agree_on_capacity_of_largest_rank(request, world_size, n
 
 
 @pytest.mark.parametrize("world_size,name", [
-    (2, "no-drop-skewed"), (2, "no-drop-uneven-empty-rank"), (4, "no-drop-skewed-uneven")])
+    (2, "no-drop-skewed"), (2, "no-drop-uneven-empty-rank"),
+    pytest.param(4, "no-drop-skewed-uneven", marks=pytest.mark.slow)])
 def test_no_drop_capacity_is_fullest_expert_of_the_group(request, world_size, name):
     case, results = _case(request, world_size, name)
     refs = check_case(case, results)
@@ -112,7 +115,7 @@ def test_no_drop_capacity_is_fullest_expert_of_the_group(request, world_size, na
     assert max(loads) > even, "the skew did not overload an expert; the case would not need it"
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_eval_mode_uses_eval_capacity_factor_on_every_rank(request, world_size):
     case, results = _case(request, world_size, "eval-capacity")
     check_case(case, results)

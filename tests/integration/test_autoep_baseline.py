@@ -20,6 +20,8 @@ from benchmarks.shapes import SHAPES, RunSpec, Shape  # noqa: E402
 from expert_parallel import MoELayer, presets  # noqa: E402
 from tests.harness import run_ranks  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 SHAPE = Shape(d_model=32, d_ff=48, experts=8, top_k=2, tokens=64)
 
 

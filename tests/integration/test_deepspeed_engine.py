@@ -11,6 +11,8 @@ pytest.importorskip("deepspeed")
 from tests.harness import RankError, run_ranks  # noqa: E402
 from tests.integration import deepspeed_helpers as helpers  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 STEPS = 4
 # (ep_size, ZeRO stage, bf16) on 2 ranks: ep 2, and ep 1 x dp 2
 RUNS = [(2, 0, False), (2, 1, False), (2, 2, False), (1, 0, False), (1, 1, False), (1, 2, False),

@@ -14,6 +14,8 @@ pytest.importorskip("deepspeed")
 from tests.harness import run_ranks  # noqa: E402
 from tests.integration import deepspeed_helpers as helpers  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 TOKENS = 16  # per sequence; 4 sequences -> S = 64 tokens per rank, E = 4: capacity 16 * k
 BASE = {"capacity_factor": 1.0, "min_capacity": 0}
 EVAL_FACTORS = (0.5, 2.0)  # eval_capacity_factor: capacity half / twice the training one

@@ -27,6 +27,8 @@ deepspeed = pytest.importorskip("deepspeed")
 from tests.harness import run_ranks  # noqa: E402
 from tests.integration.deepspeed_helpers import init_deepspeed_comm  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 WORLD, HIDDEN = 4, 16
 CASES = list(itertools.product([(1, 2), (1, 4), (2, 2)], (True, False), (True, False)))
 

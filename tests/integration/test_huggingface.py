@@ -218,6 +218,7 @@ def ep2(tmp_path_factory) -> tuple[list[dict], str]:
     return run_ranks(ep2_worker, 2, READY, save_dir, timeout=240), save_dir
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", PARAMS)
 def test_converted_model_equals_transformers_at_ep2(ep2, name):
     """Dense gradients are this rank's; an expert's gradient (gathered from its owner) holds both
@@ -232,6 +233,7 @@ def test_converted_model_equals_transformers_at_ep2(ep2, name):
         assert_same_step(result["got"], wants[rank], want_grads)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", PARAMS)
 def test_plain_save_pretrained_at_ep2_loads_in_plain_transformers_with_the_same_logits(ep2, name):
     """Right after convert: the original model's logits exactly; after a trained step: the
@@ -417,6 +419,7 @@ def test_convert_leaves_the_global_rng_as_it_was():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_core_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import expert_parallel, expert_parallel.integrations, expert_parallel.layer, expert_parallel.comm\n"

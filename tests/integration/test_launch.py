@@ -22,6 +22,8 @@ import torch
 from expert_parallel.spawn import free_port
 from launch.train import build_parser, check_flags, given_flags
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 ROOT = Path(__file__).resolve().parents[2]
 # a smaller model than the demo's default: these tests check launching, not learning speed
 SMALL = ["--d-model", "32", "--d-ff", "64", "--seq-len", "32", "--batch-size", "8"]

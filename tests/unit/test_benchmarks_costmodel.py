@@ -55,8 +55,6 @@ def test_hierarchical_is_a_node_stage_then_one_message_per_node():
     b = 32e6
     expected = 3e-6 + 7 * 1e-6 + 7 * (b / 8) / 100e9 + 8e-6 + 3 * 1e-6 + 3 * (b / 4) / 10e9
     assert all_to_all_s(b, 32, CLUSTER, "hierarchical") == pytest.approx(expected)
-    # the same bytes cross nodes as in the flat all-to-all (24 of 32 blocks): only messages differ
-    assert 3 * (b / 4) == pytest.approx(24 * b / 32)
 
 
 def test_hierarchical_wins_only_when_messages_cost_more_than_the_extra_node_stage():
@@ -70,7 +68,6 @@ def test_hierarchical_wins_only_when_messages_cost_more_than_the_extra_node_stag
 def test_unchunked_step_is_experts_plus_four_all_to_alls_plus_local_work():
     parts = step_s(MIXTRAL, 8, CLUSTER)
     shape = MIXTRAL.shape
-    assert parts == step_s(MIXTRAL, 8, CLUSTER, chunks=1)
     assert parts["expert_math"] == pytest.approx(MIXTRAL.expert_flops(8) / 1e14)
     assert MIXTRAL.expert_flops(8) == 6 * 3 * 8 * MIXTRAL.capacity() * shape.d_model * shape.d_ff
     assert parts["all_to_all"] == pytest.approx(4 * all_to_all_s(MIXTRAL.a2a_bytes(), 8, CLUSTER))
@@ -111,28 +108,31 @@ def test_best_chunks_is_the_argmin_of_the_step():
     assert best_chunks(MIXTRAL, 8, slow_start)[0] == 1
 
 
-def _record(spec: RunSpec, ranks: int, cluster: Cluster) -> dict:
-    """A result record whose timings the model produces exactly."""
-    parts = step_s(spec, ranks, cluster)
-    local = parts["local"] * 1e3
-    return {"kind": "layer", "copy_gbps": cluster.memory_bytes_per_s / 1e9,
-            "config": {**spec.describe(), "ranks": ranks},
-            "timings_ms": {"floor": {"matmuls": {"median": parts["expert_math"] * 1e3},
-                                     "all_to_all": {"median": parts["all_to_all"] * 1e3}},
-                           "layer": {"total": {"median": parts["step"] * 1e3}}},
-            "excess_over_floor_ms": {"route+plan+pack+combine": local}}
+def _hand_record(tokens: int, ep: int) -> dict:
+    """A mixtral-small fp32 run on one node whose timings are written from the closed forms by hand
+    (not by the model), for a machine of 2 TFLOP/s, 5 GB/s and 2 us per peer message, 20 GB/s
+    copies, 6 local passes."""
+    d, f, e, k = 256, 896, 8, 2
+    c = max(4, math.ceil(k * tokens * 1.25 / e))  # slots per expert
+    matmul = 3 * 2 * (e * c) * d * f * 3 / 2e12  # fwd+bwd of 3 swiglu matmuls over E*C rows
+    a2a = 4 * (ep - 1) * (2e-6 + (e * c * d * 4 / ep) / 5e9)  # 4 passes, ep-1 peers, E*C*D/ep bytes each
+    local = 6 * tokens * k * d * 4 / 20e9
+    spec = RunSpec("mixtral-small", replace(SHAPES["mixtral-small"], tokens=tokens), ep_size=ep)
+    return {"kind": "layer", "copy_gbps": 20.0, "config": {**spec.describe(), "ranks": ep},
+            "timings_ms": {"floor": {"matmuls": {"median": matmul * 1e3}, "all_to_all": {"median": a2a * 1e3}},
+                           "layer": {"total": {"median": (matmul + a2a + local) * 1e3}}},
+            "excess_over_floor_ms": {"route+plan+pack+combine": local * 1e3}}
 
 
-def test_calibration_recovers_the_parameters_that_made_the_runs():
-    truth = replace(CLUSTER, gpus_per_node=4, intra_alpha_s=0.0)
-    specs = [RunSpec("mixtral-small", replace(SHAPES["mixtral-small"], tokens=t), ep_size=r)
-             for t, r in ((512, 2), (2048, 2), (1024, 4), (4096, 4), (256, 1))]
-    fitted, checks = calibrate([_record(s, s.ep_size, truth) for s in specs], Cluster())
-    assert fitted.peer_s == pytest.approx(truth.peer_s, rel=1e-6)
-    assert fitted.intra_bytes_per_s == pytest.approx(truth.intra_bytes_per_s, rel=1e-6)
-    assert fitted.flops_per_s == pytest.approx(truth.flops_per_s)
-    assert fitted.local_passes == pytest.approx(truth.local_passes)
-    assert all(abs(c["error"]) < 1e-6 for c in checks)
+def test_calibration_recovers_the_machine_that_hand_written_runs_describe():
+    runs = [(512, 2), (2048, 2), (1024, 4), (4096, 4), (256, 1)]
+    fitted, checks = calibrate([_hand_record(t, ep) for t, ep in runs], Cluster())
+    assert fitted.peer_s == pytest.approx(2e-6, rel=1e-6)
+    assert fitted.intra_bytes_per_s == pytest.approx(5e9, rel=1e-6)
+    assert fitted.flops_per_s == pytest.approx(2e12)
+    assert fitted.memory_bytes_per_s == pytest.approx(20e9) and fitted.local_passes == pytest.approx(6)
+    # the calibrated model predicts each run's hand-written total
+    assert all(abs(c["error"]) < 1e-6 for c in checks), checks
 
 
 def test_experts_cap_the_ep_size_unless_they_grow_with_the_gpus():

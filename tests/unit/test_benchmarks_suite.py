@@ -190,6 +190,7 @@ def test_targets_report_by_how_much_they_are_missed():
         "goal: fwd+bwd <= 0.85 x padded floor": (False, pytest.approx(0.9 / 0.85 - 1))}
 
 
+@pytest.mark.slow  # matplotlib
 def test_plots_draw_old_records_next_to_new_ones(tiny_raw, tmp_path):
     for path in results.RESULTS_DIR.glob("layer-*.json"):  # runs from before the new steps and keys
         shutil.copy(path, tmp_path)

@@ -125,6 +125,7 @@ def test_bad_filled_or_dropless_options_name_the_field_and_fix(options, pattern)
         MoEConfig(d_model=8, d_ff=16, num_experts=4, **options)
 
 
+@pytest.mark.slow  # torch.compile
 def test_a_compiled_filled_layer_runs_and_matches_eager():
     layer = make_layer(router="topk", top_k=2, expert_bias=True, d_model=16, d_ff=32)
     x = make_input(24, d_model=16)

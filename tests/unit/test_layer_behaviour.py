@@ -174,7 +174,7 @@ def _assigned(layer):
 
 
 @pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), _meta_then_to_empty,
-                                   _assigned, torch.compile],
+                                   _assigned, pytest.param(torch.compile, marks=pytest.mark.slow)],
                          ids=["deepcopy", "pickle", "meta-to_empty", "load_state_dict-assign", "compile"])
 def test_expert_parameters_are_found_by_structure_after_copies_and_rebuilds(clone):
     # gradient reduction over the expert-data-parallel group relies on this; shared experts are dense

@@ -244,6 +244,7 @@ def test_unknown_preset_lists_the_names():
         presets.preset("hash", 8, 16, 4)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_presets_are_an_attribute_of_the_package():
     # a fresh interpreter: in this one another test may have imported the submodule already
     code = "import expert_parallel; print(expert_parallel.presets.mixtral(8, 16, 4).router)"
