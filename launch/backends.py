@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,11 +17,12 @@ from torch import Tensor, nn
 
 from expert_parallel import RoutingStats
 from expert_parallel.checkpoint import (
+    AsyncSave,
+    async_save_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     mark_latest,
     read_manifest,
-    save_checkpoint,
 )
 from expert_parallel.comm import ExpertGroups, reduce_gradients
 
@@ -52,6 +54,10 @@ class TorchBackend:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         self.root = Path(args.out) / "checkpoint"
         self.rank, self.batch_size, self.global_batch = rank, args.batch_size, args.batch_size * world
+        # checkpoints are written by a background thread, whose collectives need a group of their own
+        self._save_group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=args.timeout_s))
+                            if dist.is_initialized() and world > 1 else None)
+        self._pending: Optional[AsyncSave] = None
 
     def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
         """One optimizer step; returns the (detached) loss, aux loss and stats."""
@@ -62,13 +68,23 @@ class TorchBackend:
         self.optimizer.step()
         return loss.detach(), aux_loss.detach(), stats
 
-    def save(self, step: int) -> None:
-        """Save ``step<N>`` (every rank its shard), then point ``latest`` at it: a job killed
-        mid-save leaves ``latest`` on the previous checkpoint. The two newest are kept."""
-        save_checkpoint(self.root / f"step{step}", self.model, self.optimizer,
-                        extra={"step": step, "global_batch": self.global_batch})
-        if self.rank == 0:
-            mark_latest(self.root, f"step{step}", keep=2)
+    def save(self, step: int, wait: bool = False) -> None:
+        """Save ``step<N>`` (every rank its shard) in the background, then point ``latest`` at it:
+        a job killed mid-save leaves ``latest`` on the previous checkpoint. The two newest are kept.
+        Waits for the previous save first; ``wait``: also for this one."""
+        self.wait()
+        name = f"step{step}"
+        mark = (lambda: mark_latest(self.root, name, keep=2)) if self.rank == 0 else None
+        self._pending = async_save_checkpoint(self.root / name, self.model, self.optimizer, group=self._save_group,
+                                              extra={"step": step, "global_batch": self.global_batch}, on_complete=mark)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written (if any) is complete; raises its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
 
     def load(self) -> int:
         """Restore the latest checkpoint at this job's topology; returns the step to continue from
@@ -132,8 +148,9 @@ class DeepSpeedBackend:
         self.engine.step()
         return loss.detach(), aux_loss.detach(), stats
 
-    def save(self, step: int) -> None:
-        """Engine checkpoint tagged ``step<N>``, with every rank's RNG state as client state."""
+    def save(self, step: int, wait: bool = False) -> None:
+        """Engine checkpoint tagged ``step<N>``, with every rank's RNG state as client state
+        (written before it returns, whatever ``wait``)."""
         # the engine writes client state from rank 0 only: gather the other ranks' RNG into it
         rng_states: list = [None] * dist.get_world_size()
         dist.all_gather_object(rng_states, torch.get_rng_state())

@@ -13,8 +13,9 @@ of that job.
         --rdzv-endpoint HOST:29500 -m launch.train --out runs/demo
 
 Writes ``OUT/metrics.jsonl`` (rank 0, one JSON object per logged step), ``OUT/summary.json``
-and ``OUT/checkpoint/``; ``--resume`` continues from the checkpoint. A Hugging Face model is also
-saved back to ``OUT/hf`` (loads with plain transformers).
+and ``OUT/checkpoint/``; ``--resume`` continues from the checkpoint, ``--resume auto`` when there is
+one (the same command starts and restarts the job: ``torchrun --max-restarts``, ``--max-restarts``).
+A Hugging Face model is also saved back to ``OUT/hf`` (loads with plain transformers).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from expert_parallel.comm import expert_groups
 from expert_parallel.experts import StackedExperts
 from expert_parallel.presets import PRESETS
 from expert_parallel.spawn import free_port
+from launch import elastic
 from launch.backends import DeepSpeedBackend, TorchBackend, lm_loss
 from launch.corpus import CORPORA, CharCorpus
 from launch.flags import check_flags, moe_config
@@ -71,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bierce: The Devil's Dictionary (public domain English, launch/data/); toy: a "
                              "generated grammar")
     parser.add_argument("--preset", default="gshard", choices=sorted(PRESETS), help="MoE router preset (demo model)")
-    parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size; None means the world size")
+    parser.add_argument("--ep-size", type=int, default=None,
+                        help="expert-parallel size; None: the largest that divides both the world size and the "
+                             "experts (so a job re-formed at another world size can run)")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks to spawn when started plainly")
     parser.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
                         help="auto: nccl with CUDA, else gloo")
@@ -89,15 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="weights, data order and routing noise")
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
     parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
-    parser.add_argument("--resume", action="store_true",
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=elastic.resume_mode, metavar="auto",
                         help="continue from OUT/checkpoint (plain/torchrun: at any world and ep size, the same data "
-                             "when the global batch is kept; deepspeed: the engine's checkpoint, same topology)")
+                             "when the global batch is kept; deepspeed: the engine's checkpoint, same topology); "
+                             "--resume auto: when OUT/checkpoint/latest exists, else start fresh")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="plain spawn: when a rank dies, restart every rank with --resume auto, this many times "
+                             "(under torchrun use its own --max-restarts)")
     parser.add_argument("--deepspeed-config", default=None, metavar="JSON",
                         help="train with the DeepSpeed engine and this config (e.g. launch/ds_zero2_bf16.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the job reads LOCAL_RANK from the environment")
     parser.add_argument("--simulate-failure", default=None, metavar="RANK:STEP",
-                        help="testing aid: rank RANK exits abruptly before step STEP")
+                        help="testing aid: rank RANK exits abruptly before step STEP, once per --out")
     parser.add_argument("--timeout-s", type=float, default=120.0,
                         help="collective timeout: a dead rank or stuck rendezvous ends the job after this")
     return parser
@@ -152,8 +160,9 @@ def train(args: argparse.Namespace) -> None:
     corpus = CharCorpus.named(args.corpus)
     job = build_job(args, corpus, rank, world, device)
     backend, device = job.backend, job.device
-    start_step = backend.load() if args.resume else 0
-    if not args.resume:
+    resume = elastic.should_resume(args.resume, args.out)
+    start_step = backend.load() if resume else 0
+    if not resume:
         torch.manual_seed(args.seed + 7919 * rank)  # routing noise differs per rank
     fail_rank, fail_step = map(int, args.simulate_failure.split(":")) if args.simulate_failure else (-1, -1)
 
@@ -161,14 +170,14 @@ def train(args: argparse.Namespace) -> None:
     metrics_file = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out / "metrics.jsonl", "a" if args.resume else "w")
+        metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                     desc=f"train {job.name} ep{job.ep_size}x{world // job.ep_size}", dynamic_ncols=True)
     tokens_per_step = args.batch_size * args.seq_len * world
     first_loss, last, logged_step = None, {}, start_step
     wall_start = window_start = time.perf_counter()
     for step in progress:
-        if (rank, step) == (fail_rank, fail_step):
+        if (rank, step) == (fail_rank, fail_step) and elastic.claim_failure(args.out, rank, step):
             os._exit(3)  # abrupt, like a crashed node: no cleanup, no goodbye to the peers
         inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len, world))
         loss, aux_loss, stats = backend.step(inputs, targets)
@@ -188,7 +197,7 @@ def train(args: argparse.Namespace) -> None:
             progress.set_postfix(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.4f}",
                                  drop=f"{record['drop_fraction']:.1%}", tok_s=f"{record['tokens_per_s']:.0f}")
         if done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0):
-            backend.save(done)
+            backend.save(done, wait=done == args.steps)
     progress.close()
     if job.hf_model is not None:  # collective: every rank gathers its experts
         save_hf(job.hf_model, corpus, out, rank, args.seq_len)
@@ -269,6 +278,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else args.nproc
     try:  # bad flags fail here, in one line, before any process group exists
+        args.ep_size = elastic.resolve_ep_size(args, world)
         check_flags(args, world, given_flags(argv))
     except ValueError as error:
         parser.error(str(error))
@@ -276,7 +286,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         _run_rank(args)
         return
     try:
-        mp.start_processes(_worker, args=(args, free_port()), nprocs=args.nproc, start_method="spawn")
+        elastic.with_restarts(lambda: mp.start_processes(_worker, args=(args, free_port()), nprocs=args.nproc,
+                                                         start_method="spawn"), args)
     except ProcessException as error:  # one rank died: the others were stopped with it
         sys.exit(f"launch.train: rank {error.error_index} failed ({error}); the job was stopped. "
                  "The failing rank's traceback, if it left one, is printed above.")

@@ -1,0 +1,82 @@
+"""What lets ``launch.train`` survive a dead worker or a lost node: ``--resume auto``, the EP size
+a re-formed job defaults to, a simulated failure that fires once per output directory, and the
+plain spawner's restarts (``--max-restarts``). torchrun restarts its workers itself
+(``torchrun --max-restarts N``, ``--nnodes MIN:MAX``); see docs/launch.md, "Failures and restarts"."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Union
+
+from torch.multiprocessing.spawn import ProcessException
+
+AUTO = "auto"
+
+
+def resume_mode(value: str) -> str:
+    """``--resume``'s optional value: only ``auto`` (``argparse`` type)."""
+    if value != AUTO:
+        raise argparse.ArgumentTypeError(f"{value!r}: --resume takes no value or 'auto'")
+    return value
+
+
+def should_resume(resume: Union[bool, str], out: str) -> bool:
+    """Whether to load ``OUT/checkpoint``: ``--resume`` always (the load fails without one),
+    ``--resume auto`` when ``OUT/checkpoint/latest`` exists, else start fresh."""
+    if resume == AUTO:
+        return (Path(out) / "checkpoint" / "latest").is_file()
+    return bool(resume)
+
+
+def default_ep_size(world_size: int, num_experts: int) -> int:
+    """The largest EP size that divides both the world size and the experts per layer (their
+    greatest common divisor): what a job re-formed at another world size can run."""
+    return math.gcd(world_size, num_experts)
+
+
+def resolve_ep_size(args: argparse.Namespace, world_size: int) -> int:
+    """``--ep-size`` if given, else ``default_ep_size`` of the world and the model's experts
+    (``--experts``, or the saved config's with ``--hf-path``; ValueError if it cannot be read)."""
+    if args.ep_size is not None:
+        return args.ep_size
+    if args.hf_path:
+        from launch.hf import saved_model_info
+
+        return default_ep_size(world_size, saved_model_info(args.hf_path)["num_experts"])
+    return default_ep_size(world_size, args.experts)
+
+
+def claim_failure(out: str, rank: int, step: int) -> bool:
+    """True the first time rank ``rank`` reaches ``step`` of ``--simulate-failure`` for this
+    ``--out``: a marker file is written (and fsynced) before the failure fires, so a restarted
+    job does not fail again at the same step."""
+    marker = Path(out) / f".simulated-failure-rank{rank}-step{step}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.fsync(fd)
+    os.close(fd)
+    return True
+
+
+def with_restarts(run: Callable[[], None], args: argparse.Namespace) -> None:
+    """Run the plain spawner's job (``run``: spawn the ranks, wait for them); when a rank dies,
+    start all ranks again, up to ``--max-restarts`` times, with ``--resume auto`` (from the latest
+    checkpoint, or fresh when none was written yet). Raises the last ``ProcessException``."""
+    for attempt in range(args.max_restarts + 1):
+        try:
+            run()
+            return
+        except ProcessException as error:
+            if attempt == args.max_restarts:
+                raise
+            print(f"launch.train: rank {error.error_index} failed ({error}); restarting the job "
+                  f"({attempt + 1} of --max-restarts {args.max_restarts}) from the latest checkpoint",
+                  file=sys.stderr, flush=True)
+            args.resume = AUTO
