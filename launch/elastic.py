@@ -9,9 +9,11 @@ import argparse
 import math
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
+import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 
 AUTO = "auto"
@@ -80,3 +82,23 @@ def with_restarts(run: Callable[[], None], args: argparse.Namespace) -> None:
                   f"({attempt + 1} of --max-restarts {args.max_restarts}) from the latest checkpoint",
                   file=sys.stderr, flush=True)
             args.resume = AUTO
+
+
+def agent_store(timeout: timedelta) -> Optional[dist.Store]:
+    """The rendezvous store for ``init_process_group`` under a torchrun agent that shares its own
+    store with the workers (``TORCHELASTIC_USE_AGENT_STORE=True``, the c10d and standalone
+    default), its keys prefixed by the restart count and world size; ``None`` otherwise (the
+    environment's store serves).
+
+    That store lives as long as the agent, so after a restart the keys of the previous attempt's
+    process groups are still there: without a prefix per attempt a worker may read the address of
+    a dead peer and fail (``Gloo connectFullMesh failed ... Connection refused``). Restarts after
+    a failure raise the count; a re-formed job between failures only grows, so the pair names
+    each attempt once."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"launch.train/restart{env['TORCHELASTIC_RESTART_COUNT']}/world{env['WORLD_SIZE']}",
+                            store)

@@ -255,7 +255,10 @@ def _run_rank(args: argparse.Namespace) -> None:
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=args.timeout_s))
     else:
-        dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
+        timeout = timedelta(seconds=args.timeout_s)
+        store = elastic.agent_store(timeout)  # None: the environment's
+        dist.init_process_group(backend, timeout=timeout, store=store, rank=int(os.environ["RANK"]) if store else -1,
+                                world_size=int(os.environ["WORLD_SIZE"]) if store else -1)
     try:
         train(args)
     finally:
