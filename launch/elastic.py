@@ -6,6 +6,7 @@ plain spawner's restarts (``--max-restarts``). torchrun restarts its workers its
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -32,6 +33,14 @@ def should_resume(resume: Union[bool, str], out: str) -> bool:
     if resume == AUTO:
         return (Path(out) / "checkpoint" / "latest").is_file()
     return bool(resume)
+
+
+def trim_metrics(path: Path, start_step: int) -> None:
+    """Drop the records of ``OUT/metrics.jsonl`` after ``start_step``: a job that died after its
+    last checkpoint logged steps that the resumed job logs again."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= start_step))
 
 
 def default_ep_size(world_size: int, num_experts: int) -> int:

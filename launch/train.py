@@ -170,6 +170,8 @@ def train(args: argparse.Namespace) -> None:
     metrics_file = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            elastic.trim_metrics(out / "metrics.jsonl", start_step)
         metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                     desc=f"train {job.name} ep{job.ep_size}x{world // job.ep_size}", dynamic_ncols=True)

@@ -1,0 +1,105 @@
+"""Failures and restarts under torchrun on localhost (gloo): a worker that dies is restarted and the
+job ends with the losses of an uninterrupted run; a node (an agent and its worker) that is killed
+leaves the other to resume at world size 1 and finish; the plain spawner's ``--max-restarts``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from expert_parallel.spawn import free_port
+from tests.integration.test_launch import ROOT, SMALL, TORCHRUN, _metrics, _run
+
+psutil = pytest.importorskip("psutil")
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--log-every", "5", "--ckpt-every", "5", "--resume", "auto", "--timeout-s", "20", *SMALL]
+
+
+def test_a_killed_worker_is_restarted_by_torchrun_and_ends_with_the_uninterrupted_losses(tmp_path: Path) -> None:
+    full, failed = tmp_path / "full", tmp_path / "failed"
+    reference = _run([sys.executable, "-m", "launch.train", "--out", str(full), "--steps", "20", *ARGS])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    result = _run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m", "launch.train",
+                   "--out", str(failed), "--steps", "20", "--simulate-failure", "1:12", *ARGS], timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "exitcode  : 3" not in result.stderr  # torchrun's failure report: the job did not end with the failure
+    summary = json.loads((failed / "summary.json").read_text())
+    assert (summary["start_step"], summary["world_size"]) == (10, 2)  # resumed from step10, the last checkpoint
+    assert [r["loss"] for r in _metrics(failed)] == [r["loss"] for r in _metrics(full)]
+    assert summary["final_loss"] == json.loads((full / "summary.json").read_text())["final_loss"]
+
+
+def test_the_plain_spawner_restarts_a_dead_rank_once(tmp_path: Path) -> None:
+    full, failed = tmp_path / "full", tmp_path / "failed"
+    assert _run([sys.executable, "-m", "launch.train", "--out", str(full), "--steps", "10", *ARGS]).returncode == 0
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(failed), "--steps", "10", "--max-restarts", "1",
+                   "--simulate-failure", "0:7", *ARGS])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "restarting the job (1 of --max-restarts 1)" in result.stderr
+    assert json.loads((failed / "summary.json").read_text())["start_step"] == 5
+    assert [r["loss"] for r in _metrics(failed)] == [r["loss"] for r in _metrics(full)]
+
+
+def _latest_world_size(out: Path) -> int:
+    """The world size that saved ``OUT/checkpoint/latest`` (0 before the first checkpoint)."""
+    try:
+        name = (out / "checkpoint" / "latest").read_text().strip()
+        return json.loads((out / "checkpoint" / name / "manifest.json").read_text())["world_size"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _kill_node(agent: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent's process group and its workers (torchrun starts each worker in a
+    session of its own, so killing the agent's group alone would leave them running)."""
+    try:
+        workers = psutil.Process(agent.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    for pid in [agent.pid, *(worker.pid for worker in workers)]:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    agent.wait()
+
+
+@pytest.mark.timeout(480)
+def test_a_lost_node_leaves_the_other_to_resume_at_world_size_one_and_finish(tmp_path: Path) -> None:
+    endpoint, steps = f"127.0.0.1:{free_port()}", 80
+
+    def node() -> subprocess.Popen:  # its own process group: killing it kills the agent and its worker
+        cmd = [*TORCHRUN, "--nnodes", "1:2", "--nproc-per-node", "1", "--max-restarts", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", endpoint, "--rdzv-id", "elastic", "--rdzv-conf", "last_call_timeout=3",
+               "-m", "launch.train", "--out", str(tmp_path), "--steps", str(steps), *ARGS]
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = node()  # hosts the c10d rendezvous store
+    time.sleep(1)
+    second = node()
+    try:
+        deadline = time.monotonic() + 180
+        while _latest_world_size(tmp_path) != 2:  # a checkpoint of the two-node job
+            assert time.monotonic() < deadline and first.poll() is None, "no checkpoint at world size 2"
+            time.sleep(0.05)
+        _kill_node(second)  # the node is lost: its agent and everything it started
+        output, _ = first.communicate(timeout=240)
+        assert first.returncode == 0, output[-5000:]
+    finally:
+        for proc in (first, second):
+            _kill_node(proc)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["world_size"], summary["ep_size"], summary["steps"]) == (1, 1, steps)
+    assert 0 < summary["start_step"] < steps  # resumed from the two-node job's checkpoint
+    records = _metrics(tmp_path)  # the two-node job's records after its checkpoint were dropped at the restart
+    assert [r["step"] for r in records] == list(range(5, steps + 1, 5))
