@@ -86,9 +86,11 @@ class TorchBackend:
             pending, self._pending = self._pending, None
             pending.wait()
 
-    def load(self) -> int:
+    def load(self, keep_global_batch: bool = False) -> int:
         """Restore the latest checkpoint at this job's topology; returns the step to continue from
-        (the data position: batches are drawn by step from the global batch)."""
+        (the data position: batches are drawn by step from the global batch). ``keep_global_batch``
+        (``--resume auto``): when the world size divides the saved global batch, take it, changing
+        ``batch_size`` (per rank) to the saved global batch / world size."""
         path = latest_checkpoint(self.root)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.root} (no 'latest' file); train without "
@@ -102,8 +104,13 @@ class TorchBackend:
             raise ValueError(f"--resume: {path} records no step (extra={sorted(extra)}); save it with "
                              "extra={'step': N} or start a new run from its weights")
         saved_batch = extra.get("global_batch")  # absent in a checkpoint converted from DeepSpeed
+        world = self.global_batch // self.batch_size
+        if keep_global_batch and saved_batch not in (None, self.global_batch) and saved_batch % world == 0:
+            self.batch_size, self.global_batch = saved_batch // world, saved_batch
+            if self.rank == 0:
+                print(f"launch.train: {path} was trained with a global batch of {saved_batch} sequences: at world size "
+                      f"{world} that is --batch-size {self.batch_size} per rank", file=sys.stderr, flush=True)
         if saved_batch not in (None, self.global_batch) and self.rank == 0:
-            world = self.global_batch // self.batch_size
             keep = f" (--batch-size {saved_batch // world} keeps them)" if saved_batch % world == 0 else ""
             print(f"launch.train: warning: {path} was trained with a global batch of {saved_batch} sequences, this "
                   f"job has {self.global_batch} (--batch-size x world size); it continues from step {extra['step']} "
@@ -159,8 +166,9 @@ class DeepSpeedBackend:
         if self._converted:  # its model file holds rank 0's experts: each rank keeps its own
             self.engine.module.save_expert_shard(self.directory / f"step{step}")
 
-    def load(self) -> int:
-        """Load the latest engine checkpoint; returns the step to continue from."""
+    def load(self, keep_global_batch: bool = False) -> int:
+        """Load the latest engine checkpoint; returns the step to continue from. The engine resumes
+        at the topology and batch that saved (``keep_global_batch`` is not needed)."""
         if not (self.directory / "latest").exists():
             raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {self.directory}; train without "
                                     "--resume first")

@@ -161,7 +161,9 @@ def train(args: argparse.Namespace) -> None:
     job = build_job(args, corpus, rank, world, device)
     backend, device = job.backend, job.device
     resume = elastic.should_resume(args.resume, args.out)
-    start_step = backend.load() if resume else 0
+    start_step = backend.load(keep_global_batch=args.resume == elastic.AUTO) if resume else 0
+    if isinstance(backend, TorchBackend):  # --resume auto may have kept the saved global batch
+        args.batch_size = backend.batch_size
     if not resume:
         torch.manual_seed(args.seed + 7919 * rank)  # routing noise differs per rank
     fail_rank, fail_step = map(int, args.simulate_failure.split(":")) if args.simulate_failure else (-1, -1)
