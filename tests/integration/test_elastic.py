@@ -124,3 +124,15 @@ def test_resume_auto_keeps_the_saved_global_batch_when_the_world_size_divides_it
             assert backend.load(keep_global_batch=keep) == 3
             kept = keep and name == "even"
             assert (backend.batch_size, backend.global_batch) == ((6, 12) if kept else (4, 8))
+
+
+def test_the_default_ep_size_is_the_largest_that_divides_world_and_experts() -> None:
+    from launch.elastic import resolve_ep_size
+    from launch.train import build_parser
+
+    for world in range(1, 17):
+        for experts in (1, 4, 6, 8, 12):
+            args = build_parser().parse_args(["--experts", str(experts)])
+            largest = max(d for d in range(1, world + 1) if world % d == 0 and experts % d == 0)
+            assert resolve_ep_size(args, world) == largest
+    assert resolve_ep_size(build_parser().parse_args(["--ep-size", "2"]), 8) == 2  # a given one is kept
