@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,11 +17,12 @@ from torch import Tensor, nn
 
 from expert_parallel import RoutingStats
 from expert_parallel.checkpoint import (
+    AsyncSave,
+    async_save_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     mark_latest,
     read_manifest,
-    save_checkpoint,
 )
 from expert_parallel.comm import ExpertGroups, clip_grad_norm_, grad_norm, reduce_gradients
 
@@ -54,6 +56,10 @@ class TorchBackend:
         self.root = Path(args.out) / "checkpoint"
         self.rank, self.batch_size, self.global_batch = rank, args.batch_size, args.batch_size * world
         self.clip_grad = args.clip_grad
+        # checkpoints are written by a background thread, whose collectives need a group of their own
+        self._save_group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=args.timeout_s))
+                            if dist.is_initialized() and world > 1 else None)
+        self._pending: Optional[AsyncSave] = None
 
     def step(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats], Tensor]:
         """One optimizer step; returns the (detached) loss, aux loss, stats and the gradient norm
@@ -69,17 +75,29 @@ class TorchBackend:
         self.optimizer.step()
         return loss.detach(), aux_loss.detach(), stats, norm
 
-    def save(self, step: int) -> None:
-        """Save ``step<N>`` (every rank its shard), then point ``latest`` at it: a job killed
-        mid-save leaves ``latest`` on the previous checkpoint. The two newest are kept."""
-        save_checkpoint(self.root / f"step{step}", self.model, self.optimizer,
-                        extra={"step": step, "global_batch": self.global_batch})
-        if self.rank == 0:
-            mark_latest(self.root, f"step{step}", keep=2)
+    def save(self, step: int, wait: bool = False) -> None:
+        """Save ``step<N>`` (every rank its shard) in the background, then point ``latest`` at it:
+        a job killed mid-save leaves ``latest`` on the previous checkpoint. The two newest are kept.
+        Waits for the previous save first; ``wait``: also for this one."""
+        self.wait()
+        name = f"step{step}"
+        mark = (lambda: mark_latest(self.root, name, keep=2)) if self.rank == 0 else None
+        self._pending = async_save_checkpoint(self.root / name, self.model, self.optimizer, group=self._save_group,
+                                              extra={"step": step, "global_batch": self.global_batch}, on_complete=mark)
+        if wait:
+            self.wait()
 
-    def load(self) -> int:
+    def wait(self) -> None:
+        """Block until the checkpoint being written (if any) is complete; raises its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
+
+    def load(self, keep_global_batch: bool = False) -> int:
         """Restore the latest checkpoint at this job's topology; returns the step to continue from
-        (the data position: batches are drawn by step from the global batch)."""
+        (the data position: batches are drawn by step from the global batch). ``keep_global_batch``
+        (``--resume auto``): when the world size divides the saved global batch, take it, changing
+        ``batch_size`` (per rank) to the saved global batch / world size."""
         path = latest_checkpoint(self.root)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.root} (no 'latest' file); train without "
@@ -93,8 +111,13 @@ class TorchBackend:
             raise ValueError(f"--resume: {path} records no step (extra={sorted(extra)}); save it with "
                              "extra={'step': N} or start a new run from its weights")
         saved_batch = extra.get("global_batch")  # absent in a checkpoint converted from DeepSpeed
+        world = self.global_batch // self.batch_size
+        if keep_global_batch and saved_batch not in (None, self.global_batch) and saved_batch % world == 0:
+            self.batch_size, self.global_batch = saved_batch // world, saved_batch
+            if self.rank == 0:
+                print(f"launch.train: {path} was trained with a global batch of {saved_batch} sequences: at world size "
+                      f"{world} that is --batch-size {self.batch_size} per rank", file=sys.stderr, flush=True)
         if saved_batch not in (None, self.global_batch) and self.rank == 0:
-            world = self.global_batch // self.batch_size
             keep = f" (--batch-size {saved_batch // world} keeps them)" if saved_batch % world == 0 else ""
             print(f"launch.train: warning: {path} was trained with a global batch of {saved_batch} sequences, this "
                   f"job has {self.global_batch} (--batch-size x world size); it continues from step {extra['step']} "
@@ -147,8 +170,9 @@ class DeepSpeedBackend:
         self.engine.step()
         return loss.detach(), aux_loss.detach(), stats, self.engine.get_global_grad_norm()
 
-    def save(self, step: int) -> None:
-        """Engine checkpoint tagged ``step<N>``, with every rank's RNG state as client state."""
+    def save(self, step: int, wait: bool = False) -> None:
+        """Engine checkpoint tagged ``step<N>``, with every rank's RNG state as client state
+        (written before it returns, whatever ``wait``)."""
         # the engine writes client state from rank 0 only: gather the other ranks' RNG into it
         rng_states: list = [None] * dist.get_world_size()
         dist.all_gather_object(rng_states, torch.get_rng_state())
@@ -157,8 +181,9 @@ class DeepSpeedBackend:
         if self._converted:  # its model file holds rank 0's experts: each rank keeps its own
             self.engine.module.save_expert_shard(self.directory / f"step{step}")
 
-    def load(self) -> int:
-        """Load the latest engine checkpoint; returns the step to continue from."""
+    def load(self, keep_global_batch: bool = False) -> int:
+        """Load the latest engine checkpoint; returns the step to continue from. The engine resumes
+        at the topology and batch that saved (``keep_global_batch`` is not needed)."""
         if not (self.directory / "latest").exists():
             raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {self.directory}; train without "
                                     "--resume first")

@@ -44,6 +44,8 @@ def check_flags(args: argparse.Namespace, world_size: int, given: frozenset[str]
         given: the flags given on the command line (``launch.train.given_flags``); a demo-model
             flag among them that a Hugging Face model does not read is an error.
     """
+    if args.max_restarts < 0:
+        raise ValueError(f"--max-restarts {args.max_restarts}: must be >= 0")
     for flag in ("steps", "nproc", "log_every", "heads", "seq_len", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"{_flag(flag)} {getattr(args, flag)}: must be >= 1")
@@ -51,7 +53,7 @@ def check_flags(args: argparse.Namespace, world_size: int, given: frozenset[str]
         raise ValueError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}; choose "
                          "heads that divide the model width")
     if args.ep_size is not None and args.ep_size < 1:
-        raise ValueError(f"--ep-size {args.ep_size}: must be >= 1 (leave it out for the world size)")
+        raise ValueError(f"--ep-size {args.ep_size}: must be >= 1 (leave it out for the default)")
     ep_size = args.ep_size or world_size
     if world_size % ep_size:
         raise ValueError(f"--ep-size {ep_size} does not divide the world size {world_size}; "

@@ -13,8 +13,9 @@ of that job.
         --rdzv-endpoint HOST:29500 -m launch.train --out runs/demo
 
 Writes ``OUT/metrics.jsonl`` (rank 0, one JSON object per logged step), ``OUT/summary.json``
-and ``OUT/checkpoint/``; ``--resume`` continues from the checkpoint. A Hugging Face model is also
-saved back to ``OUT/hf`` (loads with plain transformers).
+and ``OUT/checkpoint/``; ``--resume`` continues from the checkpoint, ``--resume auto`` when there is
+one (the same command starts and restarts the job: ``torchrun --max-restarts``, ``--max-restarts``).
+A Hugging Face model is also saved back to ``OUT/hf`` (loads with plain transformers).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from expert_parallel.comm import expert_groups
 from expert_parallel.flight import FlightRecorder, default_store
 from expert_parallel.presets import PRESETS
 from expert_parallel.spawn import free_port
+from launch import elastic
 from launch.backends import DeepSpeedBackend, TorchBackend, lm_loss
 from launch.corpus import CORPORA, CharCorpus
 from launch.faults import Failure, is_peer_failure, report_stall
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bierce: The Devil's Dictionary (public domain English, launch/data/); toy: a "
                              "generated grammar")
     parser.add_argument("--preset", default="gshard", choices=sorted(PRESETS), help="MoE router preset (demo model)")
-    parser.add_argument("--ep-size", type=int, default=None, help="expert-parallel size; None means the world size")
+    parser.add_argument("--ep-size", type=int, default=None,
+                        help="expert-parallel size; None: the largest that divides both the world size and the "
+                             "experts (so a job re-formed at another world size can run)")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks to spawn when started plainly")
     parser.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
                         help="auto: nccl with CUDA, else gloo")
@@ -94,16 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="weights, data order and routing noise")
     parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
     parser.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: end only)")
-    parser.add_argument("--resume", action="store_true",
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=elastic.resume_mode, metavar="auto",
                         help="continue from OUT/checkpoint (plain/torchrun: at any world and ep size, the same data "
-                             "when the global batch is kept; deepspeed: the engine's checkpoint, same topology)")
+                             "when the global batch is kept; deepspeed: the engine's checkpoint, same topology); "
+                             "--resume auto: when OUT/checkpoint/latest exists, else start fresh")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="plain spawn: when a rank dies, restart every rank with --resume auto, this many times "
+                             "(under torchrun use its own --max-restarts)")
     parser.add_argument("--deepspeed-config", default=None, metavar="JSON",
                         help="train with the DeepSpeed engine and this config (e.g. launch/ds_zero2_bf16.json)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the job reads LOCAL_RANK from the environment")
     parser.add_argument("--simulate-failure", default=None, metavar="RANK:STEP[:hang]",
                         help="testing aid: rank RANK exits abruptly before step STEP (with :hang, stalls in that "
-                             "step's forward instead)")
+                             "step's forward instead), once per --out")
     parser.add_argument("--timeout-s", type=float, default=120.0,
                         help="collective timeout: a dead or stalled rank or a stuck rendezvous ends the job after "
                              "this (a stall prints where every rank stopped)")
@@ -158,8 +166,12 @@ def train(args: argparse.Namespace) -> None:
     device = torch.device(f"cuda:{local_rank}") if dist.get_backend() == "nccl" else torch.device("cpu")
     corpus = CharCorpus.named(args.corpus)
     job = build_job(args, corpus, rank, world, device)
-    start_step = job.backend.load() if args.resume else 0
-    if not args.resume:
+    backend, device = job.backend, job.device
+    resume = elastic.should_resume(args.resume, args.out)
+    start_step = backend.load(keep_global_batch=args.resume == elastic.AUTO) if resume else 0
+    if isinstance(backend, TorchBackend):  # --resume auto may have kept the saved global batch
+        args.batch_size = backend.batch_size
+    if not resume:
         torch.manual_seed(args.seed + 7919 * rank)  # routing noise differs per rank
     # where this rank is, for the table a rank prints when a collective times out
     with FlightRecorder(job.backend.model, default_store()) as recorder:
@@ -182,7 +194,9 @@ def _train_loop(args: argparse.Namespace, job: Job, corpus: CharCorpus, start_st
     metrics_file = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out / "metrics.jsonl", "a" if args.resume else "w")
+        if resume:
+            elastic.trim_metrics(out / "metrics.jsonl", start_step)
+        metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                     desc=f"train {job.name} ep{job.ep_size}x{world // job.ep_size}", dynamic_ncols=True)
     tokens_per_step = args.batch_size * args.seq_len * world
@@ -190,7 +204,8 @@ def _train_loop(args: argparse.Namespace, job: Job, corpus: CharCorpus, start_st
     wall_start = window_start = time.perf_counter()
     for step in progress:
         recorder.step(step)
-        if failure is not None and (rank, step) == (failure.rank, failure.step):
+        if (failure is not None and (rank, step) == (failure.rank, failure.step)
+                and elastic.claim_failure(args.out, rank, step)):
             failure.strike(backend.model)
         inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len, world))
         loss, aux_loss, stats, grad_norm = backend.step(inputs, targets)
@@ -212,7 +227,7 @@ def _train_loop(args: argparse.Namespace, job: Job, corpus: CharCorpus, start_st
                                  drop=f"{record['drop_fraction']:.1%}", gnorm=f"{record['grad_norm'] or 0:.3f}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
         if done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0):
-            backend.save(done)
+            backend.save(done, wait=done == args.steps)
     progress.close()
     if job.hf_model is not None:  # collective: every rank gathers its experts
         save_hf(job.hf_model, corpus, out, rank, args.seq_len)
@@ -270,7 +285,10 @@ def _run_rank(args: argparse.Namespace) -> None:
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=args.timeout_s))
     else:
-        dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
+        timeout = timedelta(seconds=args.timeout_s)
+        store = elastic.agent_store(timeout)  # None: the environment's
+        dist.init_process_group(backend, timeout=timeout, store=store, rank=int(os.environ["RANK"]) if store else -1,
+                                world_size=int(os.environ["WORLD_SIZE"]) if store else -1)
     try:
         train(args)
     finally:
@@ -293,6 +311,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else args.nproc
     try:  # bad flags fail here, in one line, before any process group exists
+        args.ep_size = elastic.resolve_ep_size(args, world)
         check_flags(args, world, given_flags(argv))
     except ValueError as error:
         parser.error(str(error))
@@ -300,7 +319,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         _run_rank(args)
         return
     try:
-        mp.start_processes(_worker, args=(args, free_port()), nprocs=args.nproc, start_method="spawn")
+        elastic.with_restarts(lambda: mp.start_processes(_worker, args=(args, free_port()), nprocs=args.nproc,
+                                                         start_method="spawn"), args)
     except ProcessException as error:  # one rank died: the others were stopped with it
         sys.exit(f"launch.train: rank {error.error_index} failed ({error}); the job was stopped. "
                  "The failing rank's traceback, if it left one, is printed above.")

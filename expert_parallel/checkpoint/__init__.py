@@ -9,9 +9,10 @@ optimizer state, RNG and trainer state included, every tensor checked against a 
 checkpoints to this format (see docs/checkpoints.md).
 """
 
+from .background import AsyncSave, async_save_checkpoint
 from .logical import ExpertShard, expert_shards
 from .manifest import CheckpointError, read_manifest
 from .store import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
 
-__all__ = ["CheckpointError", "ExpertShard", "expert_shards", "latest_checkpoint", "load_checkpoint", "mark_latest",
-           "read_manifest", "save_checkpoint"]
+__all__ = ["AsyncSave", "CheckpointError", "ExpertShard", "async_save_checkpoint", "expert_shards", "latest_checkpoint",
+           "load_checkpoint", "mark_latest", "read_manifest", "save_checkpoint"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemReader
@@ -59,6 +60,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
     rows of the logical ``[E, ...]`` tensors, dense ones once; then ``manifest.json`` (shapes,
     dtypes, per-tensor and per-expert SHA-256, per-file SHA-256, ``.metadata`` included) is written, last: a directory
     without it is an unfinished save. Syncs the host (checksums on host copies).
+    ``async_save_checkpoint`` does the same with the writing in a background thread.
 
     Args:
         directory: a new directory (or one to overwrite), on storage every rank can reach.
@@ -69,32 +71,69 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: O
 
     Raises:
         RuntimeError: replicas that should be equal differ (a dense tensor between ranks, or an
-            expert between its data-parallel replicas): the run has diverged; nothing is marked complete.
+            expert between its data-parallel replicas): the run has diverged; nothing is written.
     """
-    directory = Path(directory)
+    return write_prepared(prepare_save(directory, model, optimizer, extra, stage=False))
+
+
+class PreparedSave(NamedTuple):
+    """A checkpoint captured by ``prepare_save``, ready for ``write_prepared``: the flat DCP state
+    and the manifest without its storage-file checksums (the files do not exist yet)."""
+
+    directory: Path
+    state: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def prepare_save(directory: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                 extra: Optional[dict[str, Any]], stage: bool) -> PreparedSave:
+    """The first half of ``save_checkpoint`` (same arguments and errors): the state, every rank's
+    RNG and every tensor's checksum. ``stage``: copy the tensors, so that the model and optimizer
+    may change while ``write_prepared`` writes the copies. Collective; syncs the host."""
     state, keys = _logical_state(model, optimizer)
+    if stage:
+        state = {key: _copy(value) for key, value in state.items()}
     rng = gather_objects(_rng_state(model))
     objects = {"extra": extra or {}, "optim_groups": keys.optim_groups, "optim_other": keys.optim_other, "rng": rng}
     blob = pickle.dumps(objects)
     state[OBJECTS] = blob
+    digests = gather_objects(_digests(state, keys))
+    entries = _manifest_entries(state, keys, digests)  # raises on every rank alike
+    return PreparedSave(Path(directory), state, {
+        "world_size": world_size(),
+        "ep_sizes": sorted({len(shard.ep_ranks) for shard in keys.experts.values()}),
+        "tensors": entries,
+        "objects": {OBJECTS: bytes_digest(blob)},
+    })
+
+
+def write_prepared(prepared: PreparedSave, group: Optional[dist.ProcessGroup] = None) -> Path:
+    """The second half of ``save_checkpoint``: DCP writes (and fsyncs) the storage files, then rank 0
+    writes ``manifest.json`` with their checksums; every rank returns after the manifest exists.
+    Collective over ``group`` (default: the world; a group of every rank that training does not use
+    at the same time when called from a background thread)."""
+    directory = prepared.directory
     if rank() == 0:  # overwriting: the directory is unfinished until the new manifest is written
         (directory / MANIFEST).unlink(missing_ok=True)
-    metadata = dcp.save(state, checkpoint_id=directory, no_dist=world_size() == 1)  # every rank gets it
-    digests = gather_objects(_digests(state, keys))
+    metadata = dcp.save(prepared.state, checkpoint_id=directory, process_group=group,
+                        no_dist=world_size() == 1)  # every rank gets it
     files = sorted({info.relative_path for info in metadata.storage_data.values()})
-    file_digests = gather_objects({name: file_digest(directory / name) for name in files[rank()::world_size()]})
-    entries = _manifest_entries(state, keys, digests)  # raises on every rank alike
+    file_digests = gather_objects({name: file_digest(directory / name) for name in files[rank()::world_size()]},
+                                  group)
     if rank() == 0:  # the coordinator wrote .metadata before dcp.save returned
-        files = {METADATA: file_digest(directory / METADATA)}
-        write_manifest(directory, {
-            "world_size": world_size(),
-            "ep_sizes": sorted({len(shard.ep_ranks) for shard in keys.experts.values()}),
-            "tensors": entries,
-            "objects": {OBJECTS: bytes_digest(blob)},
-            "files": {**files, **{name: digest for part in file_digests for name, digest in part.items()}},
-        })
-    gather_objects(None)  # nobody returns before the manifest exists
+        digests = {METADATA: file_digest(directory / METADATA)}
+        digests.update((name, digest) for part in file_digests for name, digest in part.items())
+        write_manifest(directory, {**prepared.manifest, "files": digests})
+    gather_objects(None, group)  # nobody returns before the manifest exists
     return directory
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a state value that later steps do not change (a DTensor keeps its mesh)."""
+    if isinstance(value, DTensor):
+        return DTensor.from_local(value.to_local().detach().clone(), value.device_mesh, value.placements,
+                                  run_check=False, shape=value.shape, stride=value.stride())
+    return value.detach().clone() if isinstance(value, Tensor) else value
 
 
 def load_checkpoint(directory: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,

@@ -38,11 +38,12 @@ def all_gather_along(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def gather_objects(value: Any) -> list[Any]:
-    """Every rank's picklable ``value``, in rank order (one object all-gather over the world;
-    ``[value]`` without a process group). Collective; syncs the host."""
+def gather_objects(value: Any, group: Optional[ProcessGroup] = None) -> list[Any]:
+    """Every rank's picklable ``value``, in rank order (one object all-gather over ``group``, by
+    default the world, which must then hold every rank; ``[value]`` without a process group).
+    Collective; syncs the host."""
     if not dist.is_initialized():
         return [value]
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
     return values

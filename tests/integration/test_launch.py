@@ -128,7 +128,7 @@ def test_resume_at_another_world_and_ep_size(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("flags, message", [
     (["--ep-size", "3"], "--ep-size 3 does not divide the world size 2"),
-    (["--experts", "5"], "num_experts=5 is invalid"),
+    (["--experts", "5", "--ep-size", "2"], "num_experts=5 is invalid"),
     (["--preset", "nope"], "invalid choice: 'nope'"),
     (["--simulate-failure", "x"], "expected RANK:STEP or RANK:STEP:hang"),
     (["--simulate-failure", "1:3:stall"], "expected RANK:STEP or RANK:STEP:hang"),
