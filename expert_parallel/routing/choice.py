@@ -74,7 +74,7 @@ def gshard_top2(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] =
         second_S = torch.ones_like(g2_S, dtype=torch.bool)
     active_S2 = torch.stack([torch.ones_like(second_S), second_S], dim=1)
     aux = load_balance_loss(probs_SE, expert_S2[:, 0])
-    return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, {"load_balance": aux})
+    return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, {"load_balance": aux}, balance_choices=1)
 
 
 def topk(logits_SE: Tensor, cfg: MoEConfig, selection_bias_E: Optional[Tensor] = None) -> Routing:
