@@ -14,6 +14,9 @@ setup(
         # the demo training job and the benchmarks' progress bars
         "launch": ["tqdm"],
         "deepspeed": ["deepspeed>=0.14"],
+        # launch.train --tensorboard (torch.utils.tensorboard needs the tensorboard package); launch.report
+        "tensorboard": ["tensorboard"],
+        "report": ["matplotlib"],
         "telemetry": ["nvidia-ml-py"],
         # transformers: the Mixtral model DeepSpeed's AutoEP is measured on (benchmarks/baselines.py
         # says why <5.23)

@@ -12,9 +12,11 @@ of that job.
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m launch.train --out runs/demo
 
-Writes ``OUT/metrics.jsonl`` (rank 0, one JSON object per logged step), ``OUT/summary.json``
+Writes ``OUT/metrics.jsonl`` (rank 0, one JSON object per logged step, with every MoE layer's
+expert load under ``"moe"``; ``launch/observe.py``), ``OUT/summary.json``
 and ``OUT/checkpoint/``; ``--resume`` continues from the checkpoint. A Hugging Face model is also
-saved back to ``OUT/hf`` (loads with plain transformers).
+saved back to ``OUT/hf`` (loads with plain transformers). ``--tensorboard`` adds event files
+under ``OUT/tensorboard/``; ``python -m launch.report OUT`` draws the PNGs under ``OUT/report/``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from launch.corpus import CORPORA, CharCorpus
 from launch.flags import check_flags, moe_config
 from launch.hf import HF_MODELS, CausalLMLoss, build_hf_model, save_hf
 from launch.model import DeepSpeedMoEFFN, MoETransformerLM
+from launch.observe import Observer, add_observe_flags, check_observe_flags
 
 __all__ = ["build_parser", "check_flags", "given_flags", "main", "train"]
 
@@ -100,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="testing aid: rank RANK exits abruptly before step STEP")
     parser.add_argument("--timeout-s", type=float, default=120.0,
                         help="collective timeout: a dead rank or stuck rendezvous ends the job after this")
+    add_observe_flags(parser)
     return parser
 
 
@@ -167,11 +171,14 @@ def train(args: argparse.Namespace) -> None:
     tokens_per_step = args.batch_size * args.seq_len * world
     first_loss, last, logged_step = None, {}, start_step
     wall_start = window_start = time.perf_counter()
+    observer = Observer(args, getattr(backend, "model", None) or backend.engine, rank)
     for step in progress:
         if (rank, step) == (fail_rank, fail_step):
             os._exit(3)  # abrupt, like a crashed node: no cleanup, no goodbye to the peers
         inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len, world))
-        loss, aux_loss, stats = backend.step(inputs, targets)
+        with observer.step():  # --record-routing
+            loss, aux_loss, stats = backend.step(inputs, targets)
+        observer.after_step()  # --bias-update-rate
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             elapsed = time.perf_counter() - window_start
@@ -180,6 +187,7 @@ def train(args: argparse.Namespace) -> None:
                       "tokens_per_s": tokens_per_step * steps_in_window / elapsed,
                       "step_ms": 1e3 * elapsed / steps_in_window}
             window_start = time.perf_counter()
+            record = observer.log(done, record, stats)  # per-layer expert load; TensorBoard
             first_loss = record["loss"] if first_loss is None else first_loss
             last = record
             if metrics_file is not None:
@@ -190,6 +198,7 @@ def train(args: argparse.Namespace) -> None:
         if done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0):
             backend.save(done)
     progress.close()
+    observer.close()
     if job.hf_model is not None:  # collective: every rank gathers its experts
         save_hf(job.hf_model, corpus, out, rank, args.seq_len)
     if rank == 0 and last:
@@ -270,6 +279,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else args.nproc
     try:  # bad flags fail here, in one line, before any process group exists
         check_flags(args, world, given_flags(argv))
+        check_observe_flags(args)
     except ValueError as error:
         parser.error(str(error))
     if under_launcher:

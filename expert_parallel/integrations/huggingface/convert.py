@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from ...config import MoEConfig
 from .block import ExpertParallelBlock
+from .masking import pass_attention_mask
 from .specs import SPECS_BY_BLOCK, BlockSpec
 
 # the transformers releases whose blocks, keys and output recording the specs are verified against
@@ -48,7 +49,8 @@ def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[Process
     Each block becomes an ``MoELayer`` holding the router, this rank's ``num_experts / ep_size``
     experts (global expert ``e`` on EP rank ``e // E_local``) and the shared experts, with the
     block's dtype and device; the HF block and its other experts are dropped. The model's forward,
-    ``output_router_logits`` and its ``aux_loss`` work as before. By default the layers are
+    ``output_router_logits`` and its ``aux_loss`` work as before; the padding its 2-D
+    ``attention_mask`` marks is not routed (the blocks' ``token_mask``). By default the layers are
     dropless (``MoEConfig.dropless``): nothing is dropped, so the model computes the same function;
     every EP rank must then pass the same number of tokens (a fixed ``[batch, seq]`` shape).
 
@@ -92,6 +94,7 @@ def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[Process
         _check_coverage(path, block, spec)
     for path, block, spec, cfg in plan:
         model.set_submodule(path, ExpertParallelBlock.from_hf(block, spec, cfg, ep_group))
+    pass_attention_mask(model)
     return model
 
 
