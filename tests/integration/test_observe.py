@@ -89,3 +89,17 @@ def test_a_launch_records_routing_and_logs_each_layers_expert_load(tmp_path):
     assert [name for name, _, _ in calls] == ["blocks.1.ffn", "blocks.3.ffn"]
     report = subprocess.run([sys.executable, "-m", "launch.report", str(tmp_path)], capture_output=True, text=True)
     assert report.returncode == 0 and (tmp_path / "report" / "expert_load.png").is_file()
+
+
+def test_tensorboard_gets_the_scalars_and_each_layers_load_histogram(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    observer = Observer(_args(tmp_path, tensorboard=True), torch.nn.Linear(2, 2), 0)
+    observer.log(3, {"loss": 2.5, "aux_loss": 0.01, "grad_norm": 1.5}, [_stats([6, 2, 0, 0], 0.25, 1.5)])
+    observer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/grad_norm", "moe/layer0/max_over_mean"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("moe/layer0/max_over_mean")] == [(3, 3.0)]
+    assert events.Tags()["histograms"] == ["moe/layer0/expert_load"]
