@@ -22,15 +22,20 @@ class Tokens(NamedTuple):
         index_S: positions of the routed tokens among the flattened ``S_all`` (long), or ``None``
             when every token is routed.
         total: ``S_all``.
-        sequence_S: each routed token's sequence (long ``[S]``; the input's leading dimensions
-            but the last two, flattened; one sequence for an input ``[T, D]``).
+        length: tokens per sequence ``T`` (the sequences are the input's leading dimensions but
+            the last two, flattened; an input ``[T, D]`` is one sequence).
         num_sequences: ``B``.
     """
 
     index_S: Optional[Tensor]
     total: int
-    sequence_S: Tensor
+    length: int
     num_sequences: int
+
+    def sequence_S(self, device: torch.device) -> Tensor:
+        """Each routed token's sequence ``[S]`` (long, on ``device``); no host sync."""
+        position_S = torch.arange(self.total, device=device) if self.index_S is None else self.index_S
+        return position_S // self.length
 
 
 def mask_error(x: Tensor, token_mask: Optional[Tensor]) -> Optional[str]:
@@ -53,13 +58,12 @@ def select_tokens(x: Tensor, token_mask: Optional[Tensor]) -> tuple[Tensor, Toke
     by ``nonzero`` (one host sync: the count sizes the routed batch).
     """
     x_AD = x.reshape(-1, x.shape[-1])
-    length = x.shape[-2] if x.dim() >= 3 else max(x_AD.shape[0], 1)
+    length = max(x.shape[-2] if x.dim() >= 3 else x_AD.shape[0], 1)
     num_sequences = x_AD.shape[0] // length if x.dim() >= 3 else 1
-    sequence_A = torch.arange(x_AD.shape[0], device=x.device) // length
     if token_mask is None:
-        return x_AD, Tokens(None, x_AD.shape[0], sequence_A, num_sequences)
+        return x_AD, Tokens(None, x_AD.shape[0], length, num_sequences)
     index_S = token_mask.reshape(-1).nonzero().squeeze(1)
-    return x_AD[index_S], Tokens(index_S, x_AD.shape[0], sequence_A[index_S], num_sequences)
+    return x_AD[index_S], Tokens(index_S, x_AD.shape[0], length, num_sequences)
 
 
 def place_tokens(y_SD: Tensor, tokens: Tokens) -> Tensor:
@@ -79,7 +83,8 @@ def scoped_routing(routing: Routing, cfg: MoEConfig, tokens: Tokens) -> Routing:
         return routing
     expert_SX = routing.expert_SK[:, :routing.balance_choices]
     if cfg.aux_loss_scope == "sequence":
-        loss = sequence_balance_loss(routing.probs_SE, expert_SX, tokens.sequence_S, tokens.num_sequences)
+        loss = sequence_balance_loss(routing.probs_SE, expert_SX, tokens.sequence_S(expert_SX.device),
+                                     tokens.num_sequences)
     else:
         loss = global_balance_loss(routing.probs_SE, sum_over_ranks(count_ids(expert_SX, cfg.num_experts)))
     return dataclasses.replace(routing, losses={**routing.losses, "load_balance": loss})
