@@ -171,7 +171,7 @@ def train(args: argparse.Namespace) -> None:
     tokens_per_step = args.batch_size * args.seq_len * world
     first_loss, last, logged_step = None, {}, start_step
     wall_start = window_start = time.perf_counter()
-    observer = Observer(args, getattr(backend, "model", None) or backend.engine, rank)
+    observer = Observer(args, backend.engine if isinstance(backend, DeepSpeedBackend) else backend.model, rank)
     for step in progress:
         if (rank, step) == (fail_rank, fail_step):
             os._exit(3)  # abrupt, like a crashed node: no cleanup, no goodbye to the peers
