@@ -14,6 +14,9 @@ setup(
         # the demo training job and the benchmarks' progress bars
         "launch": ["tqdm"],
         "deepspeed": ["deepspeed>=0.14"],
+        # launch.train --tensorboard (torch.utils.tensorboard needs the tensorboard package); launch.report
+        "tensorboard": ["tensorboard"],
+        "report": ["matplotlib"],
         "telemetry": ["nvidia-ml-py"],
         "bench": ["tqdm", "numpy", "matplotlib"],
         # the benchmark's DeepSpeed AutoEP baseline only: the Mixtral model it is measured on, in the

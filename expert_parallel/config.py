@@ -17,6 +17,9 @@ A2A_KINDS = ("flat", "hierarchical")
 SECOND_POLICIES = ("random", "all", "threshold", "gumbel")
 SCORING_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
+AUX_LOSS_SCOPES = ("batch", "sequence", "global")
+# the routers whose Routing.losses hold "load_balance" (E * sum_e f_e * P_e), which aux_loss_scope rescopes
+BALANCED_ROUTERS = ("gshard", "switch", "topk", "deepspeed")
 # losses a router may report (Routing.losses) -> the config field that weighs them
 LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
@@ -150,6 +153,13 @@ class MoEConfig:
             ``num_shared_experts >= 1``.
         router_bias: the router's linear gets a trained bias ``router.bias [E]``, ``logits = x
             W^T + b`` (fp32); any router.
+        aux_loss_scope: the tokens one load-balancing loss ``E * sum_e f_e * P_e`` averages over
+            (routers with one: switch, gshard, topk, deepspeed): ``"batch"`` (default) this
+            rank's tokens; ``"sequence"`` each sequence of an input ``[B, T, D]`` alone, then
+            the mean over the B sequences (DeepSeek-V3's sequence-wise loss); ``"global"`` the
+            shares ``f_e`` from the token counts of every data-parallel rank (one small
+            all-reduce per forward over the world, no host sync) and ``P_e`` from this rank's
+            tokens, the gradient through ``P_e`` only (Qwen's global-batch balance loss).
 
     Raises:
         ValueError: naming the field, its value and the fix, for any invalid combination.
@@ -200,6 +210,7 @@ class MoEConfig:
     bias_update_rate: float = 0.0
     shared_expert_gate: bool = False
     router_bias: bool = False
+    aux_loss_scope: str = "batch"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size", "tp_size"):
@@ -262,6 +273,7 @@ class MoEConfig:
                    "num_shared_experts >= 1 or shared_expert_gate=False")
         self._check_router_scores()
         self._check_tensor_parallel()
+        self._check_balance_scope()
         self._check_router()
 
     def _check_router(self) -> None:
@@ -347,6 +359,15 @@ class MoEConfig:
         if self.expert_tensor_parallel and self.d_ff % self.tp_size:
             reject("d_ff", self.d_ff, f"expert_tensor_parallel splits it over tp_size={self.tp_size} ranks; "
                    "choose d_ff divisible by tp_size")
+
+    def _check_balance_scope(self) -> None:
+        """``aux_loss_scope``: a known scope, and a router with a load-balancing loss to rescope."""
+        if self.aux_loss_scope not in AUX_LOSS_SCOPES:
+            reject("aux_loss_scope", self.aux_loss_scope, f"choose one of {list(AUX_LOSS_SCOPES)}")
+        if self.aux_loss_scope != "batch" and self.router not in BALANCED_ROUTERS:
+            reject("aux_loss_scope", self.aux_loss_scope, f"router={self.router!r} has no load-balancing loss "
+                   f"E * sum_e f_e * P_e to rescope (routers with one: {list(BALANCED_ROUTERS)}); leave it at "
+                   "'batch'")
 
     @property
     def expert_tp_size(self) -> int:

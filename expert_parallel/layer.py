@@ -73,6 +73,7 @@ from .layout import (
 )
 from .routing import Router, route, weighted_aux_loss
 from .stats import RoutingStats, routing_stats
+from .tokens import mask_error, place_tokens, scoped_routing, select_tokens
 
 # the phases of one forward, in order ("shared" only with shared experts)
 PHASES = ("route", "plan", "pack", "dispatch", "experts", "return", "combine", "shared")
@@ -179,6 +180,8 @@ class MoELayer(nn.Module):
 
     # the sub-groups of a2a="hierarchical" (ranks, not groups: the module stays picklable); None: flat
     node_ranks: Optional[NodeRanks] = None
+    # set by routing.record / routing.replay for the duration of their block
+    routing_tape: Optional[Callable] = None
 
     # the EP and TP groups' global ranks once bound (ranks, not the groups: the module stays
     # deep-copyable and picklable); None: not bound yet
@@ -247,15 +250,23 @@ class MoELayer(nn.Module):
                                "layer built with bind=False)")
         return self.ep_ranks.index(rank()) * self.cfg.num_local_experts
 
-    def forward(self, x: Tensor) -> MoEOutput:
-        """``x [..., d_model] -> MoEOutput`` (see the class docstring)."""
+    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> MoEOutput:
+        """``x [..., d_model] -> MoEOutput`` (see the class docstring).
+
+        ``token_mask``: bool, ``x``'s leading shape; False marks a token (padding) that is not
+        routed: it takes no slot, outputs 0 and counts in no loss or statistic, so the kept
+        tokens' output equals ``layer(x[token_mask])`` (finding them syncs the host once).
+        """
         cfg, group = self.cfg, lookup(self.ep_ranks)
-        self._check_input(x, group)
-        x_SD = x.reshape(-1, cfg.d_model)
+        self._check_input(x, group, token_mask)
+        x_SD, tokens = select_tokens(x, token_mask)
         with self._phase("route") as phase:
             logits_SE, noise_std_SE = self.router(phase.input(x_SD))
             routing = route(logits_SE, cfg, training=self.training, noise_std_SE=noise_std_SE,
                             selection_bias_E=self.router.selection_bias)
+            if self.routing_tape is not None:  # inside routing.record / routing.replay
+                routing = self.routing_tape(routing, logits_SE, cfg)
+            routing = scoped_routing(routing, cfg, tokens)  # aux_loss_scope
             nonfinite = (~torch.isfinite(logits_SE)).any(dim=-1).sum()
         with self._phase("plan"):
             slots = assign_slots(routing.expert_SK, routing.active_SK, cfg.num_experts, routing.priority_SK)
@@ -281,7 +292,7 @@ class MoELayer(nn.Module):
                               x_SD.shape[1] * x_SD.element_size(), cfg.tp_size,
                               self.tp_ranks.index(dist.get_rank()) if cfg.tp_size > 1 else 0)
         aux_loss = weighted_aux_loss(routing.losses, cfg, routing.probs_SE)
-        return MoEOutput(y_SD.reshape(x.shape).to(x.dtype), aux_loss, stats)
+        return MoEOutput(place_tokens(y_SD, tokens).reshape(x.shape).to(x.dtype), aux_loss, stats)
 
     def _shared(self, x_SD: Tensor) -> Tensor:
         """The shared experts' output ``[S, D]``, times ``sigmoid(shared_gate(x))`` with
@@ -439,10 +450,10 @@ class MoELayer(nn.Module):
             )
         return agreed
 
-    def _check_input(self, x: Tensor, group: Optional[ProcessGroup]) -> None:
-        """Raise ``ValueError`` if the layer cannot route ``x``; first tell the EP peers through the
-        per-batch all-reduce they are about to enter, so they raise too instead of hanging."""
-        error = self._input_error(x)
+    def _check_input(self, x: Tensor, group: Optional[ProcessGroup], token_mask: Optional[Tensor] = None) -> None:
+        """Raise ``ValueError`` if the layer cannot route ``x`` (with ``token_mask``); first tell the EP
+        peers through the per-batch all-reduce they are about to enter, so they raise too instead of hanging."""
+        error = self._input_error(x) or (mask_error(x, token_mask) if isinstance(x, Tensor) else None)
         if error is None:
             return
         if self._needs_agreement() and group is not None:

@@ -28,7 +28,9 @@ def _flag(dest: str) -> str:
 
 def moe_config(args: argparse.Namespace, world_size: int) -> MoEConfig:
     """The demo model's MoE config; ValueError (one line) for a bad combination of flags."""
-    cfg = preset(args.preset, args.d_model, args.d_ff, args.experts, ep_size=args.ep_size or world_size)
+    rate = getattr(args, "bias_update_rate", 0.0)  # --bias-update-rate: DeepSeek-V3's selection-bias balancing
+    cfg = preset(args.preset, args.d_model, args.d_ff, args.experts, ep_size=args.ep_size or world_size,
+                 **({"bias_update_rate": rate} if rate else {}))
     if args.deepspeed_config and (cfg.num_shared_experts or cfg.router in ("soft", "expert_choice")):
         raise ValueError(f"--preset {args.preset} with --deepspeed-config: DeepSpeed's MoE layer has no shared "
                          "experts and routes token-choice only; pick another preset or train without DeepSpeed")

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from expert_parallel import RoutingStats
-from expert_parallel.layer import MoELayer, MoEOutput
 
 # --hf-model: the architectures a tiny random model is built for
 HF_MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
@@ -102,14 +101,32 @@ def build_hf_model(args: Any, vocab_size: int, ep_size: int) -> nn.Module:
         config = tiny_config(args.hf_model, vocab_size, args.d_model, args.d_ff, args.experts, args.layers,
                              args.heads, max_positions=max(256, args.seq_len + 1))
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return convert(model, ep_size=ep_size)
+    return convert(model, ep_size=ep_size, **bias_update_override(getattr(args, "bias_update_rate", 0.0),
+                                                                  model.config.model_type))
 
 
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The ``MoELayer`` of every converted block, in module order."""
+def bias_update_override(rate: float, model_type: str) -> dict[str, float]:
+    """``convert``'s override for ``--bias-update-rate``: ``{"bias_update_rate": rate}`` for a model
+    whose router has a selection bias (DeepSeek-V3), nothing for rate 0.
+
+    Raises:
+        ValueError: a rate for a model without a selection bias.
+    """
+    if not rate:
+        return {}
+    from expert_parallel.integrations.huggingface import SPECS
+
+    if not any(spec.name == model_type and dict(spec.fixed).get("selection_bias") for spec in SPECS):
+        raise ValueError(f"--bias-update-rate {rate}: a {model_type} model's router has no selection bias to "
+                         "update (DeepSeek-V3's has); remove --bias-update-rate")
+    return {"bias_update_rate": rate}
+
+
+def converted_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every converted block (``ExpertParallelBlock``), in module order."""
     from expert_parallel.integrations.huggingface import ExpertParallelBlock
 
-    return [module.moe for module in model.modules() if isinstance(module, ExpertParallelBlock)]
+    return [module for module in model.modules() if isinstance(module, ExpertParallelBlock)]
 
 
 def lm_window(inputs: Tensor, targets: Tensor) -> Tensor:
@@ -124,7 +141,7 @@ class CausalLMLoss:
     The model's own ``loss`` (cross-entropy in fp32, plus ``router_aux_loss_coef * aux_loss`` when
     its config has ``output_router_logits``) is split into the two parts, whose sum is what the
     backends differentiate. The stats are the ``RoutingStats`` of every converted block in this
-    forward, recorded by a forward hook on its ``MoELayer`` (the block returns hidden states only).
+    forward (``ExpertParallelBlock.stats``; the block returns hidden states only).
 
     Args:
         model: the converted model (hooks are registered on its layers).
@@ -133,20 +150,13 @@ class CausalLMLoss:
     def __init__(self, model: nn.Module) -> None:
         config = model.config
         self.aux_coef = config.router_aux_loss_coef if getattr(config, "output_router_logits", False) else 0.0
-        self.recorded: list[RoutingStats] = []
-        for layer in moe_layers(model):
-            layer.register_forward_hook(self._record)
-
-    def _record(self, layer: nn.Module, args: tuple, output: MoEOutput) -> None:
-        self.recorded.append(output.stats)
+        self.blocks = converted_blocks(model)
 
     def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
-        self.recorded = []
         ids = lm_window(inputs, targets)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         aux = self.aux_coef * out.aux_loss.float() if self.aux_coef else out.loss.new_zeros(())
-        stats, self.recorded = self.recorded, []
-        return out.loss - aux, aux, stats
+        return out.loss - aux, aux, [block.stats for block in self.blocks]
 
 
 def save_hf(model: nn.Module, corpus: Any, out: Path, rank: int, seq_len: int) -> None:

@@ -12,10 +12,13 @@ of that job.
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m launch.train --out runs/demo
 
-Writes ``OUT/metrics.jsonl`` (rank 0, one JSON object per logged step), ``OUT/summary.json``
+Writes ``OUT/metrics.jsonl`` (rank 0, one JSON object per logged step, with every MoE layer's
+expert load under ``"moe"``; ``launch/observe.py``), ``OUT/summary.json``
 and ``OUT/checkpoint/``; ``--resume`` continues from the checkpoint, ``--resume auto`` when there is
 one (the same command starts and restarts the job: ``torchrun --max-restarts``, ``--max-restarts``).
 A Hugging Face model is also saved back to ``OUT/hf`` (loads with plain transformers).
+``--tensorboard`` adds event files under ``OUT/tensorboard/``; ``python -m launch.report OUT``
+draws the PNGs under ``OUT/report/``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from launch.faults import Failure, is_peer_failure, report_stall
 from launch.flags import check_flags, moe_config
 from launch.hf import HF_MODELS, CausalLMLoss, build_hf_model, save_hf
 from launch.model import DeepSpeedMoEFFN, MoETransformerLM, seed_routed_experts
+from launch.observe import Observer, add_observe_flags, check_observe_flags
 
 __all__ = ["build_parser", "check_flags", "given_flags", "main", "train"]
 
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout-s", type=float, default=120.0,
                         help="collective timeout: a dead or stalled rank or a stuck rendezvous ends the job after "
                              "this (a stall prints where every rank stopped)")
+    add_observe_flags(parser)
     return parser
 
 
@@ -194,21 +199,24 @@ def _train_loop(args: argparse.Namespace, job: Job, corpus: CharCorpus, start_st
     metrics_file = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if resume:
+        if start_step:  # resumed: drop what was logged after the checkpoint
             elastic.trim_metrics(out / "metrics.jsonl", start_step)
-        metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
+        metrics_file = open(out / "metrics.jsonl", "a" if start_step else "w")
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0,
                     desc=f"train {job.name} ep{job.ep_size}x{world // job.ep_size}", dynamic_ncols=True)
     tokens_per_step = args.batch_size * args.seq_len * world
     first_loss, last, logged_step = None, {}, start_step
     wall_start = window_start = time.perf_counter()
+    observer = Observer(args, backend.engine if isinstance(backend, DeepSpeedBackend) else backend.model, rank)
     for step in progress:
         recorder.step(step)
         if (failure is not None and (rank, step) == (failure.rank, failure.step)
                 and elastic.claim_failure(args.out, rank, step)):
             failure.strike(backend.model)
         inputs, targets = (t.to(device) for t in corpus.batch(step, rank, args.batch_size, args.seq_len, world))
-        loss, aux_loss, stats, grad_norm = backend.step(inputs, targets)
+        with observer.step():  # --record-routing
+            loss, aux_loss, stats, grad_norm = backend.step(inputs, targets)
+        observer.after_step()  # --bias-update-rate
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             elapsed = time.perf_counter() - window_start
@@ -218,6 +226,7 @@ def _train_loop(args: argparse.Namespace, job: Job, corpus: CharCorpus, start_st
                       "tokens_per_s": tokens_per_step * steps_in_window / elapsed,
                       "step_ms": 1e3 * elapsed / steps_in_window}
             window_start = time.perf_counter()
+            record = observer.log(done, record, stats)  # per-layer expert load; TensorBoard
             first_loss = record["loss"] if first_loss is None else first_loss
             last = record
             if metrics_file is not None:
@@ -229,6 +238,7 @@ def _train_loop(args: argparse.Namespace, job: Job, corpus: CharCorpus, start_st
         if done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0):
             backend.save(done, wait=done == args.steps)
     progress.close()
+    observer.close()
     if job.hf_model is not None:  # collective: every rank gathers its experts
         save_hf(job.hf_model, corpus, out, rank, args.seq_len)
     if rank == 0 and last:
@@ -313,6 +323,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:  # bad flags fail here, in one line, before any process group exists
         args.ep_size = elastic.resolve_ep_size(args, world)
         check_flags(args, world, given_flags(argv))
+        check_observe_flags(args)
     except ValueError as error:
         parser.error(str(error))
     if under_launcher:

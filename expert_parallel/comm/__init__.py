@@ -5,6 +5,7 @@ The only code that calls collectives; it knows nothing of gates."""
 from .agreement import Agreement, agree, device_for_backend
 from .all_to_all import A2AGroup, PendingAllToAll, all_to_all, all_to_all_start
 from .balance import RankSummed, update_selection_biases
+from .counts import sum_over_ranks
 from .dispatcher import (
     by_expert,
     by_source,
@@ -25,5 +26,5 @@ __all__ = ["A2AGroup", "agree", "Agreement", "all_gather_along", "all_to_all", "
            "by_source", "clip_grad_norm_", "device_for_backend", "exchange", "exchange_back", "exchange_back_start",
            "exchange_fill", "exchange_start", "expert_groups", "ExpertGroups", "gather_experts", "gather_objects",
            "grad_norm", "Hierarchy", "lookup", "moe_layers", "node_groups", "NodeRanks", "PendingAllToAll", "rank",
-           "RankSummed", "reduce_gradients", "register", "resolve_ranks_per_node", "tp_copy", "tp_drop", "tp_gather",
-           "tp_reduce", "UnevenInputs", "update_selection_biases", "world_size"]
+           "RankSummed", "reduce_gradients", "register", "resolve_ranks_per_node", "sum_over_ranks", "tp_copy",
+           "tp_drop", "tp_gather", "tp_reduce", "UnevenInputs", "update_selection_biases", "world_size"]

@@ -13,9 +13,17 @@ from .choice import gshard_top2, limit_to_groups, switch_top1, topk
 from .deepspeed_gating import deepspeed_gating
 from .every_expert import expert_choice, soft
 from .gate import Router
-from .losses import cv_squared, load_balance_loss, weighted_aux_loss, z_loss
+from .losses import (
+    cv_squared,
+    global_balance_loss,
+    load_balance_loss,
+    sequence_balance_loss,
+    weighted_aux_loss,
+    z_loss,
+)
 from .noisy import noisy_topk
 from .registry import ROUTERS, RouterSpec
+from .replay import RoutingRecord, record, replay
 from .types import Routing
 
 
@@ -50,6 +58,7 @@ def route(logits_SE: Tensor, cfg: MoEConfig, uniform_S: Optional[Tensor] = None,
     return routing
 
 
-__all__ = ["ROUTERS", "Router", "RouterSpec", "Routing", "cv_squared", "deepspeed_gating", "expert_choice",
-           "gshard_top2", "limit_to_groups", "load_balance_loss", "noisy_topk", "route", "selection_bias_step", "soft",
-           "switch_top1", "topk", "weighted_aux_loss", "z_loss"]
+__all__ = ["ROUTERS", "Router", "RouterSpec", "Routing", "RoutingRecord", "cv_squared", "deepspeed_gating",
+           "expert_choice", "global_balance_loss", "gshard_top2", "limit_to_groups", "load_balance_loss", "noisy_topk",
+           "record", "replay", "route", "selection_bias_step", "sequence_balance_loss", "soft", "switch_top1", "topk",
+           "weighted_aux_loss", "z_loss"]

@@ -76,7 +76,7 @@ def gshard_top2(logits_SE: Tensor, second_policy: str = "random", second_thresho
         second_S = torch.ones_like(g2_S, dtype=torch.bool)
     active_S2 = torch.stack([torch.ones_like(second_S), second_S], dim=1)
     aux = load_balance_loss(probs_SE, expert_S2[:, 0])
-    return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, {"load_balance": aux})
+    return Routing(expert_S2, weight_S2 * active_S2, active_S2, probs_SE, {"load_balance": aux}, balance_choices=1)
 
 
 def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: int = 1, topk_group: int = 1,
@@ -117,20 +117,26 @@ def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: 
     if n_group > 1:
         choice_SE = limit_to_groups(choice_SE, n_group, topk_group, group_score)
     expert_SK = choice_SE.topk(top_k, dim=-1).indices
-    score_SK = scores_SE.gather(-1, expert_SK)
+    weight_SK = topk_weights(logits_SE, scores_SE.gather(-1, expert_SK), expert_SK, scoring_func, gate_after_topk,
+                             normalize_topk, routed_scaling_factor)
+    active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
+    losses = {"load_balance": load_balance_loss(probs_SE, expert_SK)}
+    return Routing(expert_SK, weight_SK, active_SK, probs_SE, losses)
+
+
+def topk_weights(logits_SE: Tensor, score_SK: Tensor, expert_SK: Tensor, scoring_func: str, gate_after_topk: bool,
+                 normalize_topk: bool, routed_scaling_factor: float) -> Tensor:
+    """``topk``'s combine weights ``[S, K]`` from the chosen experts' (unbiased) scores ``score_SK``
+    (see ``topk``; routing replay recomputes them the same way). No host sync."""
     if gate_after_topk:
-        weight_SK = torch.softmax(logits_SE.gather(-1, expert_SK), dim=-1)
+        weight_SK = torch.softmax(logits_SE.float().gather(-1, expert_SK), dim=-1)
     elif normalize_topk and scoring_func == "sigmoid":
         weight_SK = score_SK / (score_SK.sum(dim=-1, keepdim=True) + 1e-20)  # DeepSeek-V3's exact form
     elif normalize_topk:
         weight_SK = _normalized(score_SK)
     else:
         weight_SK = score_SK
-    if routed_scaling_factor != 1.0:
-        weight_SK = weight_SK * routed_scaling_factor
-    active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
-    losses = {"load_balance": load_balance_loss(probs_SE, expert_SK)}
-    return Routing(expert_SK, weight_SK, active_SK, probs_SE, losses)
+    return weight_SK * routed_scaling_factor if routed_scaling_factor != 1.0 else weight_SK
 
 
 def limit_to_groups(choice_SE: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:

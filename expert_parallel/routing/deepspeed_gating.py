@@ -109,7 +109,8 @@ def deepspeed_top2(logits_SE: Tensor, capacity: Optional[int], gumbel: bool = Fa
     aux_loss = torch.mean(_me_ce(gates_SE, mask1_SE)) * num_experts * num_experts
     expert_S2 = torch.stack([first_S, second_S], dim=1)
     return Routing(expert_S2, gates_SE.gather(1, expert_S2), torch.ones_like(expert_S2, dtype=torch.bool),
-                   gates_SE, {"load_balance": aux_loss}, None, renormalize_kept=True, capacity=capacity)
+                   gates_SE, {"load_balance": aux_loss}, None, renormalize_kept=True, capacity=capacity,
+                   balance_choices=1)
 
 
 def deepspeed_topk(logits_SE: Tensor, top_k: int, capacity: Optional[int]) -> Routing:

@@ -29,6 +29,8 @@ class Routing:
             the local token count; the local token count for ``soft``; the tokens each expert
             picked for ``expert_choice``); the layer agrees on its maximum over the EP group and uses it
             instead of its own formula. ``None``: the layer's formula.
+        balance_choices: the leading columns of ``expert_SK`` whose shares are the load-balancing
+            loss's ``f_e`` (1: first choices only, GShard and DeepSpeed's top-2); ``None``: all.
     """
 
     expert_SK: Tensor
@@ -39,3 +41,4 @@ class Routing:
     priority_SK: Optional[Tensor] = None
     renormalize_kept: bool = False
     capacity: Optional[int] = None
+    balance_choices: Optional[int] = None

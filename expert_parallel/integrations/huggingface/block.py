@@ -12,7 +12,9 @@ from torch.distributed import ProcessGroup
 from ...checkpoint import expert_shards
 from ...config import MoEConfig
 from ...layer import MoELayer
+from ...stats import RoutingStats
 from .compat import recorded
+from .masking import current_token_mask
 from .specs import BlockSpec, hf_to_ours, join_parts, ours_to_hf
 
 
@@ -25,13 +27,18 @@ class ExpertParallelBlock(nn.Module):
     the model collects router logits (``output_router_logits=True``), the block appends its
     logits ``[B*T, E]`` (fp32, from the un-jittered input; one extra ``[S, D] x [D, E]`` matmul,
     only then) to the model's ``spec.record_key`` output, so ``outputs.router_logits`` and the
-    model's own load-balancing ``aux_loss`` work as before. The layer's own ``aux_loss`` and stats are not used.
+    model's own load-balancing ``aux_loss`` work as before. The layer's own ``aux_loss`` is not
+    used; its stats of the latest forward are ``stats``. The padding of the model's
+    ``attention_mask`` is not routed (``masking.pass_attention_mask``).
 
     Attributes:
         spec: the ``BlockSpec`` it was converted with.
         moe: the ``MoELayer`` (router, this rank's experts, shared experts).
         hf_keys: the HF block's state-dict keys, in its order (``hf_state_dict`` keeps it).
+        stats: the ``RoutingStats`` of the latest forward (``None`` before the first).
     """
+
+    stats: Optional[RoutingStats] = None
 
     def __init__(self, spec: BlockSpec, moe: MoELayer, hf_keys: tuple[str, ...]) -> None:
         super().__init__()
@@ -71,7 +78,9 @@ class ExpertParallelBlock(nn.Module):
             with torch.autocast(hidden_states.device.type, enabled=False):
                 weight = self.moe.router.weight
                 sink.append(F.linear(hidden_states.reshape(-1, weight.shape[1]).float(), weight.float()))
-        return self.moe(hidden_states).output
+        out = self.moe(hidden_states, token_mask=current_token_mask(hidden_states))
+        self.stats = out.stats
+        return out.output
 
     def hf_state_dict(self, state: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
         """This block's tensors under the HF block's keys, with every expert: the routed experts

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from ...config import MoEConfig
 from .block import ExpertParallelBlock
 from .compat import check_recording, check_transformers_version, mismatch, warn_untested
+from .masking import pass_attention_mask
 from .specs import SPECS_BY_BLOCK, BlockSpec
 
 # what convert sets unless overridden: no drops (the same function as the model), no layer-level loss
@@ -36,7 +37,8 @@ def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[Process
     Each block becomes an ``MoELayer`` holding the router, this rank's ``num_experts / ep_size``
     experts (global expert ``e`` on EP rank ``e // E_local``) and the shared experts, with the
     block's dtype and device; the HF block and its other experts are dropped. The model's forward,
-    ``output_router_logits`` and its ``aux_loss`` work as before. By default the layers are
+    ``output_router_logits`` and its ``aux_loss`` work as before; the padding its 2-D
+    ``attention_mask`` marks is not routed (the blocks' ``token_mask``). By default the layers are
     dropless (``MoEConfig.dropless``): nothing is dropped, so the model computes the same function,
     and EP ranks may pass different ``[batch, seq]`` shapes (0 included; the buffer size is agreed
     per batch). ``model.save_pretrained`` (and ``push_to_hub``) then write the full Hugging Face
@@ -88,6 +90,7 @@ def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[Process
         model.set_submodule(path, ExpertParallelBlock.from_hf(block, spec, cfg, ep_group))
     # transformers' save_pretrained saves model.state_dict() (this rank's experts, our keys) unless given a state dict
     model.save_pretrained = functools.partial(_save_pretrained, model)
+    pass_attention_mask(model)
     return model
 
 
