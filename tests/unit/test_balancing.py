@@ -106,7 +106,7 @@ def test_replay_is_bit_identical_with_the_same_weights(fields):
     torch.manual_seed(11)
     with routing.record(layer) as rec:
         y = layer(x).output
-    assert [tuple(e.shape) for e in rec.experts()] == [(14, layer.cfg.top_k)]
+    assert [tuple(e.shape) for e in rec.experts()] == [(14, layer.cfg.num_choices)]
     assert rec.experts()[0].dtype == torch.int16
     torch.manual_seed(12)  # another draw: GShard's random second choice comes from the record
     with routing.replay(layer, rec):
