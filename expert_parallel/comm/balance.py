@@ -8,11 +8,10 @@ from __future__ import annotations
 from typing import Optional, Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from .agreement import device_for_backend
+from .counts import sum_over_ranks
 
 
 @runtime_checkable
@@ -48,11 +47,6 @@ def update_selection_biases(model: nn.Module, group: Optional[ProcessGroup] = No
                 for counts in [module.counts_to_sum()] if counts is not None]
     if not counting:
         return
-    summed = torch.cat([counts for _, counts in counting])
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        where = device_for_backend(str(dist.get_backend(group)), summed.device)
-        reduced = summed.to(where)
-        dist.all_reduce(reduced, group=group)
-        summed = reduced.to(summed.device)
+    summed = sum_over_ranks(torch.cat([counts for _, counts in counting]), group)
     for (module, _), part in zip(counting, summed.split([counts.numel() for _, counts in counting])):
         module.take_summed_counts(part)
