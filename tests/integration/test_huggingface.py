@@ -18,7 +18,6 @@ from packaging.specifiers import SpecifierSet
 
 transformers = pytest.importorskip("transformers")
 
-from expert_parallel import MoEConfig  # noqa: E402
 from expert_parallel.comm import expert_groups, reduce_gradients  # noqa: E402
 from expert_parallel.experts import StackedExperts  # noqa: E402
 from expert_parallel.integrations.huggingface import (  # noqa: E402
@@ -29,62 +28,47 @@ from expert_parallel.integrations.huggingface import (  # noqa: E402
     to_hf_state_dict,
 )
 from expert_parallel.integrations.huggingface.compat import recorded  # noqa: E402
-from expert_parallel.integrations.huggingface.specs import SPECS_BY_BLOCK, hf_to_ours, ours_to_hf  # noqa: E402
+from expert_parallel.integrations.huggingface.families import SPECS_BY_NAME  # noqa: E402
+from expert_parallel.integrations.huggingface.specs import TinySizes, hf_to_ours, ours_to_hf  # noqa: E402
+from expert_parallel.integrations.huggingface.tiny import tiny_config  # noqa: E402
 from tests.harness import run_ranks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MOE_FIELDS = {field.name for field in dataclasses.fields(MoEConfig)}
-BASE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64, intermediate_size=64)
-MLA = dict(num_hidden_layers=3, first_k_dense_replace=1, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
-           qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, n_shared_experts=2,
-           moe_intermediate_size=48, num_experts_per_tok=2, n_group=4, topk_group=2)
-# name -> (config class, config fields, MoEConfig fields the conversion needs beyond today's core)
-MODELS = {
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), ()),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
-                                         norm_topk_prob=True, head_dim=8), ()),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
-                                         shared_expert_intermediate_size=64, norm_topk_prob=False),
-                  ("shared_expert_gate",)),
-    "deepseek_v2": ("DeepseekV2Config", dict(MLA, topk_method="group_limited_greedy", routed_scaling_factor=2.0),
-                    ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "group_score")),
-    "deepseek_v3": ("DeepseekV3Config", dict(MLA, norm_topk_prob=True, routed_scaling_factor=2.5),
-                    ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "group_score",
-                     "selection_bias", "bias_update_rate")),
-}
-READY = [name for name, (_, _, needs) in MODELS.items() if set(needs) <= MOE_FIELDS]
-PARAMS = [pytest.param(name, marks=pytest.mark.skipif(
-    name not in READY, reason=f"MoEConfig lacks {sorted(set(needs) - MOE_FIELDS)} (branch router-features)"))
-    for name, (_, _, needs) in MODELS.items()]
-EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")  # routed experts: sharded over EP
+SIZES = TinySizes()
+NAMES = list(SPECS_BY_NAME)  # every supported family: a spec with its tiny model is tested by every test here
 BATCH, SEQ = 2, 8
+
+
+def sharded_keys(name: str) -> tuple[str, ...]:
+    """The HF block's routed-expert tensors (split over EP), e.g. ``experts.gate_up_proj``."""
+    return tuple(sorted({wm.hf for wm in SPECS_BY_NAME[name].weights if wm.sharded}))
 
 
 def tiny_model(name: str) -> transformers.PreTrainedModel:
     """A random tiny model with decisive routing (router weights ~N(0, 1), so no near-ties flip
-    between two implementations) and, for DeepSeek-V3, a non-zero selection bias."""
-    config_class, fields, _ = MODELS[name]
-    config = getattr(transformers, config_class)(**{**BASE, **fields})
-    config._attn_implementation = "eager"
+    between two implementations) and non-zero router buffers (e.g. a selection bias)."""
+    spec = SPECS_BY_NAME[name]
+    scales = {wm.hf: 1.0 if wm.ours == "router.weight" else 0.1 for wm in spec.weights
+              if wm.ours == "router.weight" or wm.ours.startswith("router.") or wm.sharded}
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(name, SIZES))
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
-            if key.endswith("gate.weight"):
-                tensor.normal_(0.0, 1.0)
-            elif key.endswith(("e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj")):
-                tensor.normal_(0.0, 0.1)
+            scale = next((scale for hf, scale in scales.items() if key.endswith("." + hf)), None)
+            if scale is not None and tensor.is_floating_point():
+                tensor.normal_(0.0, scale)
     return model
 
 
 def num_experts(name: str) -> int:
-    fields = MODELS[name][1]
-    return fields.get("num_local_experts") or fields.get("num_experts") or fields["n_routed_experts"]
+    return SPECS_BY_NAME[name].moe_fields(tiny_config(name, SIZES))["num_experts"]
 
 
-def batch(seed: int) -> torch.Tensor:
-    return torch.randint(0, BASE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+def batch(seed: int, shape: tuple[int, int] = (BATCH, SEQ)) -> torch.Tensor:
+    return torch.randint(0, SIZES.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+RAGGED = ((2, 8), (3, 5))  # [batch, seq] per EP rank: different token counts
 
 
 def load(directory) -> transformers.PreTrainedModel:
@@ -132,7 +116,7 @@ def assert_same_step(got: dict, want: dict, want_grads: dict) -> None:
         torch.testing.assert_close(got["grads"][key], grad, rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("name", NAMES)
 def test_converted_model_equals_transformers_at_ep1(name):
     reference = tiny_model(name)
     keys = {key for key, _ in reference.named_parameters()}
@@ -150,7 +134,7 @@ def test_greedy_generation_with_the_kv_cache_is_unchanged():
     assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), want)
 
 
-@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("name", NAMES)
 def test_state_dict_goes_back_to_the_original_keys_exactly_at_ep1(name):
     reference = tiny_model(name)
     state = to_hf_state_dict(convert(copy.deepcopy(reference)))
@@ -160,48 +144,55 @@ def test_state_dict_goes_back_to_the_original_keys_exactly_at_ep1(name):
         assert torch.equal(state[key], value), key
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", NAMES)
 def test_tiny_models_build_and_record_router_logits_on_cpu(name):
-    """The reference side of every spec runs here today (MLA attention, dense first layers)."""
-    out = tiny_model(name)(input_ids=batch(0), output_router_logits=True)
-    assert out.logits.shape == (BATCH, SEQ, BASE["vocab_size"])
-    # two MoE layers each: 2 of 2, or 2 of 3 after DeepSeek's first dense one
-    assert [tuple(logits.shape) for logits in out.router_logits] == [(BATCH * SEQ, num_experts(name))] * 2
+    """The reference side of every spec runs here (MLA attention, dense first layers, hybrids)."""
+    model = tiny_model(name)
+    blocks = [m for m in model.modules() if type(m).__name__ == SPECS_BY_NAME[name].block]
+    out = model(input_ids=batch(0), output_router_logits=True)
+    assert out.logits.shape == (BATCH, SEQ, SIZES.vocab_size) and len(blocks) >= 2
+    assert [tuple(logits.shape) for logits in out.router_logits] == [(BATCH * SEQ, num_experts(name))] * len(blocks)
 
 
-@pytest.mark.parametrize("name,n_shared,d_ff", [("qwen2_moe", 1, 64), ("deepseek_v2", 2, 48), ("deepseek_v3", 2, 48)])
-def test_shared_mlp_layouts_compute_the_hf_mlp(name, n_shared, d_ff):
-    """The shared-expert maps of the specs waiting for router-features, checked today: the HF
-    shared MLP (width ``n_shared * d_ff``) as ``n_shared`` stacked experts, and back."""
-    block = tiny_model(name).model.layers[-1].mlp
-    spec = SPECS_BY_BLOCK[type(block).__name__]
-    experts = StackedExperts(n_shared, BASE["hidden_size"], d_ff, gated=True, sharded=False)
+SHARED = [name for name in NAMES if any(wm.ours.startswith("shared_experts.") for wm in SPECS_BY_NAME[name].weights)]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_mlp_layouts_compute_the_hf_mlp(name):
+    """The shared-expert maps: the HF shared MLP (width ``n_shared * d_ff_shared``) as ``n_shared``
+    stacked experts, and back."""
+    model, spec = tiny_model(name), SPECS_BY_NAME[name]
+    block = next(m for m in model.modules() if type(m).__name__ == spec.block)
+    fields = spec.moe_fields(tiny_config(name, SIZES))
+    experts = StackedExperts(fields["num_shared_experts"], SIZES.d_model, fields["d_ff_shared"], gated=True,
+                             sharded=False)
     hf_state = block.state_dict()
     maps = [wm for wm in spec.weights if wm.ours.startswith("shared_experts.")]
     for wm in maps:
         param = getattr(experts, wm.ours.split(".")[1])
         param.data = hf_to_ours(hf_state[wm.hf], wm, tuple(param.shape))
         assert torch.equal(ours_to_hf(param.data, wm), hf_state[wm.hf])
-    x = torch.randn(5, BASE["hidden_size"])
-    mlp = block.shared_expert if name == "qwen2_moe" else block.shared_experts
+    x = torch.randn(5, SIZES.d_model)
+    mlp = block.get_submodule(maps[0].hf.rsplit(".", 2)[0])
     torch.testing.assert_close(experts.dense(x), mlp(x), rtol=1e-5, atol=1e-6)
 
 
 def ep2_worker(rank: int, world: int, names: list[str], save_dir: str) -> dict:
-    """Per model: HF's step on each rank's batch (reference), ours at EP 2 on this rank's batch;
+    """Per model: HF's step on each rank's batch (reference), ours at EP 2 on this rank's batch
+    (``RAGGED``: different shapes);
     a plain save_pretrained and the state dict gathered back; one data-parallel SGD step, then a
     plain save_pretrained and the logits after it."""
     results = {}
     for name in names:
         reference = tiny_model(name)
         keys = {key for key, _ in reference.named_parameters()}
-        wants = [run(reference, batch(10 + r), keys) for r in range(world)]
+        wants = [run(reference, batch(10 + r, RAGGED[r]), keys) for r in range(world)]
         model = convert(copy.deepcopy(reference), ep_size=2)
         model.save_pretrained(os.path.join(save_dir, name, "converted"))  # plain: every rank, rank 0 writes
         gathered = to_hf_state_dict(model)
         same_state = list(gathered) == list(reference.state_dict()) and all(
             torch.equal(gathered[key], value) for key, value in reference.state_dict().items())
-        got = run(model, batch(10 + rank), keys)
+        got = run(model, batch(10 + rank, RAGGED[rank]), keys)
         reduce_gradients(model, expert_groups(2))  # as a training loop does: ranks stay in step
         torch.optim.SGD(model.parameters(), lr=0.5).step()
         with torch.no_grad():
@@ -215,11 +206,11 @@ def ep2_worker(rank: int, world: int, names: list[str], save_dir: str) -> dict:
 @pytest.fixture(scope="module")
 def ep2(tmp_path_factory) -> tuple[list[dict], str]:
     save_dir = str(tmp_path_factory.mktemp("hf_ep2"))
-    return run_ranks(ep2_worker, 2, READY, save_dir, timeout=240), save_dir
+    return run_ranks(ep2_worker, 2, NAMES, save_dir, timeout=240), save_dir
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("name", NAMES)
 def test_converted_model_equals_transformers_at_ep2(ep2, name):
     """Dense gradients are this rank's; an expert's gradient (gathered from its owner) holds both
     ranks' tokens, as the all-to-all's backward delivers them."""
@@ -228,13 +219,13 @@ def test_converted_model_equals_transformers_at_ep2(ep2, name):
         result = results[name]
         wants = result["wants"]
         assert result["same_state"] and result["local_experts"] * 2 == num_experts(name)
-        want_grads = {key: (sum(want["grads"][key] for want in wants) if key.endswith(EXPERT_KEYS) else grad)
+        want_grads = {key: (sum(want["grads"][key] for want in wants) if key.endswith(sharded_keys(name)) else grad)
                       for key, grad in wants[rank]["grads"].items()}
         assert_same_step(result["got"], wants[rank], want_grads)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("name", NAMES)
 def test_plain_save_pretrained_at_ep2_loads_in_plain_transformers_with_the_same_logits(ep2, name):
     """Right after convert: the original model's logits exactly; after a trained step: the
     converted model's logits (every rank's)."""
@@ -286,20 +277,22 @@ def test_the_recorded_outputs_are_read_while_the_model_collects_them():
     seen = []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: seen.append(recorded("router_logits")))
     model(input_ids=batch(0), output_router_logits=True)
-    model(input_ids=batch(0))
+    model(input_ids=batch(0), output_router_logits=False)
     assert isinstance(seen[0], list) and seen[1] is None
 
 
 def test_an_unsupported_moe_block_names_its_class():
-    config = transformers.OlmoeConfig(**{**BASE, "num_experts": 4, "num_experts_per_tok": 2})
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp is a OlmoeSparseMoeBlock, a sparse-MoE block that no "
+    """PhiMoE's sparsemixer router has no exact equivalent: a clear error naming the block."""
+    config = transformers.PhimoeConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=48, num_local_experts=4)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp is a PhimoeSparseMoeBlock, a sparse-MoE block that no "
                                          r"spec converts.*add a BlockSpec"):
         convert(transformers.AutoModelForCausalLM.from_config(config))
 
 
 def test_num_experts_not_divisible_by_ep_size_names_both_and_the_fix():
-    with pytest.raises(ValueError, match=r"num_experts=4, which ep_size=3 does not divide; choose an ep_size that "
-                                         r"divides 4 \(one of \[1, 2, 4\]\)"):
+    with pytest.raises(ValueError, match=r"num_experts=8, which ep_size=3 does not divide; choose an ep_size that "
+                                         r"divides 8 \(one of \[1, 2, 4, 8\]\)"):
         convert(tiny_model("mixtral"), ep_size=3)
 
 
@@ -404,12 +397,13 @@ def test_converting_twice_or_a_plain_module_is_refused():
         convert(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.skipif(set(READY) == set(MODELS), reason="every spec's MoEConfig fields exist")
-def test_a_spec_needing_missing_core_fields_says_which():
-    name = next(name for name in MODELS if name not in READY)
-    missing = sorted(set(MODELS[name][2]) - MOE_FIELDS)
-    with pytest.raises(ValueError, match=rf"needs the MoEConfig fields \[.*'{missing[0]}'.*\].*update expert_parallel"):
-        convert(tiny_model(name))
+def test_a_spec_needing_missing_core_fields_says_which(monkeypatch):
+    convert_module = sys.modules["expert_parallel.integrations.huggingface.convert"]
+    spec = SPECS_BY_NAME["mixtral"]
+    future = dataclasses.replace(spec, fixed=(*spec.fixed, ("expert_wizardry", 1)))
+    monkeypatch.setitem(convert_module.SPECS_BY_BLOCK, spec.block, future)
+    with pytest.raises(ValueError, match=r"needs the MoEConfig fields \['expert_wizardry'\].*update expert_parallel"):
+        convert(tiny_model("mixtral"))
 
 
 def test_convert_leaves_the_global_rng_as_it_was():

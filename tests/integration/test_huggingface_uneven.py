@@ -15,11 +15,11 @@ transformers = pytest.importorskip("transformers")
 from expert_parallel.integrations.huggingface import ExpertParallelBlock, convert  # noqa: E402
 from tests.harness import run_ranks  # noqa: E402
 from tests.integration.test_huggingface import (  # noqa: E402
-    BASE,
-    EXPERT_KEYS,
+    SIZES,
     assert_same_step,
     hf_grads,
     run,
+    sharded_keys,
     tiny_model,
 )
 
@@ -31,14 +31,14 @@ SHAPES = {"ragged": ((2, 8), (3, 5)), "empty": ((2, 6), (0, 6))}
 
 
 def ids(shape: tuple[int, int], rank: int) -> torch.Tensor:
-    return torch.randint(0, BASE["vocab_size"], shape, generator=torch.Generator().manual_seed(20 + rank))
+    return torch.randint(0, SIZES.vocab_size, shape, generator=torch.Generator().manual_seed(20 + rank))
 
 
 def blocks_only(model: torch.nn.Module, seq: int, keys: set[str]) -> dict:
     """A rank without tokens: every converted block, in order, on ``[0, seq, D]`` (forward and
     backward: the same collectives as the other rank's model), and its gradients under the HF keys."""
     model.zero_grad()
-    hidden = torch.zeros(0, seq, BASE["hidden_size"], requires_grad=True)
+    hidden = torch.zeros(0, seq, SIZES.d_model, requires_grad=True)
     shapes = []
     for block in (module for module in model.modules() if isinstance(module, ExpertParallelBlock)):
         hidden = block(hidden)
@@ -77,11 +77,11 @@ def test_ranks_with_different_shapes_compute_what_transformers_computes(uneven, 
         result = results[name, case, mode]
         wants = [want for want in result["wants"] if want is not None]
         expert_grads = {key: sum(want["grads"][key] for want in wants)
-                        for key in wants[0]["grads"] if key.endswith(EXPERT_KEYS)}
+                        for key in wants[0]["grads"] if key.endswith(sharded_keys(name))}
         want = result["wants"][rank]
         if want is None:
             seq = SHAPES[case][rank][1]
-            assert result["got"]["shapes"] == [(0, seq, BASE["hidden_size"])] * 2
+            assert result["got"]["shapes"] == [(0, seq, SIZES.d_model)] * 2
             for key, grad in result["got"]["grads"].items():
                 torch.testing.assert_close(grad, expert_grads.get(key, torch.zeros_like(grad)), rtol=1e-4,
                                            atol=1e-5, msg=key)

@@ -2,14 +2,15 @@
 ``MoELayer`` s in place, ``to_hf_state_dict`` to save it back under the original keys.
 
 This package is the only code of ``expert_parallel`` that imports ``transformers``; the core runs
-without it. Supported blocks and versions: ``specs.SPECS``, ``SUPPORTED_TRANSFORMERS`` (tested
+without it. Supported blocks and versions: ``families.SPECS``, ``SUPPORTED_TRANSFORMERS`` (tested
 on ``TESTED_TRANSFORMERS``); see docs/huggingface.md.
 """
 
 from .block import ExpertParallelBlock
 from .compat import SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, check_transformers_version
 from .convert import convert, to_hf_state_dict
-from .specs import SPECS, BlockSpec, WeightMap
+from .families import SPECS
+from .specs import BlockSpec, WeightMap
 
 __all__ = ["SPECS", "SUPPORTED_TRANSFORMERS", "TESTED_TRANSFORMERS", "BlockSpec", "ExpertParallelBlock", "WeightMap",
            "check_transformers_version", "convert", "to_hf_state_dict"]

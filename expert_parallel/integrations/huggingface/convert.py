@@ -14,8 +14,9 @@ from transformers import PreTrainedModel
 from ...config import MoEConfig
 from .block import ExpertParallelBlock
 from .compat import check_recording, check_transformers_version, mismatch, warn_untested
+from .families import SPECS_BY_BLOCK
 from .masking import pass_attention_mask
-from .specs import SPECS_BY_BLOCK, BlockSpec
+from .specs import BlockSpec
 
 # what convert sets unless overridden: no drops (the same function as the model), no layer-level loss
 # (the model computes its own load-balancing loss from the recorded router logits)
@@ -145,7 +146,7 @@ def _moe_blocks(module: nn.Module, hf_config: Any, prefix: str = "") -> Iterator
         elif kind.endswith(MOE_SUFFIXES):
             raise mismatch(f"{path} is a {kind}, a sparse-MoE block that no spec converts; supported blocks: "
                            f"{sorted(SPECS_BY_BLOCK)} (add a BlockSpec for {kind} to "
-                           "expert_parallel.integrations.huggingface.specs)")
+                           "expert_parallel.integrations.huggingface.families)")
         else:
             yield from _moe_blocks(child, child.config if isinstance(child, PreTrainedModel) else hf_config, path + ".")
 

@@ -108,6 +108,26 @@ def join_parts(parts: dict[int, Tensor]) -> Tensor:
 
 
 @dataclass(frozen=True)
+class TinySizes:
+    """The sizes of a tiny random model (``tiny.tiny_config``): tests and ``--hf-model`` runs.
+
+    Attributes:
+        vocab_size, d_model, d_ff (routed and shared experts' width, and a dense MLP's),
+        experts (routed, per block), top_k, layers, heads, kv_heads, max_positions.
+    """
+
+    vocab_size: int = 96
+    d_model: int = 32
+    d_ff: int = 48
+    experts: int = 8
+    top_k: int = 2
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    max_positions: int = 64
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     """How one Hugging Face sparse-MoE block becomes an ``MoELayer``.
 
@@ -122,6 +142,12 @@ class BlockSpec:
         derived: fields that depend on the config in other ways (``config -> {field: value}``).
         record_key: the model output the router logits are recorded under
             (``output_router_logits=True``).
+        archetype: the router and expert kind, in words, for the families table (docs).
+        tiny: ``TinySizes -> {HF config attribute: value}``: what a tiny random model of the
+            family needs beyond the sizes ``tiny.tiny_config`` sets through ``config`` (e.g.
+            DeepSeek's MLA ranks, a first dense layer, a non-default routing option worth testing).
+        config_type: the ``model_type`` whose config class builds the tiny causal LM, where it
+            is not ``name`` (a multimodal family's text model, e.g. ``"llama4_text"``).
     """
 
     name: str
@@ -132,6 +158,9 @@ class BlockSpec:
     requires: tuple[tuple[str, tuple[Any, ...]], ...] = (("hidden_act", ("silu",)),)
     derived: Optional[Callable[[Any], dict[str, Any]]] = None
     record_key: str = "router_logits"
+    archetype: str = ""
+    tiny: Optional[Callable[[TinySizes], dict[str, Any]]] = None
+    config_type: Optional[str] = None
 
     def moe_fields(self, hf_config: Any) -> dict[str, Any]:
         """The ``MoEConfig`` fields of a block of a model with ``hf_config``.
@@ -174,63 +203,5 @@ def shared_mlp(prefix: str) -> tuple[WeightMap, ...]:
             WeightMap("shared_experts.w3", f"{prefix}.up_proj.weight", "linear_out"),
             WeightMap("shared_experts.w2", f"{prefix}.down_proj.weight", "linear_in"))
 
-
-def _deepseek_v2_groups(hf_config: Any) -> dict[str, Any]:
-    """DeepSeek-V2's ``topk_method``: group-limited greedy (groups scored by their best expert)."""
-    if hf_config.topk_method == "group_limited_greedy":
-        return {"n_group": hf_config.n_group, "topk_group": hf_config.topk_group, "group_score": "max"}
-    return {}
-
-
+# the core router and expert of most families: softmax top-k over SwiGLU experts
 TOPK_SWIGLU = (("router", "topk"), ("expert", "swiglu"))
-
-MIXTRAL = BlockSpec(
-    name="mixtral", block="MixtralSparseMoeBlock",
-    config=(("d_model", "hidden_size"), ("d_ff", "intermediate_size"), ("num_experts", "num_local_experts"),
-            ("top_k", "num_experts_per_tok"), ("jitter_eps", "router_jitter_noise")),
-    fixed=(*TOPK_SWIGLU, ("gate_after_topk", True)),
-    weights=(ROUTER, *SWIGLU_EXPERTS),
-)
-
-QWEN3_MOE = BlockSpec(
-    name="qwen3_moe", block="Qwen3MoeSparseMoeBlock",
-    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "num_experts"),
-            ("top_k", "num_experts_per_tok"), ("normalize_topk", "norm_topk_prob")),
-    fixed=TOPK_SWIGLU,
-    weights=(ROUTER, *SWIGLU_EXPERTS),
-)
-
-QWEN2_MOE = BlockSpec(
-    name="qwen2_moe", block="Qwen2MoeSparseMoeBlock",
-    config=(*QWEN3_MOE.config, ("d_ff_shared", "shared_expert_intermediate_size")),
-    fixed=(*TOPK_SWIGLU, ("num_shared_experts", 1), ("shared_expert_gate", True)),
-    weights=(ROUTER, *SWIGLU_EXPERTS, *shared_mlp("shared_expert"),
-             WeightMap(SHARED_GATE, "shared_expert_gate.weight")),
-)
-
-DEEPSEEK_V2 = BlockSpec(
-    name="deepseek_v2", block="DeepseekV2Moe",
-    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "n_routed_experts"),
-            ("top_k", "num_experts_per_tok"), ("routed_scaling_factor", "routed_scaling_factor"),
-            ("num_shared_experts", "n_shared_experts"), ("d_ff_shared", "moe_intermediate_size")),
-    fixed=(*TOPK_SWIGLU, ("scoring_func", "softmax")),  # V2's router never normalises the kept scores
-    requires=(("hidden_act", ("silu",)), ("topk_method", ("greedy", "group_limited_greedy"))),
-    derived=_deepseek_v2_groups,
-    weights=(ROUTER, *SWIGLU_EXPERTS, *shared_mlp("shared_experts")),
-)
-
-DEEPSEEK_V3 = BlockSpec(
-    name="deepseek_v3", block="DeepseekV3MoE",
-    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "n_routed_experts"),
-            ("top_k", "num_experts_per_tok"), ("normalize_topk", "norm_topk_prob"),
-            ("routed_scaling_factor", "routed_scaling_factor"), ("n_group", "n_group"), ("topk_group", "topk_group"),
-            ("num_shared_experts", "n_shared_experts"), ("d_ff_shared", "moe_intermediate_size")),
-    # the bias only picks experts; Hugging Face's model never updates it (aux-loss-free balancing off)
-    fixed=(*TOPK_SWIGLU, ("scoring_func", "sigmoid"), ("group_score", "top2_sum"), ("selection_bias", True),
-           ("bias_update_rate", 0.0)),
-    weights=(ROUTER, WeightMap("router.selection_bias", "gate.e_score_correction_bias"), *SWIGLU_EXPERTS,
-             *shared_mlp("shared_experts")),
-)
-
-SPECS: tuple[BlockSpec, ...] = (MIXTRAL, QWEN3_MOE, QWEN2_MOE, DEEPSEEK_V2, DEEPSEEK_V3)
-SPECS_BY_BLOCK: dict[str, BlockSpec] = {spec.block: spec for spec in SPECS}
