@@ -135,7 +135,8 @@ class MoEConfig:
             after any normalisation (DeepSeek-V2/V3); must be > 0.
         selection_bias: ``topk`` only: the router holds a buffer ``router.selection_bias [E]``
             (fp32, zeros, not a parameter) added to the scores for choosing experts (and groups)
-            only, never to the combine weights (DeepSeek-V3's ``e_score_correction_bias``).
+            only, never to the combine weights (DeepSeek-V3's ``e_score_correction_bias``; on
+            softmax scores, Ernie 4.5's).
             ``bias_update_rate > 0`` implies it (``has_selection_bias``); set it alone to hold a
             converted model's bias without updating it.
         bias_update_rate: ``topk`` only: DeepSeek-V3's auxiliary-loss-free balancing rate ``u``
