@@ -24,10 +24,10 @@ BALANCED_ROUTERS = ("gshard", "switch", "topk", "deepspeed")
 LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
 FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", "routed_scaling_factor",
-                "bias_update_rate", *LOSS_WEIGHTS.values())
+                "bias_update_rate", "normalize_topk_min", "shared_expert_scale", *LOSS_WEIGHTS.values())
 BOOL_FIELDS = ("drop_tokens", "dropless", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
                "gate_after_topk", "normalize_topk", "selection_bias", "router_bias", "shared_expert_gate",
-               "expert_tensor_parallel")
+               "expert_tensor_parallel", "topk_on_logits")
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ class MoEConfig:
             after any normalisation (DeepSeek-V2/V3); must be > 0.
         selection_bias: ``topk`` only: the router holds a buffer ``router.selection_bias [E]``
             (fp32, zeros, not a parameter) added to the scores for choosing experts (and groups)
-            only, never to the combine weights (DeepSeek-V3's ``e_score_correction_bias``).
+            only, never to the combine weights (DeepSeek-V3's ``e_score_correction_bias``; on
+            softmax scores, Ernie 4.5's).
             ``bias_update_rate > 0`` implies it (``has_selection_bias``); set it alone to hold a
             converted model's bias without updating it.
         bias_update_rate: ``topk`` only: DeepSeek-V3's auxiliary-loss-free balancing rate ``u``
@@ -160,6 +161,19 @@ class MoEConfig:
             shares ``f_e`` from the token counts of every data-parallel rank (one small
             all-reduce per forward over the world, no host sync) and ``P_e`` from this rank's
             tokens, the gradient through ``P_e`` only (Qwen's global-batch balance loss).
+        topk_on_logits: ``topk`` only: choose the k largest logits instead of the k largest
+            scores (Granite-MoE, Cohere 2 MoE: ``topk`` before the softmax or sigmoid). The same
+            experts, except where the scores' rounding ties distinct logits (an underflowed
+            softmax, a saturated sigmoid): the logits still order them. Needs no selection bias
+            and ``n_group=1`` (those choose by the biased scores).
+        normalize_topk_min: ``topk`` with ``normalize_topk`` and softmax scores only: divide the
+            kept scores by ``max(sum, normalize_topk_min)`` (Ernie 4.5's ``moe_norm_min``), so
+            kept scores summing below it are not inflated to sum 1; 0 (default) clamps the sum
+            at the smallest normal fp32 only (it keeps 0 / 0 out).
+        shared_expert_scale: multiply the shared experts' output by it (after
+            ``shared_expert_gate``): Cohere 2 MoE's ``shared_expert_combination_strategy=
+            "average"`` is 0.5 here with ``routed_scaling_factor=0.5``. Must be > 0; a value other
+            than 1.0 needs ``num_shared_experts >= 1``.
 
     Raises:
         ValueError: naming the field, its value and the fix, for any invalid combination.
@@ -211,6 +225,12 @@ class MoEConfig:
     shared_expert_gate: bool = False
     router_bias: bool = False
     aux_loss_scope: str = "batch"
+    # Granite-MoE and Cohere 2 MoE (Hugging Face): top-k over the logits
+    topk_on_logits: bool = False
+    # Ernie 4.5 MoE (Hugging Face): moe_norm_min
+    normalize_topk_min: float = 0.0
+    # Cohere 2 MoE (Hugging Face): shared_expert_combination_strategy="average"
+    shared_expert_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size", "tp_size"):
@@ -271,6 +291,12 @@ class MoEConfig:
         if self.shared_expert_gate and not self.num_shared_experts:
             reject("shared_expert_gate", True, "it gates the shared experts, and num_shared_experts=0; set "
                    "num_shared_experts >= 1 or shared_expert_gate=False")
+        if not self.shared_expert_scale > 0:
+            reject("shared_expert_scale", self.shared_expert_scale, "it must be > 0 (1.0 leaves the shared experts' "
+                   "output as it is)")
+        if self.shared_expert_scale != 1.0 and not self.num_shared_experts:
+            reject("shared_expert_scale", self.shared_expert_scale, "it scales the shared experts, and "
+                   "num_shared_experts=0; set num_shared_experts >= 1 or shared_expert_scale=1.0")
         self._check_router_scores()
         self._check_tensor_parallel()
         self._check_balance_scope()
@@ -343,6 +369,9 @@ class MoEConfig:
                    "as they are)")
         if not self.bias_update_rate >= 0:
             reject("bias_update_rate", self.bias_update_rate, "it must be >= 0 (0 disables the bias update)")
+        if not self.normalize_topk_min >= 0:
+            reject("normalize_topk_min", self.normalize_topk_min, "it must be >= 0 (0 clamps the kept scores' sum "
+                   "at the smallest normal fp32 only)")
 
     def _check_tensor_parallel(self) -> None:
         """``tp_size`` against the capacity and ``expert_tensor_parallel`` against ``d_ff``."""

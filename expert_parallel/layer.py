@@ -296,10 +296,12 @@ class MoELayer(nn.Module):
 
     def _shared(self, x_SD: Tensor) -> Tensor:
         """The shared experts' output ``[S, D]``, times ``sigmoid(shared_gate(x))`` with
-        ``shared_expert_gate`` (Qwen2-MoE)."""
+        ``shared_expert_gate`` (Qwen2-MoE), times ``shared_expert_scale`` (Cohere 2 MoE)."""
         y_SD = self.shared_experts.dense(x_SD)
         if self.shared_gate is not None:
             y_SD = torch.sigmoid(self.shared_gate(x_SD)) * y_SD
+        if self.cfg.shared_expert_scale != 1.0:
+            y_SD = y_SD * self.cfg.shared_expert_scale
         return y_SD
 
     def _routed_experts(self, buffer_ECD: Tensor, fill_E: Tensor, group: Optional[ProcessGroup]) -> Tensor:

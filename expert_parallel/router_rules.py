@@ -63,6 +63,13 @@ def check_topk(cfg: Config) -> None:
     if cfg.gate_after_topk and cfg.scoring_func != "softmax":
         reject("gate_after_topk", True, f"it is the softmax over the kept logits (Mixtral), and scoring_func="
                f"{cfg.scoring_func!r}; set gate_after_topk=False (normalize_topk=True normalises the scores)")
+    if cfg.topk_on_logits and (cfg.has_selection_bias or cfg.n_group > 1):
+        reject("topk_on_logits", True, "a selection bias and group-limited routing choose by the (biased) scores; "
+               "set topk_on_logits=False, or selection_bias=False, bias_update_rate=0 and n_group=1")
+    if cfg.normalize_topk_min and (not cfg.normalize_topk or cfg.scoring_func != "softmax" or cfg.gate_after_topk):
+        reject("normalize_topk_min", cfg.normalize_topk_min, "it bounds the sum that normalize_topk divides softmax "
+               "scores by; set normalize_topk=True with scoring_func='softmax' and gate_after_topk=False, or "
+               "normalize_topk_min=0")
 
 
 def check_soft(cfg: Config) -> None:
@@ -96,7 +103,8 @@ ROUTER_RULES: dict[str, RouterRule] = {
     "switch": RouterRule(1),
     "topk": RouterRule(ANY_TOP_K, check=check_topk,
                        options=("gate_after_topk", "normalize_topk", "scoring_func", "n_group", "topk_group",
-                                "group_score", "routed_scaling_factor", "selection_bias", "bias_update_rate")),
+                                "group_score", "routed_scaling_factor", "selection_bias", "bias_update_rate",
+                                "topk_on_logits", "normalize_topk_min")),
     "noisy_topk": RouterRule(ANY_TOP_K, options=("importance_loss_weight", "load_loss_weight")),
     "soft": RouterRule(NO_TOP_K, check=check_soft),
     "expert_choice": RouterRule(NO_TOP_K),

@@ -28,6 +28,12 @@ CASES = {
     "v2": dict(n_group=4, topk_group=2, group_score="max", routed_scaling_factor=1.5),
     "sigmoid-bias-no-groups": dict(scoring_func="sigmoid", bias_update_rate=0.01),
     "softmax-max-groups-bias-normalised": dict(n_group=8, topk_group=3, normalize_topk=True, selection_bias=True),
+    # Ernie 4.5: softmax, a selection bias, normalised with the sum clamped at moe_norm_min
+    "ernie": dict(selection_bias=True, normalize_topk=True, normalize_topk_min=1e-12),
+    # Granite, Cohere 2 (softmax): top-k of the logits, softmax over the kept logits
+    "granite": dict(topk_on_logits=True, gate_after_topk=True),
+    # Cohere 2 (sigmoid): top-k of the logits, sigmoid scores, normalised
+    "cohere-sigmoid": dict(topk_on_logits=True, scoring_func="sigmoid", normalize_topk=True),
 }
 
 
@@ -39,10 +45,12 @@ def _scores(logits: list[float], scoring_func: str) -> list[float]:
 
 
 def reference_decision(logits: list[float], bias: list[float], cfg: MoEConfig) -> tuple[list[int], list[float]]:
-    """One token, written from DeepSeek-V2/V3's description: scores; choose groups and experts by
-    ``score + bias``; weigh by the unbiased scores, normalise, scale."""
+    """One token, written from DeepSeek-V2/V3's, Ernie 4.5's and Granite's descriptions: scores;
+    choose groups and experts by ``score + bias`` (or by the logits); weigh by the unbiased scores
+    (or the softmax over the kept logits), normalise (the sum clamped at ``normalize_topk_min``),
+    scale."""
     scores = _scores(logits, cfg.scoring_func)
-    choice = [s + b for s, b in zip(scores, bias)]
+    choice = list(logits) if cfg.topk_on_logits else [s + b for s, b in zip(scores, bias)]
     allowed = list(range(len(logits)))
     if cfg.n_group > 1:
         size = len(logits) // cfg.n_group
@@ -56,8 +64,10 @@ def reference_decision(logits: list[float], bias: list[float], cfg: MoEConfig) -
         allowed = [e for g in kept for e in groups[g]]
     experts = sorted(allowed, key=lambda e: -choice[e])[:cfg.num_choices]
     weights = [scores[e] for e in experts]
-    if cfg.normalize_topk:
-        total = sum(weights) + (1e-20 if cfg.scoring_func == "sigmoid" else 0.0)
+    if cfg.gate_after_topk:
+        weights = _scores([logits[e] for e in experts], "softmax")
+    elif cfg.normalize_topk:
+        total = sum(weights) + 1e-20 if cfg.scoring_func == "sigmoid" else max(sum(weights), cfg.normalize_topk_min)
         weights = [w / total for w in weights]
     return experts, [w * cfg.routed_scaling_factor for w in weights]
 
@@ -298,10 +308,47 @@ BASE = dict(d_model=8, d_ff=16, num_experts=8, router="topk", top_k=2)
     (dict(router="switch", top_k=1, routed_scaling_factor=2.0), r"routed_scaling_factor=2.0 .*router='topk' only"),
     (dict(router="noisy_topk", n_group=2, topk_group=1), r"n_group=2 .*router='topk' only"),
     (dict(router="gshard", top_k=2, bias_update_rate=1e-3), r"bias_update_rate=0.001 .*router='topk' only"),
+    (dict(topk_on_logits=True, selection_bias=True), r"topk_on_logits=True .*choose by the \(biased\) scores"),
+    (dict(topk_on_logits=True, n_group=2, topk_group=1), r"topk_on_logits=True .*group-limited routing"),
+    (dict(normalize_topk_min=1e-12), r"normalize_topk_min=1e-12 .*set normalize_topk=True"),
+    (dict(normalize_topk_min=1e-12, normalize_topk=True, scoring_func="sigmoid"), r"normalize_topk_min=1e-12 .*"
+                                                                                  r"scoring_func='softmax'"),
+    (dict(normalize_topk_min=-1.0, normalize_topk=True), r"normalize_topk_min=-1.0 .*>= 0"),
+    (dict(router="gshard", top_k=2, topk_on_logits=True), r"topk_on_logits=True .*router='topk' only"),
+    (dict(shared_expert_scale=0.5), r"MoEConfig.shared_expert_scale=0.5 .*num_shared_experts=0"),
+    (dict(shared_expert_scale=0.0, num_shared_experts=1), r"MoEConfig.shared_expert_scale=0.0 .*> 0"),
 ])
 def test_bad_router_feature_options_raise_value_error_naming_the_field(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         MoEConfig(**{**BASE, **overrides})
+
+
+@pytest.mark.parametrize(("scoring_func", "gate_after_topk"), [("softmax", True), ("sigmoid", False)])
+def test_topk_on_logits_orders_experts_whose_scores_round_to_a_tie(scoring_func, gate_after_topk):
+    """The softmax underflows to 0 (a logit 300 above the rest) or the sigmoid saturates to 1
+    (logits >= 20): the scores tie, the logits still order the experts (Granite, Cohere 2)."""
+    row = [1.0, 2.0, 300.0, 5.0, 3.0, 4.0, 0.0, 6.0] if scoring_func == "softmax" else \
+        [20.0, 21.0, 40.0, 35.0, 22.0, 30.0, 0.0, 25.0]
+    cfg = MoEConfig(**{**BASE, "top_k": 3, "scoring_func": scoring_func, "gate_after_topk": gate_after_topk,
+                       "topk_on_logits": True})
+    experts, weights = reference_decision(row, [0.0] * 8, cfg)
+    assert experts == ([2, 7, 3] if scoring_func == "softmax" else [2, 3, 5])
+    routing = route(torch.tensor([row]), cfg)
+    assert routing.expert_SK.tolist() == [experts]
+    assert_close(routing.weight_SK, torch.tensor([weights]))
+
+
+def test_normalize_topk_min_bounds_the_sum_of_underflowing_kept_scores():
+    """Ernie 4.5: the bias picks two experts whose probabilities (~e^-60) sum below moe_norm_min,
+    so they are divided by moe_norm_min, not inflated to 1/2 each."""
+    row, bias = [60.0] + [0.0] * 7, [0.0, 2.0, 2.0] + [0.0] * 5
+    cfg = MoEConfig(**{**BASE, "top_k": 2, "selection_bias": True, "normalize_topk": True,
+                       "normalize_topk_min": 1e-12})
+    experts, weights = reference_decision(row, bias, cfg)
+    assert sorted(experts) == [1, 2] and max(weights) < 1e-10
+    routing = route(torch.tensor([row]), cfg, selection_bias_E=torch.tensor(bias))
+    assert sorted(routing.expert_SK[0].tolist()) == [1, 2]
+    assert_close(routing.weight_SK, torch.tensor([weights]), rtol=1e-5, atol=0.0)
 
 
 def test_router_bias_and_the_shared_gate_work_with_any_router():

@@ -249,9 +249,12 @@ def test_jitter_applies_to_every_router(router):
     assert not torch.allclose(layer.train()(x).output, plain)
 
 
-@pytest.mark.parametrize("options", [dict(expert="swiglu"), dict(activation="relu", expert_bias=True)])
-def test_shared_experts_add_every_shared_expert_to_every_token(options):
-    layer = make_layer(router="topk", top_k=2, capacity=S, num_shared_experts=2, d_ff_shared=5, **options)
+@pytest.mark.parametrize("options,scale", [(dict(expert="swiglu"), 1.0),
+                                           (dict(activation="relu", expert_bias=True), 1.0),
+                                           (dict(expert="swiglu"), 0.5)])  # 0.5: Cohere 2's "average"
+def test_shared_experts_add_every_shared_expert_to_every_token_times_the_scale(options, scale):
+    layer = make_layer(router="topk", top_k=2, capacity=S, num_shared_experts=2, d_ff_shared=5,
+                       shared_expert_scale=scale, **options)
     shared = layer.shared_experts
     assert shared.w1.shape == (2, 8, 5) and shared.w2.shape == (2, 5, 8)
     with torch.no_grad():
@@ -267,7 +270,7 @@ def test_shared_experts_add_every_shared_expert_to_every_token(options):
             h = x[s] @ shared.w1[j] + (shared.b1[j] if shared.b1 is not None else 0)
             h = torch.nn.functional.silu(h) * (x[s] @ shared.w3[j]) if shared.w3 is not None else torch.relu(h)
             y = y + h @ shared.w2[j] + (shared.b2[j] if shared.b2 is not None else 0)
-        want.append(y)
+        want.append(y * scale)
     torch.testing.assert_close(layer(x).output - routed(x).output, torch.stack(want), rtol=1e-4, atol=1e-5)
 
 

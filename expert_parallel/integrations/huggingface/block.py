@@ -58,17 +58,17 @@ class ExpertParallelBlock(nn.Module):
         """
         with torch.random.fork_rng(devices=[]):  # the random init is overwritten below
             moe = MoELayer(cfg, ep_group)
-        hf_state, ours_state = block.state_dict(), moe.state_dict()
-        missing = [wm.ours for wm in spec.weights if wm.ours not in ours_state]
+        hf_state, ours_state, weights = block.state_dict(), moe.state_dict(), spec.weights_for(cfg)
+        missing = [wm.ours for wm in weights if wm.ours not in ours_state]
         if missing:
             raise ValueError(f"{spec.block}: MoELayer has no {missing} for this config; this expert_parallel lacks a "
                              "feature the spec needs (update expert_parallel, or fix the spec)")
         first = moe.first_expert
         state = {wm.ours: hf_to_ours(hf_state[wm.hf], wm, tuple(ours_state[wm.ours].shape), first if wm.sharded else 0)
-                 for wm in spec.weights}
+                 for wm in weights}
         moe.load_state_dict(state, strict=False, assign=True)
         # tensors without an HF counterpart follow; the expert compute is chosen again for the device and dtype
-        moe.to(hf_state[spec.weights[0].hf].device)
+        moe.to(hf_state[weights[0].hf].device)
         return cls(spec, moe, tuple(hf_state))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -96,12 +96,13 @@ class ExpertParallelBlock(nn.Module):
         """
         shards = expert_shards(self.moe)  # the checkpoint's logical tensors: one way to gather experts
         state = self.moe.state_dict() if state is None else state
-        missing = sorted(wm.ours for wm in self.spec.weights if wm.ours not in state)
+        weights = self.spec.weights_for(self.moe.cfg)
+        missing = sorted(wm.ours for wm in weights if wm.ours not in state)
         if missing:
             raise ValueError(f"the state dict of a converted {self.spec.block} lacks {missing}; pass a whole "
                              "model.state_dict() (or none) to save the block")
         parts: dict[str, dict[int, Tensor]] = {}
-        for wm in self.spec.weights:
+        for wm in weights:
             value = state[wm.ours].detach()
             if wm.sharded:
                 value = shards[wm.ours].gather(value)

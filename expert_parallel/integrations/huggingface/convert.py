@@ -82,8 +82,8 @@ def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[Process
         message = (f"{type(model).__name__} has no {'unconverted ' if converted else ''}sparse-MoE block to convert; "
                    f"supported blocks: {sorted(SPECS_BY_BLOCK)}")
         raise ValueError(message + " (it was converted already)") if converted else mismatch(message)
-    for path, block, spec, _ in plan:
-        _check_coverage(path, block, spec)
+    for path, block, spec, cfg in plan:
+        _check_coverage(path, block, spec, cfg)
     check_recording()
     if not tested:
         warn_untested()
@@ -178,9 +178,9 @@ def _layer_config(path: str, spec: BlockSpec, hf_config: Any, ep_size: int, over
                         "ep_size": ep_size})
 
 
-def _check_coverage(path: str, block: nn.Module, spec: BlockSpec) -> None:
-    """Every tensor of the HF block is mapped by the spec, and every mapped one exists."""
-    have, mapped = set(block.state_dict()), {wm.hf for wm in spec.weights}
+def _check_coverage(path: str, block: nn.Module, spec: BlockSpec, cfg: MoEConfig) -> None:
+    """Every tensor of the HF block is mapped by the spec (for the block's ``cfg``), and every mapped one exists."""
+    have, mapped = set(block.state_dict()), {wm.hf for wm in spec.weights_for(cfg)}
     if have != mapped:
         raise mismatch(f"{path} ({spec.block}) holds tensors {sorted(have - mapped)} that the spec does not map "
                        f"and lacks {sorted(mapped - have)} that it does; this variant of {spec.block} is not "

@@ -17,7 +17,7 @@ from torch import Tensor
 from .compat import mismatch
 
 # how an HF tensor holds one of ours; our expert weights are [N, in, out] per expert (x @ w)
-LAYOUTS = ("same", "stacked", "linear_out", "linear_in")
+LAYOUTS = ("same", "stacked", "linear_out", "linear_in", "unsqueezed")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class WeightMap:
             ``"linear_out"``: an ``nn.Linear`` weight whose output rows stack N experts,
             ``[N * out, in]`` (a shared MLP's ``gate_proj`` / ``up_proj``, ``[N * F, D]``);
             ``"linear_in"``: an ``nn.Linear`` weight whose input columns stack N experts,
-            ``[out, N * in]`` (a shared MLP's ``down_proj``, ``[D, N * F]``).
+            ``[out, N * in]`` (a shared MLP's ``down_proj``, ``[D, N * F]``);
+            ``"unsqueezed"``: ours with a leading dimension of 1 (Ernie 4.5's selection bias
+            ``e_score_correction_bias [1, E]``).
         part: ``(index, parts)``: ours is slice ``index`` of ``parts`` equal slices of the HF
             tensor's output rows (gate ``(0, 2)`` and up ``(1, 2)`` of a fused ``gate_up_proj``);
             ``"stacked"`` only.
@@ -80,6 +82,8 @@ def hf_to_ours(value: Tensor, wm: WeightMap, shape: tuple[int, ...], first: int 
         ours = value.reshape(shape[0], shape[2], shape[1]).transpose(1, 2)
     elif wm.layout == "linear_in":
         ours = value.reshape(shape[2], shape[0], shape[1]).permute(1, 2, 0)
+    elif wm.layout == "unsqueezed" and value.shape[:1] == (1,):
+        ours = value[0]
     else:
         ours = value
     if tuple(ours.shape) != tuple(shape):
@@ -97,6 +101,8 @@ def ours_to_hf(value: Tensor, wm: WeightMap) -> Tensor:
         return value.transpose(1, 2).reshape(-1, value.shape[1])
     if wm.layout == "linear_in":
         return value.permute(2, 0, 1).reshape(value.shape[2], -1)
+    if wm.layout == "unsqueezed":
+        return value.unsqueeze(0)
     return value
 
 
@@ -184,6 +190,14 @@ class BlockSpec:
         if self.derived is not None:
             fields.update(self.derived(hf_config))
         return fields
+
+    def weights_for(self, cfg: Any) -> tuple[WeightMap, ...]:
+        """The ``weights`` a block with layer config ``cfg`` (an ``MoEConfig``) holds: the shared
+        experts' maps only with ``num_shared_experts >= 1`` and the shared gate's only with
+        ``shared_expert_gate`` (a family whose config may turn its shared experts off, e.g. Cohere 2)."""
+        return tuple(wm for wm in self.weights
+                     if (cfg.num_shared_experts or not wm.ours.startswith("shared_experts."))
+                     and (cfg.shared_expert_gate or wm.ours != SHARED_GATE))
 
 
 ROUTER = WeightMap("router.weight", "gate.weight")
