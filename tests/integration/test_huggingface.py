@@ -44,6 +44,19 @@ def sharded_keys(name: str) -> tuple[str, ...]:
     return tuple(sorted({wm.hf for wm in SPECS_BY_NAME[name].weights if wm.sharded}))
 
 
+def lm_class(config) -> type:
+    """The causal LM class of ``config``: ``AutoModelForCausalLM`` 's, or the family's own
+    ``*ForCausalLM`` where the auto mapping leaves it out (Mistral 4)."""
+    mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    own = type(config).__name__[:-len("Config")] + "ForCausalLM"
+    return getattr(transformers, mapping.get(config.model_type) or own)
+
+
+def trained_keys(model: torch.nn.Module) -> set[str]:
+    """The parameters that get gradients (AFMoE's and Laguna's selection biases are parameters without)."""
+    return {key for key, param in model.named_parameters() if param.requires_grad}
+
+
 def tiny_model(name: str) -> transformers.PreTrainedModel:
     """A random tiny model with decisive routing (router weights ~N(0, 1), so no near-ties flip
     between two implementations) and non-zero router buffers (e.g. a selection bias)."""
@@ -51,7 +64,8 @@ def tiny_model(name: str) -> transformers.PreTrainedModel:
     scales = {wm.hf: 1.0 if wm.ours == "router.weight" else 0.1 for wm in spec.weights
               if wm.ours == "router.weight" or wm.ours.startswith("router.") or wm.sharded}
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(name, SIZES))
+    config = tiny_config(name, SIZES)
+    model = lm_class(config)._from_config(config)
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
             scale = next((scale for hf, scale in scales.items() if key.endswith("." + hf)), None)
@@ -72,8 +86,15 @@ RAGGED = ((2, 8), (3, 5))  # [batch, seq] per EP rank: different token counts
 
 
 def load(directory) -> transformers.PreTrainedModel:
-    """Plain transformers' model of a saved directory, with the tiny models' attention."""
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    """Plain transformers' model of a saved directory, with the tiny models' attention; its tensors
+    copied to fresh memory (a loaded tensor may sit at an address that is not 64-byte aligned, where
+    the CPU matmul kernels round differently, e.g. Mistral 4's experts: not a change of the weights)."""
+    model = lm_class(transformers.AutoConfig.from_pretrained(directory)).from_pretrained(
+        directory, attn_implementation="eager")
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = tensor.data.clone()
+    return model
 
 
 def hf_grads(model: torch.nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
@@ -119,7 +140,7 @@ def assert_same_step(got: dict, want: dict, want_grads: dict) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_converted_model_equals_transformers_at_ep1(name):
     reference = tiny_model(name)
-    keys = {key for key, _ in reference.named_parameters()}
+    keys = trained_keys(reference)
     model = convert(copy.deepcopy(reference))
     want = run(reference, batch(1), keys)
     assert sum(isinstance(m, ExpertParallelBlock) for m in model.modules()) == len(want["router_logits"])
@@ -185,7 +206,7 @@ def ep2_worker(rank: int, world: int, names: list[str], save_dir: str) -> dict:
     results = {}
     for name in names:
         reference = tiny_model(name)
-        keys = {key for key, _ in reference.named_parameters()}
+        keys = trained_keys(reference)
         wants = [run(reference, batch(10 + r, RAGGED[r]), keys) for r in range(world)]
         model = convert(copy.deepcopy(reference), ep_size=2)
         model.save_pretrained(os.path.join(save_dir, name, "converted"))  # plain: every rank, rank 0 writes
