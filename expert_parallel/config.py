@@ -24,7 +24,7 @@ BALANCED_ROUTERS = ("gshard", "switch", "topk", "deepspeed")
 LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
 FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", "routed_scaling_factor",
-                "bias_update_rate", *LOSS_WEIGHTS.values())
+                "bias_update_rate", "router_logit_softcap", "normalize_topk_eps", *LOSS_WEIGHTS.values())
 BOOL_FIELDS = ("drop_tokens", "dropless", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
                "gate_after_topk", "normalize_topk", "selection_bias", "router_bias", "shared_expert_gate",
                "expert_tensor_parallel")
@@ -160,6 +160,13 @@ class MoEConfig:
             shares ``f_e`` from the token counts of every data-parallel rank (one small
             all-reduce per forward over the world, no host sync) and ``P_e`` from this rank's
             tokens, the gradient through ``P_e`` only (Qwen's global-batch balance loss).
+        router_logit_softcap: any router: with ``c > 0``, the router's logits are ``c * tanh(logits
+            / c)`` (after any ``router_bias``; Laguna's ``moe_router_logit_softcapping``), bounding
+            them to ``(-c, c)``; everything downstream (scores, losses, recorded logits) sees the
+            capped ones. 0 (default) disables it.
+        normalize_topk_eps: ``topk`` with ``scoring_func="sigmoid"`` and ``normalize_topk``: the
+            kept scores are divided by ``sum + normalize_topk_eps``. Default ``1e-20``
+            (DeepSeek-V3); ``0.0`` is a plain division (MiniMax-M2, Laguna), ``1e-6`` LFM2's.
 
     Raises:
         ValueError: naming the field, its value and the fix, for any invalid combination.
@@ -211,6 +218,8 @@ class MoEConfig:
     shared_expert_gate: bool = False
     router_bias: bool = False
     aux_loss_scope: str = "batch"
+    router_logit_softcap: float = 0.0  # Laguna's moe_router_logit_softcapping
+    normalize_topk_eps: float = 1e-20  # MiniMax-M2 and Laguna divide by the plain sum (0.0), LFM2 adds 1e-6
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size", "tp_size"):
@@ -343,6 +352,10 @@ class MoEConfig:
                    "as they are)")
         if not self.bias_update_rate >= 0:
             reject("bias_update_rate", self.bias_update_rate, "it must be >= 0 (0 disables the bias update)")
+        if not self.router_logit_softcap >= 0:
+            reject("router_logit_softcap", self.router_logit_softcap, "it must be >= 0 (0 disables the cap)")
+        if not self.normalize_topk_eps >= 0:
+            reject("normalize_topk_eps", self.normalize_topk_eps, "it must be >= 0 (0 divides by the plain sum)")
 
     def _check_tensor_parallel(self) -> None:
         """``tp_size`` against the capacity and ``expert_tensor_parallel`` against ``d_ff``."""

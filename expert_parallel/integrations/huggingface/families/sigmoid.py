@@ -1,7 +1,8 @@
 """Sigmoid-router families (and Mistral 4's softmax twin of DeepSeek-V3's router): GLM-4-MoE,
 GLM-4-MoE-Lite, dots.llm1, EXAONE-MoE, Solar Open (DeepSeek-V3's router and block under other
 names), Mistral 4, MiniMax-M2, AFMoE, Hunyuan-V3 and Laguna: sigmoid top-k with a selection bias,
-with or without groups, normalised and scaled, over SwiGLU experts with or without shared experts."""
+with or without groups (Laguna's logits soft-capped), normalised and scaled, over SwiGLU experts
+with or without shared experts."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ MINIMAX_M2 = BlockSpec(
     name="minimax_m2", block="MiniMaxM2SparseMoeBlock",
     config=(("d_model", "hidden_size"), ("d_ff", "intermediate_size"), ("num_experts", "num_local_experts"),
             ("top_k", "num_experts_per_tok"), ("jitter_eps", "router_jitter_noise")),
-    fixed=SIGMOID_BIAS,
+    fixed=(*SIGMOID_BIAS, ("normalize_topk_eps", 0.0)),  # divides by the plain sum
     weights=(ROUTER, WeightMap("router.selection_bias", "e_score_correction_bias"), *SWIGLU_EXPERTS),
     archetype="sigmoid top-k with a selection bias, renormalised; SwiGLU experts",
 )
@@ -98,5 +99,23 @@ HY_V3 = BlockSpec(
     tiny=lambda sizes: dict(num_hidden_layers=sizes.layers + 1, num_shared_experts=2, router_scaling_factor=2.0),
 )
 
+LAGUNA = BlockSpec(
+    name="laguna", block="LagunaSparseMoeBlock",
+    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "num_experts"),
+            ("top_k", "num_experts_per_tok"), ("routed_scaling_factor", "moe_routed_scaling_factor"),
+            ("router_logit_softcap", "moe_router_logit_softcapping"),
+            ("d_ff_shared", "shared_expert_intermediate_size")),
+    # the scale multiplies the routed experts' sum in HF, the same as their weights
+    fixed=(*SIGMOID_BIAS, ("normalize_topk_eps", 0.0), ("num_shared_experts", 1)),
+    requires=(("hidden_act", ("silu",)), ("moe_apply_router_weight_on_input", (False,))),
+    # gate.e_score_correction_bias is a parameter without gradient in HF: our selection bias buffer
+    weights=(ROUTER, WeightMap("router.selection_bias", "gate.e_score_correction_bias"), *SWIGLU_EXPERTS,
+             *shared_mlp("shared_experts")),
+    archetype="sigmoid top-k of soft-capped logits with a selection bias, renormalised, scaled; SwiGLU + a shared "
+              "expert",
+    tiny=lambda sizes: dict(num_hidden_layers=sizes.layers + 1, num_attention_heads_per_layer=[sizes.heads] * (
+        sizes.layers + 1), moe_router_logit_softcapping=3.0, moe_routed_scaling_factor=2.0),
+)
+
 SPECS: tuple[BlockSpec, ...] = (GLM4_MOE, GLM4_MOE_LITE, DOTS1, SOLAR_OPEN, EXAONE_MOE, MISTRAL4, MINIMAX_M2, AFMOE,
-                                HY_V3)
+                                HY_V3, LAGUNA)
