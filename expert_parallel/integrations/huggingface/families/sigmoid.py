@@ -27,9 +27,16 @@ def _dense_first(sizes: TinySizes) -> dict[str, Any]:
 
 def _mla_lite(sizes: TinySizes) -> dict[str, Any]:
     """GLM-4-MoE-Lite: DeepSeek's tiny MLA model; its dense first layer is ``mlp_layer_types``."""
-    fields = {key: value for key, value in _mla(sizes).items() if key not in ("first_k_dense_replace", "n_group",
-                                                                              "topk_group")}
+    fields = {key: value for key, value in _mla(sizes).items() if key != "first_k_dense_replace"}
     return {**fields, "mlp_layer_types": ["dense"] + ["sparse"] * sizes.layers, **V3_ROUTING}
+
+
+def _shared_experts_config(scale: str) -> tuple[tuple[str, str], ...]:
+    """The config map of AFMoE and Hunyuan-V3: ``num_shared_experts`` shared experts of the routed
+    experts' width, the routed scaling factor under the attribute ``scale``."""
+    return (("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "num_experts"),
+            ("top_k", "num_experts_per_tok"), ("routed_scaling_factor", scale),
+            ("num_shared_experts", "num_shared_experts"), ("d_ff_shared", "moe_intermediate_size"))
 
 
 def _v3_named(name: str, block: str, **changes: Any) -> BlockSpec:
@@ -74,9 +81,7 @@ MINIMAX_M2 = BlockSpec(
 
 AFMOE = BlockSpec(
     name="afmoe", block="AfmoeSparseMoeBlock",
-    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "num_experts"),
-            ("top_k", "num_experts_per_tok"), ("routed_scaling_factor", "route_scale"),
-            ("num_shared_experts", "num_shared_experts"), ("d_ff_shared", "moe_intermediate_size")),
+    config=_shared_experts_config("route_scale"),
     fixed=SIGMOID_BIAS,
     # expert_bias is a parameter without gradient in HF: our selection bias buffer
     weights=(WeightMap("router.weight", "router.gate.weight"), WeightMap("router.selection_bias", "expert_bias"),
@@ -88,9 +93,7 @@ AFMOE = BlockSpec(
 
 HY_V3 = BlockSpec(
     name="hy_v3", block="HYV3MoE",
-    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "num_experts"),
-            ("top_k", "num_experts_per_tok"), ("routed_scaling_factor", "router_scaling_factor"),
-            ("num_shared_experts", "num_shared_experts"), ("d_ff_shared", "moe_intermediate_size")),
+    config=_shared_experts_config("router_scaling_factor"),
     fixed=SIGMOID_BIAS,
     requires=(("hidden_act", ("silu",)), ("mlp_bias", (False,))),
     weights=(ROUTER, WeightMap("router.selection_bias", "e_score_correction_bias"), *SWIGLU_EXPERTS,
