@@ -24,7 +24,8 @@ BALANCED_ROUTERS = ("gshard", "switch", "topk", "deepspeed")
 LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
 FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", "routed_scaling_factor",
-                "bias_update_rate", "normalize_topk_min", "shared_expert_scale", *LOSS_WEIGHTS.values())
+                "bias_update_rate", "normalize_topk_min", "shared_expert_scale", "router_logit_softcap",
+                "normalize_topk_eps", *LOSS_WEIGHTS.values())
 BOOL_FIELDS = ("drop_tokens", "dropless", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
                "gate_after_topk", "normalize_topk", "selection_bias", "router_bias", "shared_expert_gate",
                "expert_tensor_parallel", "topk_on_logits")
@@ -174,6 +175,13 @@ class MoEConfig:
             ``shared_expert_gate``): Cohere 2 MoE's ``shared_expert_combination_strategy=
             "average"`` is 0.5 here with ``routed_scaling_factor=0.5``. Must be > 0; a value other
             than 1.0 needs ``num_shared_experts >= 1``.
+        router_logit_softcap: any router: with ``c > 0``, the router's logits are ``c * tanh(logits
+            / c)`` (after any ``router_bias``; Laguna's ``moe_router_logit_softcapping``), bounding
+            them to ``(-c, c)``; everything downstream (scores, losses, recorded logits) sees the
+            capped ones. 0 (default) disables it.
+        normalize_topk_eps: ``topk`` with ``scoring_func="sigmoid"`` and ``normalize_topk``: the
+            kept scores are divided by ``sum + normalize_topk_eps``. Default ``1e-20``
+            (DeepSeek-V3); ``0.0`` is a plain division (MiniMax-M2, Laguna), ``1e-6`` LFM2's.
 
     Raises:
         ValueError: naming the field, its value and the fix, for any invalid combination.
@@ -231,6 +239,8 @@ class MoEConfig:
     normalize_topk_min: float = 0.0
     # Cohere 2 MoE (Hugging Face): shared_expert_combination_strategy="average"
     shared_expert_scale: float = 1.0
+    router_logit_softcap: float = 0.0  # Laguna's moe_router_logit_softcapping
+    normalize_topk_eps: float = 1e-20  # MiniMax-M2 and Laguna divide by the plain sum (0.0), LFM2 adds 1e-6
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size", "tp_size"):
@@ -372,6 +382,10 @@ class MoEConfig:
         if not self.normalize_topk_min >= 0:
             reject("normalize_topk_min", self.normalize_topk_min, "it must be >= 0 (0 clamps the kept scores' sum "
                    "at the smallest normal fp32 only)")
+        if not self.router_logit_softcap >= 0:
+            reject("router_logit_softcap", self.router_logit_softcap, "it must be >= 0 (0 disables the cap)")
+        if not self.normalize_topk_eps >= 0:
+            reject("normalize_topk_eps", self.normalize_topk_eps, "it must be >= 0 (0 divides by the plain sum)")
 
     def _check_tensor_parallel(self) -> None:
         """``tp_size`` against the capacity and ``expert_tensor_parallel`` against ``d_ff``."""

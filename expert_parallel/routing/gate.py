@@ -22,7 +22,8 @@ def _fp32(value: float) -> float:
 
 
 class Router(nn.Module):
-    """Linear gate ``logits_SE = x_SD @ weight.T (+ bias)`` computed in fp32.
+    """Linear gate ``logits_SE = x_SD @ weight.T (+ bias)`` computed in fp32 (soft-capped to
+    ``softcap * tanh(logits / softcap)`` with ``softcap > 0``).
 
     Args:
         d_model: ``D``.
@@ -35,6 +36,7 @@ class Router(nn.Module):
             implies it).
         bias_update_rate: DeepSeek-V3's update speed ``u`` of the selection bias; > 0 also holds
             the counts ``selection_load`` that ``comm.update_selection_biases`` consumes.
+        softcap: ``MoEConfig.router_logit_softcap`` (0 disables it).
 
     Attributes:
         weight: ``[num_experts, d_model]``, replicated on every rank (dense parameter).
@@ -49,9 +51,10 @@ class Router(nn.Module):
     """
 
     def __init__(self, d_model: int, num_experts: int, jitter: float = 0.0, noisy: bool = False, bias: bool = False,
-                 selection_bias: bool = False, bias_update_rate: float = 0.0) -> None:
+                 selection_bias: bool = False, bias_update_rate: float = 0.0, softcap: float = 0.0) -> None:
         super().__init__()
         self.jitter = jitter
+        self.softcap = float(softcap)
         # the draw DeepSpeed's multiplicative_jitter makes is low + U(0, 1) * (high - low), with the
         # bounds and their difference rounded to fp32 as its fp32 tensors round them; held as
         # Python floats, so no host tensor is copied to the device in forward
@@ -71,9 +74,10 @@ class Router(nn.Module):
     @classmethod
     def from_config(cls, cfg: MoEConfig) -> Router:
         """The router ``cfg`` asks for (jitter, a linear bias, a noise projection where the registry says
-        so, a selection bias and its counts)."""
+        so, a selection bias and its counts, the logits' soft cap)."""
         return cls(cfg.d_model, cfg.num_experts, jitter=cfg.jitter_eps, noisy=ROUTERS[cfg.router].noisy,
-                   bias=cfg.router_bias, selection_bias=cfg.has_selection_bias, bias_update_rate=cfg.bias_update_rate)
+                   bias=cfg.router_bias, selection_bias=cfg.has_selection_bias, bias_update_rate=cfg.bias_update_rate,
+                   softcap=cfg.router_logit_softcap)
 
     def forward(self, x_SD: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """``[S, D] -> (logits [S, E], noise std [S, E] or None)``, both fp32, whatever the input
@@ -87,12 +91,22 @@ class Router(nn.Module):
             if self.jitter and self.training:
                 uniform_SD = torch.rand(x_SD.shape, device=x_SD.device)
                 x_SD = x_SD * (uniform_SD * self._jitter_span + self._jitter_low)
-            logits_SE = x_SD @ self.weight.float().t()
-            if self.bias is not None:
-                logits_SE = logits_SE + self.bias.float()
+            logits_SE = self.logits(x_SD)
             if self.noise_weight is None or not self.training:
                 return logits_SE, None
             return logits_SE, F.softplus(x_SD @ self.noise_weight.float().t())
+
+    def logits(self, x_SD: Tensor) -> Tensor:
+        """``[S, D] -> [S, E]``: the fp32 logits of ``x_SD`` as given (no jitter, no noise):
+        ``x @ weight.T``, plus ``bias``, soft-capped. What ``forward`` routes by, and what a
+        converted Hugging Face block records. No host sync."""
+        with torch.autocast(x_SD.device.type, enabled=False):
+            logits_SE = x_SD.float() @ self.weight.float().t()
+            if self.bias is not None:
+                logits_SE = logits_SE + self.bias.float()
+            if self.softcap:
+                logits_SE = torch.tanh(logits_SE / self.softcap) * self.softcap
+            return logits_SE
 
     def count_selection(self, count_E: Tensor) -> None:
         """Add one training forward's tokens per expert ``[E]`` to ``selection_load`` (in place, no

@@ -44,6 +44,20 @@ def sharded_keys(name: str) -> tuple[str, ...]:
     return tuple(sorted({wm.hf for wm in SPECS_BY_NAME[name].weights if wm.sharded}))
 
 
+def lm_class(config) -> type:
+    """The causal LM class of ``config``: ``AutoModelForCausalLM`` 's, or the family's own
+    ``*ForCausalLM`` where the auto mapping leaves it out (Mistral 4)."""
+    mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    own = type(config).__name__[:-len("Config")] + "ForCausalLM"
+    return getattr(transformers, mapping.get(config.model_type) or own)
+
+
+def trained_keys(model: torch.nn.Module) -> set[str]:
+    """The parameters that get gradients (Ernie 4.5's, AFMoE's and Laguna's
+    selection biases are parameters without)."""
+    return {key for key, param in model.named_parameters() if param.requires_grad}
+
+
 def tiny_model(name: str, **config: object) -> transformers.PreTrainedModel:
     """A random tiny model with decisive routing (router weights ~N(0, 1), so no near-ties flip
     between two implementations) and non-zero router buffers (e.g. a selection bias); ``config``:
@@ -55,7 +69,7 @@ def tiny_model(name: str, **config: object) -> transformers.PreTrainedModel:
     hf_config = tiny_config(name, SIZES)
     for attr, value in config.items():
         setattr(hf_config, attr, value)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    model = lm_class(hf_config)._from_config(hf_config)
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
             scale = next((scale for hf, scale in scales.items() if key.endswith("." + hf)), None)
@@ -76,13 +90,15 @@ RAGGED = ((2, 8), (3, 5))  # [batch, seq] per EP rank: different token counts
 
 
 def load(directory) -> transformers.PreTrainedModel:
-    """Plain transformers' model of a saved directory, with the tiny models' attention."""
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
-
-
-def trained_keys(model: torch.nn.Module) -> set[str]:
-    """The parameters that take gradients (Ernie 4.5's selection bias is a frozen parameter)."""
-    return {key for key, param in model.named_parameters() if param.requires_grad}
+    """Plain transformers' model of a saved directory, with the tiny models' attention; its tensors
+    copied to fresh memory (a loaded tensor may sit at an address that is not 64-byte aligned, where
+    the CPU matmul kernels round differently, e.g. Mistral 4's experts: not a change of the weights)."""
+    model = lm_class(transformers.AutoConfig.from_pretrained(directory)).from_pretrained(
+        directory, attn_implementation="eager")
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = tensor.data.clone()
+    return model
 
 
 def hf_grads(model: torch.nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
@@ -25,10 +24,11 @@ class ExpertParallelBlock(nn.Module):
     blocks in transformers 5.22-5.25 (a tensor); any ``[..., D]``, ``B = 0`` included, and EP
     ranks may pass different shapes (with the default dropless layer, agreed per batch). While
     the model collects router logits (``output_router_logits=True``), the block appends its
-    logits ``[B*T, E]`` (fp32, from the un-jittered input; one extra ``[S, D] x [D, E]`` matmul,
-    only then) to the model's ``spec.record_key`` output, so ``outputs.router_logits`` and the
-    model's own load-balancing ``aux_loss`` work as before. The layer's own ``aux_loss`` is not
-    used; its stats of the latest forward are ``stats``. The padding of the model's
+    logits ``[B*T, E]`` (fp32, ``Router.logits``: from the un-jittered input, with the router's
+    bias and soft cap; one extra ``[S, D] x [D, E]`` matmul, only then) to the model's
+    ``spec.record_key`` output, so ``outputs.router_logits`` and the model's own load-balancing
+    ``aux_loss`` work as before. The layer's own ``aux_loss`` is not used; its stats of the latest
+    forward are ``stats``. The padding of the model's
     ``attention_mask`` is not routed (``masking.pass_attention_mask``).
 
     Attributes:
@@ -75,9 +75,7 @@ class ExpertParallelBlock(nn.Module):
         """``[B, T, D] -> [B, T, D]`` (any ``[..., D]``); see the class docstring."""
         sink = recorded(self.spec.record_key)
         if sink is not None:
-            with torch.autocast(hidden_states.device.type, enabled=False):
-                weight = self.moe.router.weight
-                sink.append(F.linear(hidden_states.reshape(-1, weight.shape[1]).float(), weight.float()))
+            sink.append(self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1])))
         out = self.moe(hidden_states, token_mask=current_token_mask(hidden_states))
         self.stats = out.stats
         return out.output
