@@ -72,8 +72,13 @@ RAGGED = ((2, 8), (3, 5))  # [batch, seq] per EP rank: different token counts
 
 
 def load(directory) -> transformers.PreTrainedModel:
-    """Plain transformers' model of a saved directory, with the tiny models' attention."""
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    """Plain transformers' model of a saved directory, with the tiny models' attention; its
+    parameters copied out of the memory-mapped file (a matmul's rounding may depend on the
+    alignment of its operands: DBRX's loaded experts differ from the same values in fresh memory)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    for param in model.parameters():
+        param.data = param.data.clone()
+    return model
 
 
 def hf_grads(model: torch.nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
@@ -199,7 +204,8 @@ def ep2_worker(rank: int, world: int, names: list[str], save_dir: str) -> dict:
             after = model(input_ids=batch(99)).logits
         model.save_pretrained(os.path.join(save_dir, name, "trained"))
         results[name] = {"wants": wants, "got": got, "same_state": same_state, "after": after,
-                         "local_experts": model.model.layers[-1].mlp.moe.experts.w1.shape[0]}
+                         "local_experts": [m for m in model.modules() if isinstance(m, ExpertParallelBlock)][-1]
+                         .moe.experts.w1.shape[0]}
     return results
 
 
