@@ -11,7 +11,7 @@ from typing import Optional
 from .activations import ACTIVATIONS
 from .router_rules import NO_TOP_K, ROUTER_RULES, reject, routed_top_k
 
-EXPERT_KINDS = ("ffn", "swiglu")
+EXPERT_KINDS = ("ffn", "swiglu", "clamped_swiglu")
 EXPERT_COMPUTE = ("auto", "filled", "padded")
 A2A_KINDS = ("flat", "hierarchical")
 SECOND_POLICIES = ("random", "all", "threshold", "gumbel")
@@ -25,10 +25,10 @@ LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
 FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", "routed_scaling_factor",
                 "bias_update_rate", "normalize_topk_min", "shared_expert_scale", "router_logit_softcap",
-                "normalize_topk_eps", *LOSS_WEIGHTS.values())
+                "normalize_topk_eps", "swiglu_alpha", "swiglu_limit", "normalize_topk_p", *LOSS_WEIGHTS.values())
 BOOL_FIELDS = ("drop_tokens", "dropless", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
                "gate_after_topk", "normalize_topk", "selection_bias", "router_bias", "shared_expert_gate",
-               "expert_tensor_parallel", "topk_on_logits")
+               "expert_tensor_parallel", "topk_on_logits", "expert_up_bias", "scale_expert_input")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,9 @@ class MoEConfig:
             Ignored with ``ep_size=1`` (there is no all-to-all).
         ranks_per_node: ranks on each node for ``a2a="hierarchical"`` (``ep_size`` must be a
             multiple); ``None`` reads the launcher's ``LOCAL_WORLD_SIZE`` when the layer is built.
-        expert: ``"ffn"`` (Linear-act-Linear) or ``"swiglu"``.
+        expert: ``"ffn"`` (Linear-act-Linear), ``"swiglu"`` (``silu(x w1) * (x w3)``) or
+            ``"clamped_swiglu"`` (GPT-OSS: ``(clamp(x w3, -l, l) + 1) * g * sigmoid(alpha * g)``,
+            ``g = clamp(x w1, max=l)``, with ``swiglu_alpha`` and ``swiglu_limit``; biases added first).
         activation: ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"`` (ffn experts only).
         expert_bias: give experts biases ``b1 [E_local, F]``, ``b2 [E_local, D]``.
         aux_loss_weight: weight of the load-balancing loss in ``MoEOutput.aux_loss`` (routers
@@ -182,6 +184,17 @@ class MoEConfig:
         normalize_topk_eps: ``topk`` with ``scoring_func="sigmoid"`` and ``normalize_topk``: the
             kept scores are divided by ``sum + normalize_topk_eps``. Default ``1e-20``
             (DeepSeek-V3); ``0.0`` is a plain division (MiniMax-M2, Laguna), ``1e-6`` LFM2's.
+        swiglu_alpha, swiglu_limit: ``expert="clamped_swiglu"`` only: its ``alpha`` and ``limit``
+            (> 0); defaults GPT-OSS's 1.702 and 7.0.
+        expert_up_bias: gated experts (``swiglu``, ``clamped_swiglu``) with ``expert_bias`` only:
+            a bias ``b3 [E_local, F]`` on ``x w3`` too (GPT-OSS biases all three projections).
+        normalize_topk_p: ``topk`` with ``normalize_topk`` only: divide the k kept scores by their
+            p-norm ``(sum_k |w_k|^p)^(1/p)`` instead of their sum (DBRX's
+            ``moe_normalize_expert_weights``); 1 (default) is the sum; finite, > 0.
+        scale_expert_input: each dispatched choice's combine weight multiplies the token before
+            its expert (``expert(w * x)``), and the experts' outputs are summed unweighted (Llama 4,
+            whose sigmoid score scales the input); any router. Not differentiable through a
+            weight of 0 alone (as the usual combine).
 
     Raises:
         ValueError: naming the field, its value and the fix, for any invalid combination.
@@ -241,6 +254,14 @@ class MoEConfig:
     shared_expert_scale: float = 1.0
     router_logit_softcap: float = 0.0  # Laguna's moe_router_logit_softcapping
     normalize_topk_eps: float = 1e-20  # MiniMax-M2 and Laguna divide by the plain sum (0.0), LFM2 adds 1e-6
+    # GPT-OSS's experts (Hugging Face gpt_oss): clamped SwiGLU and a bias on every projection
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_up_bias: bool = False
+    # DBRX's router (Hugging Face dbrx): the p-norm of moe_normalize_expert_weights
+    normalize_topk_p: float = 1.0
+    # Llama 4's experts (Hugging Face llama4): the router score scales the input
+    scale_expert_input: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size", "tp_size"):
@@ -287,6 +308,7 @@ class MoEConfig:
             reject("expert", self.expert, f"choose one of {list(EXPERT_KINDS)}")
         if self.activation not in ACTIVATIONS:
             reject("activation", self.activation, f"choose one of {sorted(ACTIVATIONS)}")
+        self._check_expert_options()
         for name in LOSS_WEIGHTS.values():
             if not getattr(self, name) >= 0:  # also rejects NaN
                 reject(name, getattr(self, name), "it must be >= 0 (0 disables the loss)")
@@ -349,6 +371,19 @@ class MoEConfig:
             reject("top_k", self.top_k, f"it must be between 1 and num_experts={self.num_experts}")
         if required_k is not None and self.top_k != required_k:
             reject("top_k", self.top_k, f"router={self.router!r} routes top-{required_k}; set top_k={required_k}")
+
+    def _check_expert_options(self) -> None:
+        """``swiglu_alpha`` / ``swiglu_limit`` (``clamped_swiglu``) and ``expert_up_bias``."""
+        for name, default in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
+            if not getattr(self, name) > 0:
+                reject(name, getattr(self, name), "it must be > 0")
+            if getattr(self, name) != default and self.expert != "clamped_swiglu":
+                reject(name, getattr(self, name), f"it shapes expert='clamped_swiglu' (GPT-OSS), and "
+                       f"expert={self.expert!r}; leave it at {default} or set expert='clamped_swiglu'")
+        if self.expert_up_bias and (self.expert == "ffn" or not self.expert_bias):
+            reject("expert_up_bias", True, f"it biases x w3 of a gated expert that has biases, and expert="
+                   f"{self.expert!r}, expert_bias={self.expert_bias}; set expert='swiglu' or 'clamped_swiglu' "
+                   "and expert_bias=True, or expert_up_bias=False")
 
     def _check_communication(self) -> None:
         """``num_chunks``, ``a2a`` and ``ranks_per_node``."""

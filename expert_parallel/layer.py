@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
+from .activations import ClampedSwiGLU
 from .comm import (
     A2AGroup,
     Agreement,
@@ -112,6 +113,13 @@ def _resolve_ranks(cfg: MoEConfig, group: Optional[ProcessGroup], kind: str) -> 
         raise ValueError(f"MoEConfig.{kind}_size={size} does not match the size {group_size} of "
                          f"{kind}_group; set {kind}_size={group_size} or pass a group of {size} ranks")
     return register(group)
+
+
+def _expert_kind(cfg: MoEConfig) -> dict:
+    """``StackedExperts`` keyword arguments for ``cfg.expert`` (and its activation and biases)."""
+    glu = ClampedSwiGLU(cfg.swiglu_alpha, cfg.swiglu_limit) if cfg.expert == "clamped_swiglu" else None
+    return dict(gated=cfg.expert != "ffn", activation=cfg.activation, bias=cfg.expert_bias,
+                up_bias=cfg.expert_up_bias, glu=glu)
 
 
 class _Phase:
@@ -196,11 +204,10 @@ class MoELayer(nn.Module):
         self.router = Router.from_config(cfg)
         self._places_experts = experts is None  # the layer draws the init of the experts it builds
         self.experts = experts if experts is not None else StackedExperts(
-            cfg.num_local_experts, cfg.d_model, cfg.d_ff // cfg.expert_tp_size, gated=cfg.expert == "swiglu",
-            activation=cfg.activation, bias=cfg.expert_bias, tp_size=cfg.expert_tp_size)
+            cfg.num_local_experts, cfg.d_model, cfg.d_ff // cfg.expert_tp_size, **_expert_kind(cfg),
+            tp_size=cfg.expert_tp_size)
         self.shared_experts = StackedExperts(
-            cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, gated=cfg.expert == "swiglu",
-            activation=cfg.activation, bias=cfg.expert_bias, sharded=False,
+            cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, **_expert_kind(cfg), sharded=False,
         ) if cfg.num_shared_experts else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
@@ -279,11 +286,14 @@ class MoELayer(nn.Module):
             plan = slots.plan(capacity)
         tp_group = lookup(self.tp_ranks)
         with self._phase("pack") as phase:
-            buffer_ECD = tp_drop(pack(phase.input(x_SD), plan), 1, tp_group)  # TP: this rank's [E, C_tp, D]
+            # scale_expert_input (Llama 4): the weights scale the experts' input, their outputs add unweighted
+            scale_SK = routing.weight_SK if cfg.scale_expert_input else None
+            buffer_ECD = tp_drop(pack(phase.input(x_SD), plan, scale_SK), 1, tp_group)  # TP: this rank's [E, C_tp, D]
         buffer_ECD = self._routed_experts(buffer_ECD, self._sent_fill(plan.fill_E, capacity), group)
         with self._phase("combine") as phase:
             buffer_ECD = tp_gather(phase.input(buffer_ECD), 1, tp_group)  # TP: every rank's slots, [E, C, D]
-            weight_SK = kept_weights(routing.weight_SK, plan, routing.renormalize_kept)
+            weight_SK = kept_weights(routing.weight_SK if scale_SK is None else torch.ones_like(scale_SK), plan,
+                                     routing.renormalize_kept)
             y_SD = combine(buffer_ECD, plan, weight_SK)  # fp32
         if self.shared_experts is not None:
             with self._phase("shared") as phase:

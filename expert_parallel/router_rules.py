@@ -64,6 +64,10 @@ def check_topk(cfg: Config) -> None:
         reject("normalize_topk_eps", cfg.normalize_topk_eps, "it is the epsilon of normalising sigmoid scores, and "
                f"scoring_func={cfg.scoring_func!r}, normalize_topk={cfg.normalize_topk}; set scoring_func='sigmoid' "
                "and normalize_topk=True, or leave it at 1e-20")
+    if cfg.normalize_topk_p != 1.0 and (not cfg.normalize_topk or cfg.gate_after_topk or cfg.normalize_topk_p <= 0):
+        reject("normalize_topk_p", cfg.normalize_topk_p, "it is the p-norm that normalize_topk=True divides the kept "
+               "scores by (without gate_after_topk), and must be > 0; set normalize_topk=True, gate_after_topk="
+               "False, or normalize_topk_p=1.0")
     if cfg.gate_after_topk and cfg.scoring_func != "softmax":
         reject("gate_after_topk", True, f"it is the softmax over the kept logits (Mixtral), and scoring_func="
                f"{cfg.scoring_func!r}; set gate_after_topk=False (normalize_topk=True normalises the scores)")
@@ -108,7 +112,7 @@ ROUTER_RULES: dict[str, RouterRule] = {
     "topk": RouterRule(ANY_TOP_K, check=check_topk,
                        options=("gate_after_topk", "normalize_topk", "scoring_func", "n_group", "topk_group",
                                 "group_score", "routed_scaling_factor", "selection_bias", "bias_update_rate",
-                                "topk_on_logits", "normalize_topk_min", "normalize_topk_eps")),
+                                "topk_on_logits", "normalize_topk_min", "normalize_topk_eps", "normalize_topk_p")),
     "noisy_topk": RouterRule(ANY_TOP_K, options=("importance_loss_weight", "load_loss_weight")),
     "soft": RouterRule(NO_TOP_K, check=check_soft),
     "expert_choice": RouterRule(NO_TOP_K),

@@ -20,10 +20,11 @@ class StackedExperts(Experts):
     """``num_experts`` independent FFN (or SwiGLU) experts held as stacked tensors.
 
     Weights: ``w1 [E, D, F]``, ``w2 [E, F, D]``, ``w3 [E, D, F]`` (SwiGLU only), optional
-    biases ``b1 [E, F]``, ``b2 [E, D]``. ``sharded`` experts (routed experts, split over the EP
-    group) are reduced over the expert-data-parallel group only; unsharded ones (shared experts,
-    replicated on every rank) over the data-parallel group like any dense weight: the whole world
-    without tensor parallelism, the ranks of one TP rank with it (``comm.reduce_gradients``).
+    biases ``b1 [E, F]``, ``b2 [E, D]`` and ``b3 [E, F]`` (on ``x w3``; GPT-OSS). ``sharded``
+    experts (routed experts, split over the EP group) are reduced over the expert-data-parallel
+    group only; unsharded ones (shared experts, replicated on every rank) over the data-parallel
+    group like any dense weight: the whole world without tensor parallelism, the ranks of one TP
+    rank with it (``comm.reduce_gradients``).
 
     Args:
         num_experts: experts held here (``E_local`` inside a layer).
@@ -32,6 +33,9 @@ class StackedExperts(Experts):
         gated: SwiGLU (``silu(x w1) * (x w3)``) instead of ``act(x w1)``.
         activation: name in ``activations.ACTIVATIONS`` (ignored when ``gated``).
         bias: add ``b1`` and ``b2``.
+        up_bias: add ``b3`` to ``x w3`` (``gated`` only).
+        glu: ``gated`` only: the module mapping ``(x w1 + b1, x w3 + b3)`` to the hidden
+            activation instead of ``silu(gate) * up`` (``activations.ClampedSwiGLU``, GPT-OSS).
         sharded: this rank's shard of the EP group's experts (see ``experts.base.Experts``).
         first_expert: the global id of local expert 0 (``ep_rank * E_local`` in a layer); it seeds
             the init (see ``reset_parameters``; ``place`` sets it once the layer is bound).
@@ -42,20 +46,23 @@ class StackedExperts(Experts):
     """
 
     # the dimension of d_ff in each expert's parameter, which expert TP splits; b2 has none (whole)
-    TP_SPLIT = {"w1": 1, "w3": 1, "b1": 0, "w2": 0}
+    TP_SPLIT = {"w1": 1, "w3": 1, "b1": 0, "b3": 0, "w2": 0}
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool = False,
                  activation: str = "gelu", bias: bool = False, sharded: bool = True,
-                 first_expert: int = 0, tp_rank: int = 0, tp_size: int = 1) -> None:
+                 first_expert: int = 0, tp_rank: int = 0, tp_size: int = 1, up_bias: bool = False,
+                 glu: Optional[nn.Module] = None) -> None:
         super().__init__(sharded)
         self.first_expert, self.tp_rank, self.tp_size = first_expert, tp_rank, tp_size
         self.activation = "silu" if gated else activation
         self.act = ACTIVATIONS[self.activation]()
+        self.glu = glu
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if gated else None
         self.b1 = nn.Parameter(torch.empty(num_experts, d_ff)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
+        self.b3 = nn.Parameter(torch.empty(num_experts, d_ff)) if up_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -84,7 +91,7 @@ class StackedExperts(Experts):
             return
         seed = self.init_seed
         d_model, d_ff = self.w1.shape[1], self.w1.shape[2] * self.tp_size
-        fan_in = {"w1": d_model, "w3": d_model, "b1": d_model, "w2": d_ff, "b2": d_ff}
+        fan_in = {"w1": d_model, "w3": d_model, "b1": d_model, "b3": d_model, "w2": d_ff, "b2": d_ff}
         split = self.TP_SPLIT
         with torch.no_grad():
             for local in range(self.w1.shape[0]):
@@ -104,9 +111,8 @@ class StackedExperts(Experts):
     def forward(self, x_EMD: Tensor, reduce: Optional[Reduce] = None) -> Tensor:
         """Apply expert ``e`` to row block ``e``: ``[E, M, D] -> [E, M, D]`` (batched matmuls).
         ``reduce`` (TP slices) sums the partial outputs ``[E, M, D]`` over the slices before ``b2``."""
-        b1 = None if self.b1 is None else self.b1.unsqueeze(1)
-        b2 = None if self.b2 is None else self.b2.unsqueeze(1)
-        return self._ffn(x_EMD, self.w1, self.w3, self.w2, b1, b2, reduce=reduce)
+        b1, b2, b3 = (None if b is None else b.unsqueeze(1) for b in (self.b1, self.b2, self.b3))
+        return self._ffn(x_EMD, self.w1, self.w3, self.w2, b1, b2, reduce=reduce, b3=b3)
 
     def grouped(self, x_MD: Tensor, offsets_L: Tensor, expert_M: Optional[Tensor] = None,
                 reduce: Optional[Reduce] = None) -> Tensor:
@@ -137,7 +143,7 @@ class StackedExperts(Experts):
             return None if b is None else F.pad(b.to(dtype), (0, 0, 0, 1))[expert_M]
 
         return self._ffn(x_MD.to(dtype), self.w1, self.w3, self.w2, bias(self.b1), bias(self.b2), matmul=gmm,
-                         reduce=reduce)
+                         reduce=reduce, b3=bias(self.b3))
 
     def dense(self, x_SD: Tensor) -> Tensor:
         """Every token through every expert, summed: ``[S, D] -> [S, D]``, ``sum_e expert_e(x)``.
@@ -151,19 +157,23 @@ class StackedExperts(Experts):
         w3_DH = None if self.w3 is None else self.w3.transpose(0, 1).reshape(d_model, num_experts * d_ff)
         b1 = None if self.b1 is None else self.b1.reshape(-1)
         b2 = None if self.b2 is None else self.b2.sum(dim=0)
-        return self._ffn(x_SD, w1_DH, w3_DH, self.w2.reshape(num_experts * d_ff, d_model), b1, b2)
+        b3 = None if self.b3 is None else self.b3.reshape(-1)
+        return self._ffn(x_SD, w1_DH, w3_DH, self.w2.reshape(num_experts * d_ff, d_model), b1, b2, b3=b3)
 
     def _ffn(self, x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, b1: Optional[Tensor],
              b2: Optional[Tensor], matmul: Callable[[Tensor, Tensor], Tensor] = torch.matmul,
-             reduce: Optional[Reduce] = None) -> Tensor:
-        """``reduce(act(x @ w1 + b1) [* (x @ w3)] @ w2) + b2`` for matching (batched, plain or, with
-        the grouped ``matmul``, grouped) shapes; no ``reduce`` is the identity."""
+             reduce: Optional[Reduce] = None, b3: Optional[Tensor] = None) -> Tensor:
+        """``reduce(act(x @ w1 + b1) [* (x @ w3 + b3)] @ w2) + b2`` for matching (batched, plain or,
+        with the grouped ``matmul``, grouped) shapes (``glu(x @ w1 + b1, x @ w3 + b3)`` in place of
+        the gated product with a ``glu``); no ``reduce`` is the identity."""
         hidden = matmul(x, w1)
         if b1 is not None:
             hidden = hidden + b1
-        hidden = self.act(hidden)
-        if w3 is not None:
-            hidden = hidden * matmul(x, w3)
+        if w3 is None:
+            hidden = self.act(hidden)
+        else:
+            up = matmul(x, w3) if b3 is None else matmul(x, w3) + b3
+            hidden = self.act(hidden) * up if self.glu is None else self.glu(hidden, up)
         out = matmul(hidden, w2)
         if reduce is not None:
             out = reduce(out)

@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from .plan import DispatchPlan
 
 
-def pack(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
+def pack(x_SD: Tensor, plan: DispatchPlan, scale_SK: Optional[Tensor] = None) -> Tensor:
     """Copy every kept (token, choice) into its slot of the expert buffer.
 
     Args:
         x_SD: tokens ``[S, D]``.
         plan: the slot plan of these tokens.
+        scale_SK: optional ``[S, K]``: each slot's row is its token times its choice's value, cast
+            to ``x_SD`` 's dtype first (``MoEConfig.scale_expert_input``, Llama 4).
 
     Returns:
         ``buffer_ECD [E, C, D]``: empty slots are zero. Differentiable (a gather; its backward
-        is an index-add).
+        is an index-add). No host sync.
     """
     # empty slots read the zero row S
     x_padded = torch.cat([x_SD, x_SD.new_zeros(1, x_SD.shape[1])])
     buffer = x_padded.index_select(0, plan.token_N)
+    if scale_SK is not None:
+        buffer = buffer * slot_weights(plan, scale_SK).to(buffer.dtype).unsqueeze(-1)
     return buffer.view(plan.num_experts, plan.capacity, x_SD.shape[1])
+
+
+def slot_weights(plan: DispatchPlan, weight_SK: Tensor) -> Tensor:
+    """The weight of each slot's (token, choice), fp32 ``[N]`` (0 for an empty slot): a scatter,
+    whose backward is a gather. No host sync."""
+    return weight_SK.new_zeros(plan.num_experts * plan.capacity + 1, dtype=torch.float32).scatter(
+        0, plan.flat_index_KS.reshape(-1), weight_SK.t().reshape(-1).float())[:-1]
 
 
 def kept_weights(weight_SK: Tensor, plan: DispatchPlan, renormalize: bool) -> Tensor:
@@ -57,8 +70,6 @@ def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor
         ``y_SD [S, D]`` fp32.
     """
     flat_ND = buffer_ECD.reshape(-1, buffer_ECD.shape[-1])
-    # the weight of each slot's (token, choice): a scatter, whose backward is a gather
-    weight_N = weight_SK.new_zeros(flat_ND.shape[0] + 1, dtype=torch.float32).scatter(
-        0, plan.flat_index_KS.reshape(-1), weight_SK.t().reshape(-1).float())[:-1]
+    weight_N = slot_weights(plan, weight_SK)
     y_SD = flat_ND.new_zeros(plan.num_tokens + 1, flat_ND.shape[1], dtype=torch.float32)
     return y_SD.index_add_(0, plan.token_N, flat_ND.float() * weight_N.unsqueeze(-1))[:plan.num_tokens]

@@ -82,7 +82,7 @@ def gshard_top2(logits_SE: Tensor, second_policy: str = "random", second_thresho
 def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: int = 1, topk_group: int = 1,
          group_score: str = "max", gate_after_topk: bool = False, normalize_topk: bool = False,
          routed_scaling_factor: float = 1.0, selection_bias_E: Optional[Tensor] = None, topk_on_logits: bool = False,
-         normalize_topk_min: float = 0.0, normalize_topk_eps: float = 1e-20) -> Routing:
+         normalize_topk_min: float = 0.0, normalize_topk_eps: float = 1e-20, normalize_topk_p: float = 1.0) -> Routing:
     """Score-based top-k (Mixtral, Qwen-MoE, DeepSeekMoE/V2/V3, ST-MoE, OLMoE, Granite, Ernie 4.5):
     all k choices are dispatched.
 
@@ -93,7 +93,8 @@ def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: 
     ``topk_on_logits`` by the logits themselves (Granite, Cohere 2); the k largest are kept
     (``torch.topk``, descending). Combine weights: the kept (unbiased) scores; with
     ``normalize_topk`` divided by their sum (clamped at ``normalize_topk_min``, Ernie 4.5;
-    ``+ normalize_topk_eps`` for sigmoid, ``1e-20`` as DeepSeek-V3 by default); with
+    ``+ normalize_topk_eps`` for sigmoid, ``1e-20`` as DeepSeek-V3 by default), or by their
+    ``normalize_topk_p``-norm where that is not 1 (DBRX); with
     ``gate_after_topk`` the softmax over the k kept logits (Mixtral; mathematically the normalised
     softmax scores); then times ``routed_scaling_factor``.
     Load-balancing loss ``E * sum_e(f_e * P_e)`` with ``f_e`` the share of all ``S * k`` choices
@@ -103,8 +104,8 @@ def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: 
     Args:
         logits_SE: router logits ``[S, E]``.
         top_k, scoring_func, n_group, topk_group, group_score, gate_after_topk, normalize_topk,
-            routed_scaling_factor, topk_on_logits, normalize_topk_min, normalize_topk_eps: the
-            ``MoEConfig`` fields of those names (deterministic).
+            routed_scaling_factor, topk_on_logits, normalize_topk_min, normalize_topk_eps,
+            normalize_topk_p: the ``MoEConfig`` fields of those names (deterministic).
         selection_bias_E: ``[E]`` added to the scores for choosing experts and groups only;
             ``None`` adds nothing.
 
@@ -125,7 +126,8 @@ def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: 
         choice_SE = limit_to_groups(choice_SE, n_group, topk_group, group_score)
     expert_SK = choice_SE.topk(top_k, dim=-1).indices
     weight_SK = topk_weights(logits_SE, scores_SE.gather(-1, expert_SK), expert_SK, scoring_func, gate_after_topk,
-                             normalize_topk, routed_scaling_factor, normalize_topk_min, normalize_topk_eps)
+                             normalize_topk, routed_scaling_factor, normalize_topk_min, normalize_topk_eps,
+                             normalize_topk_p)
     active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
     losses = {"load_balance": load_balance_loss(probs_SE, expert_SK)}
     return Routing(expert_SK, weight_SK, active_SK, probs_SE, losses)
@@ -133,11 +135,13 @@ def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: 
 
 def topk_weights(logits_SE: Tensor, score_SK: Tensor, expert_SK: Tensor, scoring_func: str, gate_after_topk: bool,
                  normalize_topk: bool, routed_scaling_factor: float, normalize_topk_min: float = 0.0,
-                 normalize_topk_eps: float = 1e-20) -> Tensor:
+                 normalize_topk_eps: float = 1e-20, normalize_topk_p: float = 1.0) -> Tensor:
     """``topk``'s combine weights ``[S, K]`` from the chosen experts' (unbiased) scores ``score_SK``
     (see ``topk``; routing replay recomputes them the same way). No host sync."""
     if gate_after_topk:
         weight_SK = torch.softmax(logits_SE.float().gather(-1, expert_SK), dim=-1)
+    elif normalize_topk and normalize_topk_p != 1.0:  # DBRX's moe_normalize_expert_weights
+        weight_SK = score_SK / torch.norm(score_SK, p=normalize_topk_p, dim=-1, keepdim=True)
     elif normalize_topk and scoring_func == "sigmoid":
         weight_SK = score_SK / (score_SK.sum(dim=-1, keepdim=True) + normalize_topk_eps)  # DeepSeek-V3: 1e-20
     elif normalize_topk:

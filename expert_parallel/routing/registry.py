@@ -38,7 +38,7 @@ ROUTERS: dict[str, RouterSpec] = {
     "topk": RouterSpec(topk, inputs=("top_k", "scoring_func", "n_group", "topk_group", "group_score",
                                      "gate_after_topk", "normalize_topk", "routed_scaling_factor",
                                      "selection_bias_E", "topk_on_logits", "normalize_topk_min",
-                                     "normalize_topk_eps")),
+                                     "normalize_topk_eps", "normalize_topk_p")),
     "noisy_topk": RouterSpec(noisy_topk, inputs=("top_k", "training", "noise_std_SE"), noisy=True),
     "soft": RouterSpec(soft),
     "expert_choice": RouterSpec(expert_choice, inputs=("capacity_factor", "min_capacity", "capacity")),

@@ -92,7 +92,7 @@ RAGGED = ((2, 8), (3, 5))  # [batch, seq] per EP rank: different token counts
 def load(directory) -> transformers.PreTrainedModel:
     """Plain transformers' model of a saved directory, with the tiny models' attention; its tensors
     copied to fresh memory (a loaded tensor may sit at an address that is not 64-byte aligned, where
-    the CPU matmul kernels round differently, e.g. Mistral 4's experts: not a change of the weights)."""
+    the CPU matmul kernels round differently, e.g. Mistral 4's and DBRX's experts: not a change of the weights)."""
     model = lm_class(transformers.AutoConfig.from_pretrained(directory)).from_pretrained(
         directory, attn_implementation="eager")
     with torch.no_grad():

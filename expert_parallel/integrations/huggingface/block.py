@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,15 +21,16 @@ class ExpertParallelBlock(nn.Module):
     """Stands in for one Hugging Face sparse-MoE block (its ``spec.block``), built on ``MoELayer``.
 
     ``forward(hidden_states [B, T, D]) -> [B, T, D]``, the call and return of the Hugging Face
-    blocks in transformers 5.22-5.25 (a tensor); any ``[..., D]``, ``B = 0`` included, and EP
-    ranks may pass different shapes (with the default dropless layer, agreed per batch). While
-    the model collects router logits (``output_router_logits=True``), the block appends its
-    logits ``[B*T, E]`` (fp32, ``Router.logits``: from the un-jittered input, with the router's
-    bias and soft cap; one extra ``[S, D] x [D, E]`` matmul, only then) to the model's
-    ``spec.record_key`` output, so ``outputs.router_logits`` and the model's own load-balancing
-    ``aux_loss`` work as before. The layer's own ``aux_loss`` is not used; its stats of the latest
-    forward are ``stats``. The padding of the model's
-    ``attention_mask`` is not routed (``masking.pass_attention_mask``).
+    blocks in transformers 5.22-5.25 (a tensor; ``(tensor, router logits)`` where the HF block
+    returns a pair, ``spec.returns_logits``); any ``[..., D]``, ``B = 0`` included, and EP ranks
+    may pass different shapes (with the default dropless layer, agreed per batch). While the
+    model collects router logits (``output_router_logits=True``), the block appends its logits
+    ``[B*T, E]`` (fp32, ``Router.logits``: from the un-jittered input, with the router's bias and
+    soft cap; one extra ``[S, D] x [D, E]`` matmul, only then or where the block returns them) to
+    the model's ``spec.record_key`` output, so ``outputs.router_logits`` and the model's own
+    load-balancing ``aux_loss`` work as before. The layer's own ``aux_loss`` is not used; its
+    stats of the latest forward are ``stats``. The padding of the model's ``attention_mask`` is
+    not routed (``masking.pass_attention_mask``).
 
     Attributes:
         spec: the ``BlockSpec`` it was converted with.
@@ -71,14 +72,17 @@ class ExpertParallelBlock(nn.Module):
         moe.to(hf_state[weights[0].hf].device)
         return cls(spec, moe, tuple(hf_state))
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        """``[B, T, D] -> [B, T, D]`` (any ``[..., D]``); see the class docstring."""
+    def forward(self, hidden_states: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """``[B, T, D] -> [B, T, D]`` (any ``[..., D]``), or ``(that, router logits [B*T, E])``
+        where the HF block returns a pair (``spec.returns_logits``); see the class docstring."""
         sink = recorded(self.spec.record_key)
+        logits = (self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1]))
+                  if sink is not None or self.spec.returns_logits else None)
         if sink is not None:
-            sink.append(self.moe.router.logits(hidden_states.reshape(-1, hidden_states.shape[-1])))
+            sink.append(logits)
         out = self.moe(hidden_states, token_mask=current_token_mask(hidden_states))
         self.stats = out.stats
-        return out.output
+        return (out.output, logits) if self.spec.returns_logits else out.output
 
     def hf_state_dict(self, state: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
         """This block's tensors under the HF block's keys, with every expert: the routed experts
@@ -100,12 +104,13 @@ class ExpertParallelBlock(nn.Module):
             raise ValueError(f"the state dict of a converted {self.spec.block} lacks {missing}; pass a whole "
                              "model.state_dict() (or none) to save the block")
         parts: dict[str, dict[int, Tensor]] = {}
+        layouts = {wm.hf: wm.layout for wm in weights}
         for wm in weights:
             value = state[wm.ours].detach()
             if wm.sharded:
                 value = shards[wm.ours].gather(value)
             parts.setdefault(wm.hf, {})[wm.part[0]] = ours_to_hf(value, wm)
-        return {key: join_parts(parts[key]) for key in self.hf_keys}
+        return {key: join_parts(parts[key], layouts[key]) for key in self.hf_keys}
 
     def extra_repr(self) -> str:
         return f"converted from {self.spec.block}"

@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {"dropless": True, "aux_loss_weight": 0.0}
 CAPACITY_FIELDS = ("capacity", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens")
 # fixed by the model's weights (ep_size is convert's own argument)
 STRUCTURAL_FIELDS = ("d_model", "d_ff", "num_experts", "expert", "activation", "expert_bias", "num_shared_experts",
-                     "d_ff_shared", "shared_expert_gate", "selection_bias", "router_bias")
+                     "d_ff_shared", "shared_expert_gate", "selection_bias", "router_bias", "expert_up_bias")
 # class names that mark a sparse-MoE block (Mixtral's SparseMoeBlock, DeepSeek's Moe / MoE)
 MOE_SUFFIXES = ("SparseMoeBlock", "Moe", "MoE")
 MOE_FIELDS = frozenset(field.name for field in dataclasses.fields(MoEConfig))

@@ -17,7 +17,9 @@ from torch import Tensor
 from .compat import mismatch
 
 # how an HF tensor holds one of ours; our expert weights are [N, in, out] per expert (x @ w)
-LAYOUTS = ("same", "stacked", "linear_out", "linear_in", "unsqueezed")
+LAYOUTS = ("same", "stacked", "linear_out", "linear_in", "unsqueezed", "matmul", "matmul_interleaved", "matmul_rows")
+# the layouts whose HF tensor may fuse several of ours (WeightMap.part)
+FUSED = ("stacked", "matmul", "matmul_interleaved")
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,17 @@ class WeightMap:
             ``[out, N * in]`` (a shared MLP's ``down_proj``, ``[D, N * F]``);
             ``"unsqueezed"``: ours with a leading dimension of 1 (Ernie 4.5's selection bias
             ``e_score_correction_bias [1, E]``).
+            ``"matmul"``: ours already, ``[N, in, parts * out]`` (``x @ w`` per expert; Aria's and
+            Llama 4's ``gate_up_proj [E, D, 2F]`` and ``down_proj [E, F, D]``), or a per-expert
+            bias ``[N, parts * out]`` (GPT-OSS's ``down_proj_bias [E, D]``); parts side by side;
+            ``"matmul_interleaved"``: the same with the parts interleaved column by column, part
+            ``i`` in columns ``i, i + parts, ...`` (GPT-OSS's ``gate_up_proj [E, D, 2F]`` and
+            ``gate_up_proj_bias [E, 2F]``: gate, up, gate, up, ...);
+            ``"matmul_rows"``: ``x @ w`` matrices of N experts stacked on the rows, ``[N * in, out]``
+            (DBRX's ``w2 [E * F, D]``).
         part: ``(index, parts)``: ours is slice ``index`` of ``parts`` equal slices of the HF
-            tensor's output rows (gate ``(0, 2)`` and up ``(1, 2)`` of a fused ``gate_up_proj``);
-            ``"stacked"`` only.
+            tensor's outputs (gate ``(0, 2)`` and up ``(1, 2)`` of a fused ``gate_up_proj``): its
+            rows for ``"stacked"``, its last dimension for the ``"matmul"`` layouts.
 
     Raises:
         ValueError: an unknown layout, or ``part`` on a layout that has no expert matrices.
@@ -56,9 +66,9 @@ class WeightMap:
         if self.layout not in LAYOUTS:
             raise ValueError(f"WeightMap({self.ours!r}).layout={self.layout!r} is invalid: choose one of "
                              f"{list(LAYOUTS)}")
-        if self.part != (0, 1) and self.layout != "stacked":
-            raise ValueError(f"WeightMap({self.ours!r}).part={self.part} needs layout='stacked' (fused expert "
-                             f"matrices), got {self.layout!r}; drop part or fix the layout")
+        if self.part != (0, 1) and self.layout not in FUSED:
+            raise ValueError(f"WeightMap({self.ours!r}).part={self.part} needs a layout of fused expert matrices "
+                             f"{list(FUSED)}, got {self.layout!r}; drop part or fix the layout")
 
     @property
     def sharded(self) -> bool:
@@ -74,12 +84,19 @@ def hf_to_ours(value: Tensor, wm: WeightMap, shape: tuple[int, ...], first: int 
     Raises:
         ValueError: the result does not have ``shape`` (the model's config and weights disagree).
     """
+    index, parts = wm.part
     if wm.layout == "stacked":
-        index, parts = wm.part
         rows = value.shape[1] // parts
         ours = value[first:first + shape[0], index * rows:(index + 1) * rows].transpose(1, 2)
+    elif wm.layout in ("matmul", "matmul_interleaved"):
+        experts = _experts(value, wm, first, shape[0])
+        columns = experts.shape[-1] // parts
+        ours = experts[..., index::parts] if wm.layout == "matmul_interleaved" else (
+            experts[..., index * columns:(index + 1) * columns])
+    elif wm.layout == "matmul_rows":
+        ours = _experts(value.reshape(-1, shape[1], shape[2]), wm, first, shape[0])
     elif wm.layout == "linear_out":
-        ours = value.reshape(shape[0], shape[2], shape[1]).transpose(1, 2)
+        ours = _experts(value.reshape(-1, shape[2], shape[1]), wm, first, shape[0]).transpose(1, 2)
     elif wm.layout == "linear_in":
         ours = value.reshape(shape[2], shape[0], shape[1]).permute(1, 2, 0)
     elif wm.layout == "unsqueezed" and value.shape[:1] == (1,):
@@ -92,11 +109,19 @@ def hf_to_ours(value: Tensor, wm: WeightMap, shape: tuple[int, ...], first: int 
     return ours.contiguous()
 
 
+def _experts(value_NX: Tensor, wm: WeightMap, first: int, count: int) -> Tensor:
+    """Experts ``first : first + count`` of ``[N, ...]`` for a sharded map; an unsharded one
+    (shared experts) whole, so a count that differs fails the caller's shape check."""
+    return value_NX[first:first + count] if wm.sharded else value_NX
+
+
 def ours_to_hf(value: Tensor, wm: WeightMap) -> Tensor:
     """Inverse of ``hf_to_ours`` for a whole tensor (every expert): our layout -> this map's
     slice of the HF tensor (``join_parts`` assembles fused slices)."""
     if wm.layout == "stacked":
         return value.transpose(1, 2)
+    if wm.layout == "matmul_rows":
+        return value.reshape(-1, value.shape[2])
     if wm.layout == "linear_out":
         return value.transpose(1, 2).reshape(-1, value.shape[1])
     if wm.layout == "linear_in":
@@ -106,11 +131,30 @@ def ours_to_hf(value: Tensor, wm: WeightMap) -> Tensor:
     return value
 
 
-def join_parts(parts: dict[int, Tensor]) -> Tensor:
-    """The HF tensor from its slices by part index (``[N, out, in]`` each, joined on the rows)."""
+def join_parts(parts: dict[int, Tensor], layout: str = "stacked") -> Tensor:
+    """The HF tensor of ``layout`` from its slices by part index: ``"stacked"`` ``[N, out, in]``
+    each, joined on the rows; ``"matmul"`` ``[N, ..., out]`` each, side by side on the last
+    dimension; ``"matmul_interleaved"`` the same, interleaved column by column."""
     if len(parts) == 1:
         return next(iter(parts.values())).contiguous()
-    return torch.cat([parts[index] for index in sorted(parts)], dim=1)
+    ordered = [parts[index] for index in sorted(parts)]
+    if layout == "matmul_interleaved":
+        return torch.stack(ordered, dim=-1).flatten(-2)
+    return torch.cat(ordered, dim=-1 if layout == "matmul" else 1)
+
+
+_ABSENT = object()
+
+
+def config_value(hf_config: Any, attr: str, default: Any = None) -> Any:
+    """``hf_config.attr``, where ``attr`` may name a sub-config's field with a dot (DBRX's
+    ``"ffn_config.moe_num_experts"``); ``default`` where a part is missing."""
+    value = hf_config
+    for name in attr.split("."):
+        value = getattr(value, name, _ABSENT)
+        if value is _ABSENT:
+            return default
+    return value
 
 
 @dataclass(frozen=True)
@@ -140,7 +184,8 @@ class BlockSpec:
     Attributes:
         name: the architecture (``model_type``), for messages.
         block: the HF block's class name, e.g. ``"MixtralSparseMoeBlock"``.
-        config: ``(MoEConfig field, HF config attribute)`` pairs.
+        config: ``(MoEConfig field, HF config attribute)`` pairs; an attribute of a sub-config is
+            dotted (``"ffn_config.moe_top_k"``), here and in ``requires``.
         fixed: ``(MoEConfig field, value)`` pairs the architecture implies.
         weights: every tensor of the block's ``state_dict()`` (router, routed experts, shared
             experts, buffers), each with its place in ``MoELayer`` and its layout.
@@ -154,6 +199,9 @@ class BlockSpec:
             DeepSeek's MLA ranks, a first dense layer, a non-default routing option worth testing).
         config_type: the ``model_type`` whose config class builds the tiny causal LM, where it
             is not ``name`` (a multimodal family's text model, e.g. ``"llama4_text"``).
+        returns_logits: the HF block returns ``(hidden_states, a router tensor)`` and its decoder
+            layer keeps the first (GPT-OSS, Llama 4); the converted block then returns
+            ``(hidden_states, router logits [S, E])``.
     """
 
     name: str
@@ -167,6 +215,7 @@ class BlockSpec:
     archetype: str = ""
     tiny: Optional[Callable[[TinySizes], dict[str, Any]]] = None
     config_type: Optional[str] = None
+    returns_logits: bool = False
 
     def moe_fields(self, hf_config: Any) -> dict[str, Any]:
         """The ``MoEConfig`` fields of a block of a model with ``hf_config``.
@@ -176,16 +225,16 @@ class BlockSpec:
                 field the spec reads.
         """
         absent = [attr for attr in (*(attr for _, attr in self.config), *(attr for attr, _ in self.requires))
-                  if not hasattr(hf_config, attr)]
+                  if config_value(hf_config, attr, _ABSENT) is _ABSENT]
         if absent:
             raise mismatch(f"{self.block}: the model's config ({type(hf_config).__name__}) has no {absent}, which the "
                            f"{self.name} spec reads")
         for attr, accepted in self.requires:
-            value = getattr(hf_config, attr, None)
+            value = config_value(hf_config, attr)
             if value not in accepted:
                 raise ValueError(f"{self.block}: config.{attr}={value!r} is not supported (the conversion "
                                  f"implements {list(accepted)}); use a model with one of those values")
-        fields = {field: getattr(hf_config, attr) for field, attr in self.config}
+        fields = {field: config_value(hf_config, attr) for field, attr in self.config}
         fields.update(self.fixed)
         if self.derived is not None:
             fields.update(self.derived(hf_config))

@@ -20,7 +20,8 @@ def tiny_config(name: str, sizes: Optional[TinySizes] = None) -> Any:
     through the spec's ``config`` map (hidden size, expert width, experts, top-k), the common
     fields (layers, heads, vocabulary, positions, a dense MLP of width ``d_ff``, untied
     embeddings, eager attention), then the spec's ``tiny`` fields. Records router logits
-    (``output_router_logits=True``) where the config has that field.
+    (``output_router_logits=True``) where the config has that field. A sub-config's fields (a
+    dotted attribute of the config map, a dict of ``spec.tiny``) are merged into one dict.
 
     Raises:
         ValueError: ``name`` is no supported family (the message lists them).
@@ -32,11 +33,22 @@ def tiny_config(name: str, sizes: Optional[TinySizes] = None) -> Any:
         vocab_size=sizes.vocab_size, hidden_size=sizes.d_model, intermediate_size=sizes.d_ff,
         num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads,
         head_dim=sizes.d_model // sizes.heads, max_position_embeddings=sizes.max_positions, tie_word_embeddings=False)
-    fields.update({attr: getattr(sizes, SIZED[field]) for field, attr in spec.config if field in SIZED})
-    if spec.tiny is not None:
-        fields.update(spec.tiny(sizes))
+    for field, attr in spec.config:
+        if field in SIZED:  # a dotted attribute is a field of a sub-config (a dict here)
+            *outer, name = attr.split(".")
+            _sub(fields, outer)[name] = getattr(sizes, SIZED[field])
+    for attr, value in (spec.tiny(sizes) if spec.tiny is not None else {}).items():
+        fields[attr] = {**fields[attr], **value} if isinstance(value, dict) and isinstance(fields.get(attr), dict) \
+            else value
     config = transformers.AutoConfig.for_model(spec.config_type or spec.name, **fields)
     if hasattr(config, "output_router_logits"):
         config.output_router_logits = True
     config._attn_implementation = "eager"
     return config
+
+
+def _sub(fields: dict[str, Any], path: list[str]) -> dict[str, Any]:
+    """The nested dict of ``fields`` at ``path`` (sub-config names), made where missing."""
+    for name in path:
+        fields = fields.setdefault(name, {})
+    return fields
