@@ -199,7 +199,8 @@ def ep2_worker(rank: int, world: int, names: list[str], save_dir: str) -> dict:
             after = model(input_ids=batch(99)).logits
         model.save_pretrained(os.path.join(save_dir, name, "trained"))
         results[name] = {"wants": wants, "got": got, "same_state": same_state, "after": after,
-                         "local_experts": model.model.layers[-1].mlp.moe.experts.w1.shape[0]}
+                         "local_experts": next(m for m in model.modules() if isinstance(m, ExpertParallelBlock))
+                         .moe.experts.w1.shape[0]}
     return results
 
 
