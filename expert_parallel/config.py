@@ -24,7 +24,7 @@ BALANCED_ROUTERS = ("gshard", "switch", "topk", "deepspeed")
 LOSS_WEIGHTS = {"load_balance": "aux_loss_weight", "z": "z_loss_weight",
                 "importance": "importance_loss_weight", "load": "load_loss_weight"}
 FLOAT_FIELDS = ("second_threshold", "capacity_factor", "eval_capacity_factor", "jitter_eps", "routed_scaling_factor",
-                "bias_update_rate", *LOSS_WEIGHTS.values())
+                "bias_update_rate", "normalize_topk_eps", *LOSS_WEIGHTS.values())
 BOOL_FIELDS = ("drop_tokens", "dropless", "expert_bias", "check_finite", "router_gumbel", "random_token_selection",
                "gate_after_topk", "normalize_topk", "selection_bias", "router_bias", "shared_expert_gate",
                "expert_tensor_parallel")
@@ -118,7 +118,7 @@ class MoEConfig:
         gate_after_topk: ``topk`` only: combine weights are the softmax over the k kept logits
             (Mixtral) instead of the probabilities of a softmax over all experts.
         normalize_topk: ``topk`` only: divide the k kept scores by their sum (Hugging Face's
-            ``norm_topk_prob``; with ``scoring_func="sigmoid"`` by ``sum + 1e-20``, as DeepSeek-V3).
+            ``norm_topk_prob``; with ``scoring_func="sigmoid"`` by ``sum + normalize_topk_eps``).
         scoring_func: ``topk`` only: ``"softmax"`` (default) scores the experts by the softmax
             over all of them; ``"sigmoid"`` (DeepSeek-V3) by ``sigmoid(logit)`` per expert. The
             combine weights are the chosen experts' scores; the load-balancing loss takes the
@@ -160,6 +160,9 @@ class MoEConfig:
             shares ``f_e`` from the token counts of every data-parallel rank (one small
             all-reduce per forward over the world, no host sync) and ``P_e`` from this rank's
             tokens, the gradient through ``P_e`` only (Qwen's global-batch balance loss).
+        normalize_topk_eps: ``topk`` with ``normalize_topk`` and ``scoring_func="sigmoid"``
+            only: the kept scores are divided by ``their sum + normalize_topk_eps``;
+            ``1e-20`` (default) is DeepSeek-V3's form, ``1e-6`` LFM2-MoE's. Must be >= 0.
 
     Raises:
         ValueError: naming the field, its value and the fix, for any invalid combination.
@@ -211,6 +214,7 @@ class MoEConfig:
     shared_expert_gate: bool = False
     router_bias: bool = False
     aux_loss_scope: str = "batch"
+    normalize_topk_eps: float = 1e-20  # LFM2-MoE: 1e-6
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "ep_size", "tp_size"):
@@ -343,6 +347,9 @@ class MoEConfig:
                    "as they are)")
         if not self.bias_update_rate >= 0:
             reject("bias_update_rate", self.bias_update_rate, "it must be >= 0 (0 disables the bias update)")
+        if not self.normalize_topk_eps >= 0:
+            reject("normalize_topk_eps", self.normalize_topk_eps, "it must be >= 0 (1e-20, the default, is "
+                   "DeepSeek-V3's)")
 
     def _check_tensor_parallel(self) -> None:
         """``tp_size`` against the capacity and ``expert_tensor_parallel`` against ``d_ff``."""

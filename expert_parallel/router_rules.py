@@ -60,6 +60,10 @@ def check_topk(cfg: Config) -> None:
     if cfg.n_group > 1 and cfg.group_score == "top2_sum" and per_group < 2:
         reject("group_score", cfg.group_score, f"it sums each group's two best scores, and n_group={cfg.n_group} "
                "leaves one expert per group; use group_score='max' or fewer groups")
+    if cfg.normalize_topk_eps != 1e-20 and not (cfg.normalize_topk and cfg.scoring_func == "sigmoid"):
+        reject("normalize_topk_eps", cfg.normalize_topk_eps, "it is added to the sum of the kept sigmoid scores "
+               f"that normalize_topk divides by, and normalize_topk={cfg.normalize_topk}, scoring_func="
+               f"{cfg.scoring_func!r}; set normalize_topk=True and scoring_func='sigmoid', or leave it at 1e-20")
     if cfg.gate_after_topk and cfg.scoring_func != "softmax":
         reject("gate_after_topk", True, f"it is the softmax over the kept logits (Mixtral), and scoring_func="
                f"{cfg.scoring_func!r}; set gate_after_topk=False (normalize_topk=True normalises the scores)")
@@ -96,7 +100,8 @@ ROUTER_RULES: dict[str, RouterRule] = {
     "switch": RouterRule(1),
     "topk": RouterRule(ANY_TOP_K, check=check_topk,
                        options=("gate_after_topk", "normalize_topk", "scoring_func", "n_group", "topk_group",
-                                "group_score", "routed_scaling_factor", "selection_bias", "bias_update_rate")),
+                                "group_score", "routed_scaling_factor", "selection_bias", "bias_update_rate",
+                                "normalize_topk_eps")),
     "noisy_topk": RouterRule(ANY_TOP_K, options=("importance_loss_weight", "load_loss_weight")),
     "soft": RouterRule(NO_TOP_K, check=check_soft),
     "expert_choice": RouterRule(NO_TOP_K),

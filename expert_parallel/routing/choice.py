@@ -81,7 +81,8 @@ def gshard_top2(logits_SE: Tensor, second_policy: str = "random", second_thresho
 
 def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: int = 1, topk_group: int = 1,
          group_score: str = "max", gate_after_topk: bool = False, normalize_topk: bool = False,
-         routed_scaling_factor: float = 1.0, selection_bias_E: Optional[Tensor] = None) -> Routing:
+         routed_scaling_factor: float = 1.0, selection_bias_E: Optional[Tensor] = None,
+         normalize_topk_eps: float = 1e-20) -> Routing:
     """Score-based top-k (Mixtral, Qwen-MoE, DeepSeekMoE/V2/V3, ST-MoE): all k choices are dispatched.
 
     Scores: ``softmax(logits)`` over all experts, or ``sigmoid(logits)`` per expert with
@@ -89,8 +90,8 @@ def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: 
     ``scores + selection_bias_E`` (DeepSeek-V3's bias; none by default), restricted with
     ``n_group > 1`` to the ``topk_group`` best groups (``limit_to_groups``); the k largest
     are kept (``torch.topk``, descending selection scores). Combine weights: the kept (unbiased)
-    scores; with ``normalize_topk`` divided by their sum (``+ 1e-20`` for sigmoid, as
-    DeepSeek-V3); with ``gate_after_topk`` the softmax over the k kept logits (Mixtral;
+    scores; with ``normalize_topk`` divided by their sum (``+ normalize_topk_eps`` for sigmoid:
+    DeepSeek-V3's 1e-20, LFM2-MoE's 1e-6); with ``gate_after_topk`` the softmax over the k kept logits (Mixtral;
     mathematically the normalised softmax scores); then times ``routed_scaling_factor``.
     Load-balancing loss ``E * sum_e(f_e * P_e)`` with ``f_e`` the share of all ``S * k`` choices
     that went to ``e`` and ``P`` the softmax, or the sigmoid scores normalised to sum 1 per token.
@@ -99,7 +100,8 @@ def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: 
     Args:
         logits_SE: router logits ``[S, E]``.
         top_k, scoring_func, n_group, topk_group, group_score, gate_after_topk, normalize_topk,
-            routed_scaling_factor: the ``MoEConfig`` fields of those names (deterministic).
+            routed_scaling_factor, normalize_topk_eps: the ``MoEConfig`` fields of those names
+            (deterministic).
         selection_bias_E: ``[E]`` added to the scores for choosing experts and groups only;
             ``None`` adds nothing.
 
@@ -118,20 +120,20 @@ def topk(logits_SE: Tensor, top_k: int, scoring_func: str = "softmax", n_group: 
         choice_SE = limit_to_groups(choice_SE, n_group, topk_group, group_score)
     expert_SK = choice_SE.topk(top_k, dim=-1).indices
     weight_SK = topk_weights(logits_SE, scores_SE.gather(-1, expert_SK), expert_SK, scoring_func, gate_after_topk,
-                             normalize_topk, routed_scaling_factor)
+                             normalize_topk, routed_scaling_factor, normalize_topk_eps)
     active_SK = torch.ones_like(expert_SK, dtype=torch.bool)
     losses = {"load_balance": load_balance_loss(probs_SE, expert_SK)}
     return Routing(expert_SK, weight_SK, active_SK, probs_SE, losses)
 
 
 def topk_weights(logits_SE: Tensor, score_SK: Tensor, expert_SK: Tensor, scoring_func: str, gate_after_topk: bool,
-                 normalize_topk: bool, routed_scaling_factor: float) -> Tensor:
+                 normalize_topk: bool, routed_scaling_factor: float, normalize_topk_eps: float = 1e-20) -> Tensor:
     """``topk``'s combine weights ``[S, K]`` from the chosen experts' (unbiased) scores ``score_SK``
     (see ``topk``; routing replay recomputes them the same way). No host sync."""
     if gate_after_topk:
         weight_SK = torch.softmax(logits_SE.float().gather(-1, expert_SK), dim=-1)
     elif normalize_topk and scoring_func == "sigmoid":
-        weight_SK = score_SK / (score_SK.sum(dim=-1, keepdim=True) + 1e-20)  # DeepSeek-V3's exact form
+        weight_SK = score_SK / (score_SK.sum(dim=-1, keepdim=True) + normalize_topk_eps)  # DeepSeek-V3's, LFM2's form
     elif normalize_topk:
         weight_SK = _normalized(score_SK)
     else:

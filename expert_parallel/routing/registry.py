@@ -37,7 +37,7 @@ ROUTERS: dict[str, RouterSpec] = {
     "switch": RouterSpec(switch_top1),
     "topk": RouterSpec(topk, inputs=("top_k", "scoring_func", "n_group", "topk_group", "group_score",
                                      "gate_after_topk", "normalize_topk", "routed_scaling_factor",
-                                     "selection_bias_E")),
+                                     "selection_bias_E", "normalize_topk_eps")),
     "noisy_topk": RouterSpec(noisy_topk, inputs=("top_k", "training", "noise_std_SE"), noisy=True),
     "soft": RouterSpec(soft),
     "expert_choice": RouterSpec(expert_choice, inputs=("capacity_factor", "min_capacity", "capacity")),

@@ -83,7 +83,7 @@ def replayed(routing: Routing, logits_SE: Tensor, expert_SK: Tensor, active_SK: 
         logits_SE = logits_SE.float()
         score_SK = torch.sigmoid(logits_SE).gather(-1, expert_SK) if cfg.scoring_func == "sigmoid" else prob_SK
         weight_SK = topk_weights(logits_SE, score_SK, expert_SK, cfg.scoring_func, cfg.gate_after_topk,
-                                 cfg.normalize_topk, cfg.routed_scaling_factor)
+                                 cfg.normalize_topk, cfg.routed_scaling_factor, cfg.normalize_topk_eps)
     else:
         weight_SK = prob_SK
     return dataclasses.replace(routing, expert_SK=expert_SK, weight_SK=weight_SK, active_SK=active_SK)
