@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..specs import SWIGLU_EXPERTS, TOPK_SWIGLU, BlockSpec, TinySizes, WeightMap
+from ..specs import ROUTER, SWIGLU_EXPERTS, TOPK_SWIGLU, BlockSpec, TinySizes, WeightMap
 from .classic import MIXTRAL, QWEN2_MOE
 
 
@@ -74,4 +74,22 @@ MINIMAX = BlockSpec(
                         "mlp_alpha_factor": 1.25, "mlp_beta_factor": 0.75},
 )
 
-SPECS: tuple[BlockSpec, ...] = (JAMBA, QWEN3_NEXT, QWEN3_5_MOE, MINIMAX)
+LFM2_MOE = BlockSpec(
+    name="lfm2_moe", block="Lfm2MoeSparseMoeBlock",
+    config=(("d_model", "hidden_size"), ("d_ff", "moe_intermediate_size"), ("num_experts", "num_experts"),
+            ("top_k", "num_experts_per_tok"), ("normalize_topk", "norm_topk_prob"),
+            ("routed_scaling_factor", "routed_scaling_factor")),
+    # the expert bias only picks experts, and Hugging Face's model never updates it
+    fixed=(*TOPK_SWIGLU, ("scoring_func", "sigmoid"), ("selection_bias", True), ("bias_update_rate", 0.0)),
+    requires=(("use_expert_bias", (True,)),),  # its SwiGLU is F.silu whatever the config says
+    derived=lambda hf_config: {"normalize_topk_eps": 1e-6} if hf_config.norm_topk_prob else {},
+    weights=(ROUTER, WeightMap("router.selection_bias", "expert_bias"), *SWIGLU_EXPERTS),
+    archetype="sigmoid top-k with a selection bias (the expert bias), renormalised (+1e-6), scaled; SwiGLU "
+              "experts; beside short-convolution layers and dense first layers",
+    # a dense first layer (num_dense_layers), then short convolutions and attention in turn
+    tiny=lambda sizes: {"num_hidden_layers": sizes.layers + 1, "num_dense_layers": 1,
+                        "layer_types": _alternating(sizes.layers + 1, "conv", "full_attention"),
+                        "norm_topk_prob": True, "routed_scaling_factor": 2.0, "use_expert_bias": True},
+)
+
+SPECS: tuple[BlockSpec, ...] = (JAMBA, QWEN3_NEXT, QWEN3_5_MOE, MINIMAX, LFM2_MOE)
