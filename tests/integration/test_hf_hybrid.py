@@ -1,7 +1,7 @@
 """Hybrid and multimodal models (``families/hybrid.py``) beyond the generic tests of
-test_huggingface.py, which check every family's step at EP 1 and EP 2 and its save: greedy
-generation through each family's own cache (Mamba, gated DeltaNet, short-convolution and
-lightning-attention states beside the KV cache), left-padded; and Qwen3.5-MoE's multimodal
+test_huggingface.py, which check every family's step at EP 1 and EP 2 and its save: padded
+batches, and greedy generation through each family's own cache (Mamba, gated DeltaNet,
+short-convolution and lightning-attention states beside the KV cache), left-padded; and Qwen3.5-MoE's multimodal
 ``Qwen3_5MoeForConditionalGeneration`` (the text model's blocks under ``model.language_model``)
 converted, against transformers, and saved back for plain transformers."""
 
@@ -22,12 +22,22 @@ HYBRID = [spec.name for spec in hybrid.SPECS]
 
 
 @pytest.mark.parametrize("name", HYBRID)
-def test_greedy_generation_through_the_hybrid_cache_with_left_padding_is_unchanged(name):
-    """The converted blocks see one token per cached step; the padding's token mask follows the
-    cache (every hybrid mixer zeroes padded states, so padding routed or not changes nothing)."""
-    reference = tiny_model(name).eval()
-    reference.config.output_router_logits = False  # transformers' own aux loss fails on padded cached steps
+def test_padded_batches_and_greedy_generation_through_the_hybrid_cache_are_unchanged(name):
+    """Padding (left and right) is not routed, and every hybrid mixer zeroes padded states, so the
+    kept tokens' logits and the model's aux loss (which skips padding) are transformers'; in
+    generation the converted blocks see one token per cached step, the mask's last column."""
+    reference = tiny_model(name)
     model = convert(copy.deepcopy(reference))
+    input_ids = batch(5)
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = mask[1, -2:] = 0
+    got, want = (m(input_ids=input_ids, attention_mask=mask, output_router_logits=True) for m in (model, reference))
+    torch.testing.assert_close(got.logits[mask.bool()], want.logits[mask.bool()], rtol=1e-4, atol=1e-5)
+    if want.aux_loss is not None:
+        torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-6)
+
+    for m in (model, reference):  # transformers' own aux loss fails on padded cached steps
+        m.eval().config.output_router_logits = False
     prompt = batch(2)[:, :6]
     mask = torch.ones_like(prompt)
     mask[0, :2] = 0
