@@ -31,8 +31,8 @@ def _jamba(sizes: TinySizes) -> dict[str, Any]:
     """Jamba's tiny model: ``2 * layers`` layers, attention in layer 1 (Mamba elsewhere), experts
     in every odd layer (a dense MLP in the others)."""
     return dict(num_hidden_layers=2 * sizes.layers, attn_layer_period=2 * sizes.layers, attn_layer_offset=1,
-                expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8,
-                mamba_d_conv=2, mamba_expand=2, mamba_dt_rank=4)
+                expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_d_conv=2, mamba_expand=2,
+                mamba_dt_rank=4)
 
 
 JAMBA = BlockSpec(
