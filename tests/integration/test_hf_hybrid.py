@@ -16,7 +16,15 @@ transformers = pytest.importorskip("transformers")
 
 from expert_parallel.integrations.huggingface import ExpertParallelBlock, convert, to_hf_state_dict  # noqa: E402
 from expert_parallel.integrations.huggingface.families import hybrid  # noqa: E402
-from tests.integration.test_huggingface import SIZES, assert_same_step, batch, run, tiny_model  # noqa: E402
+from tests.integration.test_huggingface import (  # noqa: E402
+    BATCH,
+    SEQ,
+    SIZES,
+    assert_same_step,
+    batch,
+    run,
+    tiny_model,
+)
 
 HYBRID = [spec.name for spec in hybrid.SPECS]
 
@@ -48,7 +56,8 @@ def test_padded_batches_and_greedy_generation_through_the_hybrid_cache_are_uncha
 
 def test_qwen3_5_moe_multimodal_model_converts_its_text_blocks_and_saves_back(tmp_path):
     """The text model's weights (decisive routing) in a tiny vision-language model; a text-only
-    step: logits, router logits, aux loss and the text model's gradients as transformers'."""
+    step: logits, router logits, aux loss and the text model's gradients as transformers'; the
+    padding of the attention mask is not routed."""
     text = tiny_model("qwen3_5_moe")
     config = transformers.Qwen3_5MoeConfig(
         text_config=text.config.to_dict(),
@@ -65,6 +74,11 @@ def test_qwen3_5_moe_multimodal_model_converts_its_text_blocks_and_saves_back(tm
     assert blocks == [f"model.language_model.layers.{i}.mlp" for i in range(SIZES.layers)]
     want = run(reference, batch(1), keys)
     assert_same_step(run(model, batch(1), keys), want, want["grads"])
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[0, :3] = 0
+    model(input_ids=batch(1), attention_mask=mask)  # the padding reaches the text model's blocks: not routed
+    assert all(int(model.get_submodule(name).stats.tokens_per_expert.sum()) == SIZES.top_k * int(mask.sum())
+               for name in blocks)
 
     state = to_hf_state_dict(model)
     assert list(state) == list(reference.state_dict())
