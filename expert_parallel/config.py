@@ -121,7 +121,7 @@ class MoEConfig:
         gate_after_topk: ``topk`` only: combine weights are the softmax over the k kept logits
             (Mixtral) instead of the probabilities of a softmax over all experts.
         normalize_topk: ``topk`` only: divide the k kept scores by their sum (Hugging Face's
-            ``norm_topk_prob``; with ``scoring_func="sigmoid"`` by ``sum + 1e-20``, as DeepSeek-V3).
+            ``norm_topk_prob``; with ``scoring_func="sigmoid"`` by ``sum + normalize_topk_eps``).
         scoring_func: ``topk`` only: ``"softmax"`` (default) scores the experts by the softmax
             over all of them; ``"sigmoid"`` (DeepSeek-V3) by ``sigmoid(logit)`` per expert. The
             combine weights are the chosen experts' scores; the load-balancing loss takes the

@@ -17,6 +17,7 @@ from torch.testing import assert_close
 
 from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.routing import Router, route
+from expert_parallel.routing.replay import replayed
 from tests.unit.reference import expert_forward
 
 S, D, E, K = 32, 8, 8, 2
@@ -64,6 +65,9 @@ def test_soft_capped_sigmoid_router_and_its_normalising_epsilon_match_per_token_
     routing = route(router(x)[0], layer.cfg, selection_bias_E=router.selection_bias)
     assert routing.expert_SK.tolist() == [d[0] for d in decisions]
     assert_close(routing.weight_SK, torch.tensor([d[1] for d in decisions]), rtol=1e-6, atol=1e-7)
+    # routing replay recomputes the weights with the same cap and epsilon
+    again = replayed(routing, router(x)[0], routing.expert_SK, routing.active_SK, layer.cfg)
+    assert torch.equal(again.weight_SK, routing.weight_SK)
 
 
 def test_the_soft_cap_bounds_any_routers_logits_and_carries_gradients():

@@ -5,8 +5,8 @@ class name (``SPECS_BY_BLOCK``); the launcher and the docs' families table read 
 from __future__ import annotations
 
 from ..specs import BlockSpec
-from . import classic, experts, sigmoid, softmax
+from . import classic, experts, hybrid, sigmoid, softmax
 
-SPECS: tuple[BlockSpec, ...] = (*classic.SPECS, *softmax.SPECS, *sigmoid.SPECS, *experts.SPECS)
+SPECS: tuple[BlockSpec, ...] = (*classic.SPECS, *softmax.SPECS, *sigmoid.SPECS, *experts.SPECS, *hybrid.SPECS)
 SPECS_BY_BLOCK: dict[str, BlockSpec] = {spec.block: spec for spec in SPECS}
 SPECS_BY_NAME: dict[str, BlockSpec] = {spec.name: spec for spec in SPECS}
