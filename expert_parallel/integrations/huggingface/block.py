@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,19 +94,26 @@ class ExpertParallelBlock(nn.Module):
         Raises:
             ValueError: ``state`` lacks a tensor the spec maps.
         """
+        return dict(self.hf_items(state))
+
+    def hf_items(self, state: Optional[dict[str, Tensor]] = None) -> Iterator[tuple[str, Tensor]]:
+        """``hf_state_dict`` one tensor at a time, in the HF block's order: each routed-expert
+        tensor is gathered when its turn comes (collective, as ``hf_state_dict``), so a caller that
+        writes and drops each holds one gathered tensor at a time."""
         shards = expert_shards(self.moe)  # the checkpoint's logical tensors: one way to gather experts
         state = self.moe.state_dict() if state is None else state
         missing = sorted(wm.ours for wm in self.spec.weights if wm.ours not in state)
         if missing:
             raise ValueError(f"the state dict of a converted {self.spec.block} lacks {missing}; pass a whole "
                              "model.state_dict() (or none) to save the block")
-        parts: dict[str, dict[int, Tensor]] = {}
-        for wm in self.spec.weights:
-            value = state[wm.ours].detach()
-            if wm.sharded:
-                value = shards[wm.ours].gather(value)
-            parts.setdefault(wm.hf, {})[wm.part[0]] = ours_to_hf(value, wm)
-        return {key: join_parts(parts[key]) for key in self.hf_keys}
+        for key in self.hf_keys:
+            parts: dict[int, Tensor] = {}
+            for wm in (wm for wm in self.spec.weights if wm.hf == key):
+                value = state[wm.ours].detach()
+                if wm.sharded:
+                    value = shards[wm.ours].gather(value)
+                parts[wm.part[0]] = ours_to_hf(value, wm)
+            yield key, join_parts(parts)
 
     def extra_repr(self) -> str:
         return f"converted from {self.spec.block}"

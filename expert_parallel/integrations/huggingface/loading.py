@@ -31,9 +31,9 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, dot
 from .block import ExpertParallelBlock
 from .compat import mismatch
 from .convert import convert
+from .saving import INDEX, SINGLE
 from .specs import hf_to_ours
 
-SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 # (first expert, experts, all experts) of a block's routed-expert tensor: the rows this rank reads
 Rows = Optional[tuple[int, int, int]]
 # model key -> (transformers' converter or None, {source pattern: checkpoint keys})
