@@ -71,30 +71,52 @@ def loading_worker(rank: int, world: int, root: str, names: list[str]) -> dict:
             "same_logits": torch.equal(_logits(got, 10 + rank), _logits(want, 10 + rank)),
         }
     alive: list[weakref.ref] = []
-    most = 0
-    gather = ExpertShard.gather
+    most, read_bytes = 0, []
+    gather, read = ExpertShard.gather, Checkpoint.read
 
-    def counting(self, local):
+    def counting_gather(self, local):
         nonlocal most
         most = max(most, sum(ref() is not None for ref in alive))
         out = gather(self, local)
         alive.append(weakref.ref(out))
         return out
 
-    ExpertShard.gather = counting
+    def counting_read(self, key, rows=None):
+        tensor = read(self, key, rows)
+        read_bytes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    ExpertShard.gather, Checkpoint.read = counting_gather, counting_read
     try:
         model = from_pretrained(os.path.join(root, "mixtral"), ep_size=2)
         model.save_pretrained(os.path.join(root, "saved"), max_shard_size=SHARD_LIMIT)
-        gc.collect()
     finally:
-        ExpertShard.gather = gather
-    results["gathers"], results["most_alive"] = len(alive), most
+        ExpertShard.gather, Checkpoint.read = gather, read
+    results.update(gathers=len(alive), most_alive=most, read=sum(read_bytes))
     return results
 
 
 @pytest.fixture(scope="module")
 def loaded(checkpoints) -> list[dict]:
     return run_ranks(loading_worker, 2, str(checkpoints), NAMES, timeout=300)
+
+
+def stored_bytes(path: Path) -> dict[str, int]:
+    """The bytes of a checkpoint's routed-expert tensors (``.experts.`` keys) and of the others."""
+    sizes = {"experts": 0, "other": 0}
+    with contextlib.ExitStack() as stack:
+        checkpoint = Checkpoint(path, stack)
+        for key in checkpoint.file_of:
+            tensor = checkpoint.read(key)
+            sizes["experts" if ".experts." in key else "other"] += tensor.numel() * tensor.element_size()
+    return sizes
+
+
+@pytest.mark.distributed
+def test_a_rank_reads_the_dense_tensors_and_one_ep_th_of_the_experts(loaded, checkpoints):
+    sizes = stored_bytes(checkpoints / "mixtral")
+    assert sizes["experts"] > sizes["other"] > 0
+    assert [rank["read"] for rank in loaded] == [sizes["experts"] // 2 + sizes["other"]] * 2
 
 
 @pytest.mark.distributed
@@ -146,7 +168,8 @@ def _status(field: str) -> int:
 
 def memory_worker(rank: int, world: int, path: str) -> dict:
     """In a fresh process: the bytes of every tensor the loader reads, and the growth of the peak
-    resident memory (``VmHWM``) over the resident memory before loading."""
+    resident memory (``VmHWM``, which also counts the file's pages mapped by safetensors while
+    they are read) over the resident memory before loading."""
     read, counted = Checkpoint.read, []
 
     def counting(self, key, rows=None):
@@ -169,12 +192,7 @@ def big_checkpoint(tmp_path_factory) -> tuple[Path, int, int]:
     path = tmp_path_factory.mktemp("big")
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(tiny_config("mixtral", BIG)).save_pretrained(path)
-    sizes = {"experts": 0, "other": 0}
-    with contextlib.ExitStack() as stack:
-        checkpoint = Checkpoint(path, stack)
-        for key in checkpoint.file_of:
-            tensor = checkpoint.read(key)
-            sizes["experts" if ".experts." in key else "other"] += tensor.numel() * tensor.element_size()
+    sizes = stored_bytes(path)
     assert sizes["experts"] > 20 * sizes["other"]
     return path, sizes["experts"], sizes["other"]
 
@@ -183,10 +201,17 @@ def _memory(path: Path, ep: int) -> list[dict]:
     return run_ranks(memory_worker, ep, str(path), reuse=False, timeout=180)  # fresh processes: their own peak
 
 
+@pytest.fixture(scope="module")
+def at_ep1(big_checkpoint) -> dict:
+    (one,) = _memory(big_checkpoint[0], 1)
+    return one
+
+
+@pytest.mark.slow  # fresh processes
 @pytest.mark.distributed
-def test_a_rank_reads_and_holds_one_ep_th_of_the_experts_at_ep2(big_checkpoint):
+def test_a_rank_reads_and_holds_one_ep_th_of_the_experts_at_ep2(big_checkpoint, at_ep1):
     path, experts, other = big_checkpoint
-    (one,), two = _memory(path, 1), _memory(path, 2)
+    one, two = at_ep1, _memory(path, 2)
     assert one["read"] == experts + other
     for rank in two:
         assert rank["read"] == experts // 2 + other
@@ -197,9 +222,9 @@ def test_a_rank_reads_and_holds_one_ep_th_of_the_experts_at_ep2(big_checkpoint):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_rank_reads_and_holds_one_ep_th_of_the_experts_at_ep4(big_checkpoint):
+def test_a_rank_reads_and_holds_one_ep_th_of_the_experts_at_ep4(big_checkpoint, at_ep1):
     path, experts, other = big_checkpoint
-    (one,), four = _memory(path, 1), _memory(path, 4)
+    one, four = at_ep1, _memory(path, 4)
     for rank in four:
         assert rank["read"] == experts // 4 + other
         assert rank["grown"] < 0.45 * one["grown"], (one, rank)
