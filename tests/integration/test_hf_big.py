@@ -228,3 +228,30 @@ def test_a_rank_reads_and_holds_one_ep_th_of_the_experts_at_ep4(big_checkpoint, 
     for rank in four:
         assert rank["read"] == experts // 4 + other
         assert rank["grown"] < 0.45 * one["grown"], (one, rank)
+
+
+@pytest.mark.parametrize("name,overrides", [("deepseek_v3", {"bias_update_rate": 0.1}),
+                                            ("mixtral", {"router": "noisy_topk", "gate_after_topk": False})])
+def test_from_pretrained_with_overrides_equals_convert_with_them_to_every_tensor(checkpoints, name, overrides):
+    """The layer's tensors without an HF counterpart (the selection-bias counts of
+    ``bias_update_rate``, a noisy router's noise weights) start as ``convert`` leaves them, and the
+    layer's expert compute is chosen for the loaded tensors."""
+    path = checkpoints / name
+    want = convert(transformers.AutoModelForCausalLM.from_pretrained(path), **overrides)
+    got = from_pretrained(path, **overrides)
+    for kind in ("named_parameters", "named_buffers"):
+        want_tensors, got_tensors = dict(getattr(want, kind)()), dict(getattr(got, kind)())
+        assert list(got_tensors) == list(want_tensors)
+        for name, tensor in want_tensors.items():
+            assert torch.equal(got_tensors[name], tensor), name
+    blocks = [m.moe for m in got.modules() if hasattr(m, "moe")]
+    assert blocks and all(m.filled_compute == w.moe.filled_compute
+                          for m, w in zip(blocks, (m for m in want.modules() if hasattr(m, "moe"))))
+
+
+def test_from_pretrained_refuses_before_reading_and_without_safetensors(tmp_path, checkpoints):
+    with pytest.raises(ValueError, match=r"num_experts=8, which ep_size=3 does not divide"):
+        from_pretrained(checkpoints / "mixtral", ep_size=3)
+    (tmp_path / "config.json").write_text((checkpoints / "mixtral" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"holds no model.safetensors or model.safetensors.index.json"):
+        from_pretrained(tmp_path)

@@ -118,6 +118,8 @@ def from_pretrained(path: Union[str, os.PathLike], ep_size: int = 1, ep_group: O
             for key, value in _materialise(model, target, transform, sources,
                                            functools.partial(checkpoint.read, rows=rows)).items():
                 _place(model, blocks, key, value)
+    for block in blocks.values():
+        _fill_layer_only_tensors(block.moe)
     model.tie_weights()
     _fill_derived_buffers(model)
     left = sorted(name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta)
@@ -221,6 +223,17 @@ def _assign(root: nn.Module, key: str, value: Tensor) -> None:
         module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
     else:
         module._buffers[name] = value
+
+
+def _fill_layer_only_tensors(moe: nn.Module) -> None:
+    """The layer's tensors without an HF counterpart (a noisy router's ``noise_weight``, the
+    selection-bias counts of ``bias_update_rate``, ...) as ``convert`` leaves them: at their
+    initial value, zero; then the layer chooses its expert compute for the CPU tensors (it chose
+    for meta ones)."""
+    for name, tensor in (*moe.named_parameters(), *moe.named_buffers()):
+        if tensor.is_meta:
+            _assign(moe, name, torch.zeros_like(tensor, device="cpu"))
+    moe.to("cpu")
 
 
 def _fill_derived_buffers(model: transformers.PreTrainedModel) -> None:
