@@ -25,11 +25,9 @@ import transformers
 from safetensors import safe_open
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 from .block import ExpertParallelBlock
-from .compat import mismatch
+from .compat import loading_internals, mismatch
 from .convert import convert
 from .saving import INDEX, SINGLE
 from .specs import hf_to_ours
@@ -37,7 +35,7 @@ from .specs import hf_to_ours
 # (first expert, experts, all experts) of a block's routed-expert tensor: the rows this rank reads
 Rows = Optional[tuple[int, int, int]]
 # model key -> (transformers' converter or None, {source pattern: checkpoint keys})
-Groups = dict[str, tuple[Optional[WeightConverter], dict[str, list[str]]]]
+Groups = dict[str, tuple[Any, dict[str, list[str]]]]
 
 
 class Checkpoint:
@@ -134,16 +132,17 @@ def _checkpoint_groups(model: nn.Module, keys: Any) -> Groups:
     checkpoint keys ``keys`` grouped by the model tensor they make, as transformers' loading does
     (its renamings, at most one converter per key, the base-model prefix); keys of tensors per
     expert in expert order. Keys the model does not hold are left out."""
-    mapping = get_model_conversion_mapping(model)
-    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
-    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    hf = loading_internals()
+    mapping = hf.get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, hf.WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, hf.WeightConverter)]
     by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     meta_state = model.state_dict()
     groups: Groups = {}
-    for key in sorted(keys, key=dot_natural_key):
-        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+    for key in sorted(keys, key=hf.dot_natural_key):
+        target, pattern = hf.rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
         if target not in meta_state and key in meta_state:
-            target, pattern = rename_source_key(key, [], [], model.base_model_prefix, meta_state)
+            target, pattern = hf.rename_source_key(key, [], [], model.base_model_prefix, meta_state)
         if target not in meta_state:
             continue
         converter = by_pattern[pattern] if pattern is not None else None
@@ -163,7 +162,7 @@ def _sharded_rows(blocks: dict[str, ExpertParallelBlock]) -> dict[str, tuple[int
     return rows
 
 
-def _materialise(model: nn.Module, target: str, transform: Optional[WeightConverter], sources: dict[str, list[str]],
+def _materialise(model: nn.Module, target: str, transform: Any, sources: dict[str, list[str]],
                  read: Callable[..., Tensor]) -> dict[str, Tensor]:
     """``{model key: tensor}`` made from the checkpoint keys ``sources`` (by pattern) by
     transformers' converter ``transform`` (none: the one key as stored). For a routed-expert

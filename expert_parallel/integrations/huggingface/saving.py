@@ -12,10 +12,9 @@ import torch.distributed as dist
 import transformers
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers.core_model_loading import revert_weight_conversion
-from transformers.utils.hub import convert_file_size_to_int
 
 from .block import ExpertParallelBlock
+from .compat import loading_internals
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 SHARD = "model-{index:05d}-of-{count:05d}.safetensors"  # transformers' names of the shards
@@ -94,11 +93,12 @@ def save_pretrained(model: transformers.PreTrainedModel, save_directory: Union[s
     ``AutoModelForCausalLM.from_pretrained(save_directory)`` loads it without this library, and
     ``from_pretrained`` reads back only a rank's experts.
     """
+    hf = loading_internals()  # on every rank, before anything is written
     directory = Path(save_directory)
     write = is_main_process and (not dist.is_initialized() or dist.get_rank() == 0)
     # the config, generation config, ... by transformers itself (rank 0), with no tensors; it also clears old shards
     type(model).save_pretrained(model, directory, is_main_process, state_dict={})
-    writer = ShardWriter(directory, convert_file_size_to_int(max_shard_size)) if write else None
+    writer = ShardWriter(directory, hf.convert_file_size_to_int(max_shard_size)) if write else None
     # a tensor tied to one written before (lm_head = embeddings) is saved once, as transformers does
     own = {tensor.untyped_storage().data_ptr() for tensor in model.state_dict().values()}
     written: set[int] = set()
@@ -108,7 +108,7 @@ def save_pretrained(model: transformers.PreTrainedModel, save_directory: Union[s
             continue
         if storage in own:
             written.add(storage)
-        for name, value in revert_weight_conversion(model, {key: tensor}).items():
+        for name, value in hf.revert_weight_conversion(model, {key: tensor}).items():
             writer.add(name, value)
     if writer is not None:
         (directory / SINGLE).unlink(missing_ok=True)  # transformers' empty file
