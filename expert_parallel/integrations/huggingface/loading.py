@@ -18,7 +18,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import transformers
@@ -109,12 +109,11 @@ def from_pretrained(path: Union[str, os.PathLike], ep_size: int = 1, ep_group: O
         groups = _checkpoint_groups(model, checkpoint.file_of)
         with torch.device("meta"):
             convert(model, ep_size=ep_size, ep_group=ep_group, **overrides)
-        blocks = {path: block for path, block in model.named_modules() if isinstance(block, ExpertParallelBlock)}
+        blocks = {name: block for name, block in model.named_modules() if isinstance(block, ExpertParallelBlock)}
         sharded = _sharded_rows(blocks)
         for target, (transform, sources) in groups.items():
-            rows = sharded.get(target)
-            for key, value in _materialise(model, target, transform, sources,
-                                           functools.partial(checkpoint.read, rows=rows)).items():
+            for key, value in _materialise(model, target, transform, sources, checkpoint,
+                                           sharded.get(target)).items():
                 _place(model, blocks, key, value)
     for block in blocks.values():
         _fill_layer_only_tensors(block.moe)
@@ -163,23 +162,22 @@ def _sharded_rows(blocks: dict[str, ExpertParallelBlock]) -> dict[str, tuple[int
 
 
 def _materialise(model: nn.Module, target: str, transform: Any, sources: dict[str, list[str]],
-                 read: Callable[..., Tensor]) -> dict[str, Tensor]:
+                 checkpoint: Checkpoint, rows: Rows) -> dict[str, Tensor]:
     """``{model key: tensor}`` made from the checkpoint keys ``sources`` (by pattern) by
     transformers' converter ``transform`` (none: the one key as stored). For a routed-expert
-    tensor stored per expert, only this rank's experts' keys are read (``read.keywords["rows"]``);
-    stored stacked, ``read`` slices their rows."""
-    rows = read.keywords["rows"]
+    tensor (``rows``: this rank's experts), stored per expert only this rank's experts' keys are
+    read, stored stacked only their rows."""
     if transform is None:
         (key,), = sources.values()
-        return {target: read(key)}
+        return {target: checkpoint.read(key, rows)}
     converter = copy.deepcopy(transform)
     for pattern, keys in sources.items():
         per_expert = rows is not None and len(keys) == rows[2] > 1
         if per_expert:
             keys = keys[rows[0]:rows[0] + rows[1]]
         for key in keys:  # transformers' sync loading: a callable per tensor, called by the converter
-            converter.add_tensor(target, key, pattern, functools.partial(read.func, key, rows=None if per_expert
-                                                                         else rows))
+            converter.add_tensor(target, key, pattern,
+                                 functools.partial(checkpoint.read, key, None if per_expert else rows))
     made = converter.convert(target, model=model, config=model.config)
     return {key: value[0] if isinstance(value, list) else value for key, value in made.items()}
 
