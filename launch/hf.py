@@ -79,7 +79,7 @@ def sparse_blocks(config: Any) -> int:
 def saved_model_info(path: str) -> dict[str, Any]:
     """What ``check_flags`` needs of a ``save_pretrained`` directory, read from its config only:
     ``model_type``, ``num_experts`` (routed experts per block), ``vocab_size``,
-    ``max_position_embeddings``.
+    ``max_position_embeddings`` and the transformers ``config``.
 
     Raises:
         ValueError: no config there, a model type the integration does not convert, or a config
