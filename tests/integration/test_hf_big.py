@@ -7,6 +7,7 @@ families table is the generated one."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -255,3 +256,25 @@ def test_from_pretrained_refuses_before_reading_and_without_safetensors(tmp_path
     (tmp_path / "config.json").write_text((checkpoints / "mixtral" / "config.json").read_text())
     with pytest.raises(ValueError, match=r"holds no model.safetensors or model.safetensors.index.json"):
         from_pretrained(tmp_path)
+
+
+def test_save_pretrained_writes_tied_weights_once_and_parameters_in_one_flat_buffer_each(tmp_path):
+    """Tied embeddings (one tensor) are written once, as transformers does; parameters that are
+    views of one flat buffer (DeepSpeed's ZeRO) are different tensors and all written."""
+    config = tiny_config("mixtral")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = convert(copy.deepcopy(reference))
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().flatten() for p in params])
+    offset = 0
+    for param in params:
+        param.data = flat[offset:offset + param.numel()].view_as(param)
+        offset += param.numel()
+    save_pretrained(model, tmp_path)
+    with contextlib.ExitStack() as stack:
+        keys = set(Checkpoint(tmp_path, stack).file_of)
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert torch.equal(_logits(loaded, 5), _logits(reference, 5))

@@ -99,17 +99,23 @@ def save_pretrained(model: transformers.PreTrainedModel, save_directory: Union[s
     # the config, generation config, ... by transformers itself (rank 0), with no tensors; it also clears old shards
     type(model).save_pretrained(model, directory, is_main_process, state_dict={})
     writer = ShardWriter(directory, hf.convert_file_size_to_int(max_shard_size)) if write else None
-    # a tensor tied to one written before (lm_head = embeddings) is saved once, as transformers does
-    own = {tensor.untyped_storage().data_ptr() for tensor in model.state_dict().values()}
-    written: set[int] = set()
+    # a tensor tied to one written before (lm_head = embeddings: the same memory, not only the same storage, which
+    # DeepSpeed's flat buffers share between parameters) is saved once, as transformers does
+    own = {_place(tensor) for tensor in model.state_dict().values()}
+    written: set[tuple] = set()
     for key, tensor in hf_items(model):
-        storage = tensor.untyped_storage().data_ptr()
-        if writer is None or storage in written:
+        place = _place(tensor)
+        if writer is None or place in written:
             continue
-        if storage in own:
-            written.add(storage)
+        if place in own:
+            written.add(place)
         for name, value in hf.revert_weight_conversion(model, {key: tensor}).items():
             writer.add(name, value)
     if writer is not None:
         (directory / SINGLE).unlink(missing_ok=True)  # transformers' empty file
         writer.close()
+
+
+def _place(tensor: Tensor) -> tuple:
+    """Where a tensor's elements are: two tensors with the same place are one (tied)."""
+    return tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype
