@@ -91,10 +91,11 @@ def _check_hf(args: argparse.Namespace, ep_size: int, given: frozenset[str]) -> 
                    else "the saved config fixes the model's sizes")
             raise ValueError(f"{_flag(dest)} {getattr(args, dest)} does not apply to {source} ({why}); "
                              f"remove {_flag(dest)}")
-    if args.hf_path:
-        from launch.hf import saved_model_info
+    from launch.hf import bias_update_override, saved_model_info, sparse_blocks, tiny_hf_config
 
+    if args.hf_path:
         info = saved_model_info(args.hf_path)
+        config = info["config"]
         if args.hf_model and args.hf_model != info["model_type"]:
             raise ValueError(f"--hf-model {args.hf_model} and --hf-path {args.hf_path} disagree: the saved model is "
                              f"{info['model_type']}; remove --hf-model")
@@ -114,10 +115,13 @@ def _check_hf(args: argparse.Namespace, ep_size: int, given: frozenset[str]) -> 
         if (args.d_model // args.heads) % 2:
             raise ValueError(f"--d-model {args.d_model} / --heads {args.heads} is an odd head width; rotary "
                              "embeddings need an even one")
-        min_layers = 2 if args.hf_model == "deepseek_v3" else 1
-        if args.layers < min_layers:
-            raise ValueError(f"--layers {args.layers}: {args.hf_model} needs --layers >= {min_layers}"
-                             + (" (its first block is dense)" if min_layers == 2 else ""))
+        if args.layers < 1:
+            raise ValueError(f"--layers {args.layers}: must be >= 1")
+        config = tiny_hf_config(args, CharCorpus.named(args.corpus).vocab_size)
+        if not sparse_blocks(config):
+            raise ValueError(f"--layers {args.layers}: the tiny {args.hf_model} model has no sparse-MoE block with "
+                             f"{config.num_hidden_layers} layers (its sparse ones start later); choose more --layers")
+    bias_update_override(getattr(args, "bias_update_rate", 0.0), config)  # a selection bias to update
     if experts % ep_size:
         raise ValueError(f"{source} has {experts} experts per block, which --ep-size {ep_size} does not divide; "
                          "choose an ep size that divides it")

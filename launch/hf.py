@@ -1,9 +1,11 @@
 """Hugging Face transformers MoE models for the demo job (``--hf-model`` / ``--hf-path``).
 
-The model is a tiny random one built from its transformers config class (no download) or a local
-``save_pretrained`` directory, converted in place by
-``expert_parallel.integrations.huggingface.convert`` (each sparse-MoE block becomes an
-``MoELayer`` holding this rank's experts), trained on the model's own LM loss (plus its router aux
+The model is a tiny random one of any supported family (``--hf-model NAME``, the library's
+``tiny.tiny_config``: no download), converted in place by
+``expert_parallel.integrations.huggingface.convert``, or a local ``save_pretrained`` directory
+(``--hf-path``) read by ``expert_parallel.integrations.huggingface.from_pretrained`` (only this
+rank's experts); either way each sparse-MoE block becomes an ``MoELayer`` holding this rank's
+experts. It is trained on the model's own LM loss (plus its router aux
 loss when its config has ``output_router_logits``) and saved back to a plain transformers
 checkpoint at the end. ``transformers`` is imported only here, and only when one of these flags
 is given.
@@ -20,51 +22,64 @@ from torch import Tensor, nn
 
 from expert_parallel import RoutingStats
 
-# --hf-model: the architectures a tiny random model is built for
-HF_MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 TOP_K = 2  # experts per token of every tiny model
 PROBE = "hf_probe.pt"  # OUT/hf_probe.pt: a batch and the trained converted model's logits on it
+HF_MODELS_HELP = ("a supported transformers MoE family's model_type (the table in docs/huggingface.md; an unknown "
+                  "name lists them), e.g. mixtral, qwen3_moe, deepseek_v3")
 
 
-def tiny_config(name: str, vocab_size: int, d_model: int, d_ff: int, experts: int, layers: int, heads: int,
-                max_positions: int) -> Any:
-    """The transformers config of a tiny ``name`` model (one of ``HF_MODELS``).
+def tiny_hf_config(args: Any, vocab_size: int) -> Any:
+    """The transformers config of the tiny random ``--hf-model`` model of this run: the library's
+    ``tiny.tiny_config`` with the run's sizes (``TOP_K`` of ``--experts`` experts of width
+    ``--d-ff``, ``--layers`` sparse blocks (plus the dense first blocks a family has), ``--heads``
+    attention and key-value heads) and router logits recorded where the family has them (its
+    ``loss`` then includes ``router_aux_loss_coef * aux_loss``).
 
-    Every block is sparse (DeepSeek-V3: all but the first, ``first_k_dense_replace=1``), ``TOP_K``
-    experts per token of ``experts`` of width ``d_ff`` (Qwen2-MoE and DeepSeek-V3 add one shared
-    expert of that width), ``heads`` attention heads (DeepSeek-V3's MLA with ranks ``d_model / 2``).
-    Mixtral and Qwen record router logits (``output_router_logits=True``), so their ``loss``
-    includes ``router_aux_loss_coef * aux_loss`` (the config class's default coefficient);
-    DeepSeek-V3 has no router aux loss in transformers.
+    Raises:
+        ValueError: ``--hf-model`` names no supported family (the message lists them).
     """
+    from expert_parallel.integrations.huggingface.specs import TinySizes
+    from expert_parallel.integrations.huggingface.tiny import tiny_config
+
+    sizes = TinySizes(vocab_size=vocab_size, d_model=args.d_model, d_ff=args.d_ff, experts=args.experts, top_k=TOP_K,
+                      layers=args.layers, heads=args.heads, kv_heads=args.heads,
+                      max_positions=max(256, args.seq_len + 1))
+    try:
+        return tiny_config(args.hf_model, sizes)
+    except ValueError as error:
+        raise ValueError(f"--hf-model {args.hf_model}: {error}") from None
+
+
+def family_spec(config: Any) -> Any:
+    """The ``BlockSpec`` of a transformers config's family (by ``model_type``).
+
+    Raises:
+        ValueError: a model type the integration does not convert.
+    """
+    from expert_parallel.integrations.huggingface import SPECS
+
+    spec = next((spec for spec in SPECS if config.model_type in (spec.name, spec.config_type)), None)
+    if spec is None:
+        raise ValueError(f"a {config.model_type!r} model, which the Hugging Face integration does not convert; "
+                         f"supported: {sorted(spec.name for spec in SPECS)}")
+    return spec
+
+
+def sparse_blocks(config: Any) -> int:
+    """The sparse-MoE blocks of a model with ``config`` (built on the meta device: no memory)."""
     import transformers
 
-    head_dim = d_model // heads
-    common = dict(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=heads, intermediate_size=d_ff, max_position_embeddings=max_positions,
-                  num_experts_per_tok=TOP_K, tie_word_embeddings=False)
-    if name == "mixtral":
-        return transformers.MixtralConfig(**common, num_local_experts=experts, output_router_logits=True)
-    if name == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(**common, num_experts=experts, moe_intermediate_size=d_ff,
-                                           shared_expert_intermediate_size=d_ff, output_router_logits=True)
-    if name == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(**common, num_experts=experts, moe_intermediate_size=d_ff,
-                                           head_dim=head_dim, norm_topk_prob=True, output_router_logits=True)
-    if name == "deepseek_v3":
-        n_group = 2 if experts % 2 == 0 and experts >= 4 else 1  # group-limited routing: the best group
-        return transformers.DeepseekV3Config(
-            **common, n_routed_experts=experts, n_shared_experts=1, moe_intermediate_size=d_ff,
-            first_k_dense_replace=1, n_group=n_group, topk_group=1, q_lora_rank=d_model // 2,
-            kv_lora_rank=d_model // 2, qk_nope_head_dim=head_dim, qk_rope_head_dim=max(2, head_dim // 4 * 2),
-            v_head_dim=head_dim)
-    raise ValueError(f"--hf-model {name!r} is unknown; choose one of {list(HF_MODELS)}")
+    from expert_parallel.integrations.huggingface.families import SPECS_BY_BLOCK
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(type(module).__name__ in SPECS_BY_BLOCK for module in model.modules())
 
 
 def saved_model_info(path: str) -> dict[str, Any]:
     """What ``check_flags`` needs of a ``save_pretrained`` directory, read from its config only:
     ``model_type``, ``num_experts`` (routed experts per block), ``vocab_size``,
-    ``max_position_embeddings``.
+    ``max_position_embeddings`` and the transformers ``config``.
 
     Raises:
         ValueError: no config there, a model type the integration does not convert, or a config
@@ -75,49 +90,47 @@ def saved_model_info(path: str) -> dict[str, Any]:
                          "(e.g. OUT/hf of an earlier --hf-model run)")
     import transformers
 
-    from expert_parallel.integrations.huggingface import SPECS
-
     config = transformers.AutoConfig.from_pretrained(path)
-    specs = {spec.name: spec for spec in SPECS}
-    if config.model_type not in specs:
-        raise ValueError(f"--hf-path {path}: a {config.model_type!r} model, which the Hugging Face integration "
-                         f"does not convert; supported: {sorted(specs)}")
-    fields = specs[config.model_type].moe_fields(config)
+    try:
+        fields = family_spec(config).moe_fields(config)
+    except ValueError as error:
+        raise ValueError(f"--hf-path {path}: {error}") from None
     return {"model_type": config.model_type, "num_experts": fields["num_experts"], "vocab_size": config.vocab_size,
-            "max_position_embeddings": config.max_position_embeddings}
+            "max_position_embeddings": config.max_position_embeddings, "config": config}
 
 
 def build_hf_model(args: Any, vocab_size: int, ep_size: int) -> nn.Module:
-    """The converted model of this run, in fp32 on the CPU, the same on every rank before the
-    conversion keeps this rank's experts (seed ``args.seed``). Collective when ``ep_size > 1``."""
+    """The converted model of this run, in fp32 on the CPU. ``--hf-model``: the tiny random model,
+    the same on every rank (seed ``args.seed``) before the conversion keeps this rank's experts;
+    ``--hf-path``: read by ``from_pretrained``, only this rank's experts. Collective when
+    ``ep_size > 1``."""
     import transformers
 
-    from expert_parallel.integrations.huggingface import convert
+    from expert_parallel.integrations.huggingface import convert, from_pretrained
 
     torch.manual_seed(args.seed)
+    rate = getattr(args, "bias_update_rate", 0.0)
     if args.hf_path:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.hf_path, dtype=torch.float32)
-    else:
-        config = tiny_config(args.hf_model, vocab_size, args.d_model, args.d_ff, args.experts, args.layers,
-                             args.heads, max_positions=max(256, args.seq_len + 1))
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return convert(model, ep_size=ep_size, **bias_update_override(getattr(args, "bias_update_rate", 0.0),
-                                                                  model.config.model_type))
+        config = transformers.AutoConfig.from_pretrained(args.hf_path)
+        return from_pretrained(args.hf_path, ep_size=ep_size, dtype=torch.float32,
+                               **bias_update_override(rate, config))
+    config = tiny_hf_config(args, vocab_size)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return convert(model, ep_size=ep_size, **bias_update_override(rate, config))
 
 
-def bias_update_override(rate: float, model_type: str) -> dict[str, float]:
+def bias_update_override(rate: float, config: Any) -> dict[str, float]:
     """``convert``'s override for ``--bias-update-rate``: ``{"bias_update_rate": rate}`` for a model
-    whose router has a selection bias (DeepSeek-V3), nothing for rate 0.
+    (of transformers config ``config``) whose router has a selection bias (its spec sets
+    ``selection_bias``, e.g. DeepSeek-V3's), nothing for rate 0.
 
     Raises:
         ValueError: a rate for a model without a selection bias.
     """
     if not rate:
         return {}
-    from expert_parallel.integrations.huggingface import SPECS
-
-    if not any(spec.name == model_type and dict(spec.fixed).get("selection_bias") for spec in SPECS):
-        raise ValueError(f"--bias-update-rate {rate}: a {model_type} model's router has no selection bias to "
+    if not family_spec(config).moe_fields(config).get("selection_bias"):
+        raise ValueError(f"--bias-update-rate {rate}: a {config.model_type} model's router has no selection bias to "
                          "update (DeepSeek-V3's has); remove --bias-update-rate")
     return {"bias_update_rate": rate}
 
@@ -149,13 +162,15 @@ class CausalLMLoss:
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
-        self.aux_coef = config.router_aux_loss_coef if getattr(config, "output_router_logits", False) else 0.0
+        recorded = getattr(config, "output_router_logits", False)  # DeepSeek-V2 records, but has no aux loss
+        self.aux_coef = getattr(config, "router_aux_loss_coef", 0.0) if recorded else 0.0
         self.blocks = converted_blocks(model)
 
     def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, list[RoutingStats]]:
         ids = lm_window(inputs, targets)
         out = model(input_ids=ids, labels=ids, use_cache=False)
-        aux = self.aux_coef * out.aux_loss.float() if self.aux_coef else out.loss.new_zeros(())
+        aux = self.aux_coef * out.aux_loss.float() if self.aux_coef and out.aux_loss is not None \
+            else out.loss.new_zeros(())
         return out.loss - aux, aux, [block.stats for block in self.blocks]
 
 

@@ -30,16 +30,13 @@ LAYER_SCALARS = ("max_over_mean", "load_cv", "drop_fraction", "k_eff")
 
 
 def check_observe_flags(args: argparse.Namespace) -> None:
-    """``--tensorboard`` needs the tensorboard package; ``--bias-update-rate`` must be >= 0."""
+    """``--tensorboard`` needs the tensorboard package; ``--bias-update-rate`` must be >= 0 (a
+    Hugging Face model's router must have a selection bias: ``launch.flags`` checks it)."""
     if args.tensorboard and find_spec("tensorboard") is None:
         raise ValueError(f"--tensorboard needs the tensorboard package, which is not installed; install it: "
                          f"{TENSORBOARD_INSTALL}")
     if not args.bias_update_rate >= 0:
         raise ValueError(f"--bias-update-rate {args.bias_update_rate}: must be >= 0 (0 disables the update)")
-    if args.bias_update_rate and args.hf_model and not args.hf_path:
-        from launch.hf import bias_update_override
-
-        bias_update_override(args.bias_update_rate, args.hf_model)
 
 
 def add_observe_flags(parser: argparse.ArgumentParser) -> None:
@@ -52,8 +49,8 @@ def add_observe_flags(parser: argparse.ArgumentParser) -> None:
                              "those of each logged step to OUT/routing/step<N>_rank<R>.pt, for routing replay")
     parser.add_argument("--bias-update-rate", type=float, default=0.0,
                         help="DeepSeek-V3's auxiliary-loss-free balancing: the selection-bias step u, applied after "
-                             "each optimizer step (models whose router has a selection bias: --hf-model "
-                             "deepseek_v3, or a topk --preset); 0: off")
+                             "each optimizer step (models whose router has a selection bias: an --hf-model "
+                             "family with one, e.g. deepseek_v3, or a topk --preset); 0: off")
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ from launch.backends import DeepSpeedBackend, TorchBackend, lm_loss
 from launch.corpus import CORPORA, CharCorpus
 from launch.faults import Failure, is_peer_failure, report_stall
 from launch.flags import check_flags, moe_config
-from launch.hf import HF_MODELS, CausalLMLoss, build_hf_model, save_hf
+from launch.hf import HF_MODELS_HELP, CausalLMLoss, build_hf_model, save_hf
 from launch.model import DeepSpeedMoEFFN, MoETransformerLM, seed_routed_experts
 from launch.observe import Observer, add_observe_flags, check_observe_flags
 
@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="metrics and checkpoints go here")
     parser.add_argument("--steps", type=int, default=300, help="total training steps")
-    parser.add_argument("--hf-model", default=None, choices=HF_MODELS,
-                        help="train a tiny random-init transformers model of this type, converted to expert "
-                             "parallelism, instead of the demo model (needs transformers)")
+    parser.add_argument("--hf-model", default=None, metavar="NAME",
+                        help="train a tiny random-init transformers model of this family, converted to expert "
+                             f"parallelism, instead of the demo model (needs transformers): {HF_MODELS_HELP}")
     parser.add_argument("--hf-path", default=None, metavar="DIR",
                         help="start from this local save_pretrained directory (a supported transformers MoE model, "
                              "e.g. OUT/hf of an earlier run) instead of random init")
@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--d-ff", type=int, default=256,
                         help="hidden width of every expert and dense FFN (not with --hf-path)")
     parser.add_argument("--layers", type=int, default=4,
-                        help="blocks; demo model: every other one is MoE; --hf-model: all (DeepSeek-V3: all but the "
-                             "first); not with --hf-path")
+                        help="blocks; demo model: every other one is MoE; --hf-model: the sparse blocks (a family's "
+                             "dense first blocks come on top, e.g. DeepSeek's); not with --hf-path")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (not with --hf-path)")
     parser.add_argument("--seq-len", type=int, default=64, help="characters per sequence")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")

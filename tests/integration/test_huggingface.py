@@ -450,11 +450,12 @@ def test_the_core_imports_without_transformers():
 
 def test_the_extra_pins_the_supported_range_and_ci_runs_the_newest_release():
     """The library's extra is the tested range, the AutoEP baseline's pin is its own extra, and
-    the CI script runs this file under the newest tested release."""
+    the CI script runs every Hugging Face test file under the newest tested release."""
     with open(os.path.join(ROOT, "setup.py")) as f:
         setup = f.read()
     assert f'"huggingface": ["transformers{SUPPORTED_TRANSFORMERS}"]' in setup
     assert '"autoep": ["transformers>=5.1,<5.23"]' in setup
     with open(os.path.join(ROOT, ".ci", "hf_newest.sh")) as f:
         script = f.read()
-    assert "TESTED_TRANSFORMERS[-1]" in script and "tests/integration/test_huggingface.py" in script
+    assert "TESTED_TRANSFORMERS[-1]" in script
+    assert "tests/integration/test_huggingface*.py tests/integration/test_hf_*.py" in script

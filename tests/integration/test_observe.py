@@ -56,8 +56,10 @@ def test_flag_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r'--tensorboard needs the tensorboard.*pip install -e "\.\[tensorboard\]"'):
         check_observe_flags(_args(tmp_path, tensorboard=True))
     pytest.importorskip("transformers")
+    from launch.train import build_parser, check_flags
     with pytest.raises(ValueError, match="mixtral model's router has no selection bias"):
-        check_observe_flags(_args(tmp_path, bias_update_rate=0.01, hf_model="mixtral"))
+        check_flags(build_parser().parse_args(["--hf-model", "mixtral", "--bias-update-rate", "0.01"]), 2)
+    check_flags(build_parser().parse_args(["--hf-model", "deepseek_v3", "--bias-update-rate", "0.01"]), 2)
 
 
 def test_the_report_writes_labelled_pngs_for_every_figure(tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,12 @@ class ExpertParallelBlock(nn.Module):
         Raises:
             ValueError: ``state`` lacks a tensor the spec maps.
         """
+        return dict(self.hf_items(state))
+
+    def hf_items(self, state: Optional[dict[str, Tensor]] = None) -> Iterator[tuple[str, Tensor]]:
+        """``hf_state_dict`` one tensor at a time, in the HF block's order: each routed-expert
+        tensor is gathered when its turn comes (collective, as ``hf_state_dict``), so a caller that
+        writes and drops each holds one gathered tensor at a time."""
         shards = expert_shards(self.moe)  # the checkpoint's logical tensors: one way to gather experts
         state = self.moe.state_dict() if state is None else state
         weights = self.spec.weights_for(self.moe.cfg)
@@ -103,14 +109,14 @@ class ExpertParallelBlock(nn.Module):
         if missing:
             raise ValueError(f"the state dict of a converted {self.spec.block} lacks {missing}; pass a whole "
                              "model.state_dict() (or none) to save the block")
-        parts: dict[str, dict[int, Tensor]] = {}
-        layouts = {wm.hf: wm.layout for wm in weights}
-        for wm in weights:
-            value = state[wm.ours].detach()
-            if wm.sharded:
-                value = shards[wm.ours].gather(value)
-            parts.setdefault(wm.hf, {})[wm.part[0]] = ours_to_hf(value, wm)
-        return {key: join_parts(parts[key], layouts[key]) for key in self.hf_keys}
+        for key in self.hf_keys:
+            parts: dict[int, Tensor] = {}
+            for wm in (wm for wm in weights if wm.hf == key):
+                value = state[wm.ours].detach()
+                if wm.sharded:
+                    value = shards[wm.ours].gather(value)
+                parts[wm.part[0]] = ours_to_hf(value, wm)
+            yield key, join_parts(parts, next(wm.layout for wm in weights if wm.hf == key))
 
     def extra_repr(self) -> str:
         return f"converted from {self.spec.block}"

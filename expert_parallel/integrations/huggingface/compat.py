@@ -1,10 +1,12 @@
 """What depends on the transformers release: the supported range, the releases it is tested on,
-the version check, and the one private transformers API the integration reads (the running
-model's output collector), behind one function."""
+the version check, the one private transformers API the conversion reads (the running model's
+output collector), behind one function, and transformers' loading internals that
+``from_pretrained`` and the sharded ``save_pretrained`` use (``loading_internals``)."""
 
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 from typing import Optional
 
 import transformers
@@ -76,3 +78,33 @@ def recorded(key: str) -> Optional[list]:
     if collected is None or key not in collected:
         return None
     return collected[key]
+
+
+def loading_internals() -> SimpleNamespace:
+    """transformers' checkpoint-key machinery, imported when first needed (so that ``convert``
+    works whatever a release does to it): ``get_model_conversion_mapping``, ``rename_source_key``,
+    ``WeightConverter``, ``WeightRenaming``, ``dot_natural_key``, ``revert_weight_conversion``
+    (``transformers.conversion_mapping`` / ``core_model_loading``) and
+    ``convert_file_size_to_int`` (``transformers.utils.hub``).
+
+    Raises:
+        ValueError (``mismatch``): a release that moved one of them.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+            revert_weight_conversion,
+        )
+        from transformers.utils.hub import convert_file_size_to_int
+    except ImportError as error:
+        raise mismatch(f"transformers' checkpoint-key machinery, which from_pretrained and the sharded save_pretrained "
+                       f"use, moved ({error}); load with transformers and convert instead") from None
+    return SimpleNamespace(get_model_conversion_mapping=get_model_conversion_mapping,
+                           rename_source_key=rename_source_key, WeightConverter=WeightConverter,
+                           WeightRenaming=WeightRenaming, dot_natural_key=dot_natural_key,
+                           revert_weight_conversion=revert_weight_conversion,
+                           convert_file_size_to_int=convert_file_size_to_int)

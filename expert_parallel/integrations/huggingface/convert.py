@@ -16,6 +16,7 @@ from .block import ExpertParallelBlock
 from .compat import check_recording, check_transformers_version, mismatch, warn_untested
 from .families import SPECS_BY_BLOCK
 from .masking import pass_attention_mask
+from .saving import hf_items, save_pretrained
 from .specs import BlockSpec
 
 # what convert sets unless overridden: no drops (the same function as the model), no layer-level loss
@@ -97,9 +98,14 @@ def convert(model: PreTrainedModel, ep_size: int = 1, ep_group: Optional[Process
 
 def _save_pretrained(model: PreTrainedModel, save_directory: Union[str, os.PathLike], is_main_process: bool = True,
                      state_dict: Optional[dict[str, Tensor]] = None, **kwargs: Any) -> Any:
-    """A converted model's ``save_pretrained``: transformers' own with ``to_hf_state_dict(model,
-    state_dict)``, the full checkpoint under the HF keys. Collective: every rank calls it (with
-    ``is_main_process`` as transformers asks); transformers writes on rank 0."""
+    """A converted model's ``save_pretrained``. Plain (at most ``max_shard_size`` and
+    ``safe_serialization=True``): ``saving.save_pretrained``, one gathered tensor at a time.
+    Anything else (a ``state_dict``, ``push_to_hub``, ``variant``, ...): transformers' own with
+    ``to_hf_state_dict(model, state_dict)``, the full checkpoint gathered at once. Collective:
+    every rank calls it (with ``is_main_process`` as transformers asks); rank 0 writes."""
+    if state_dict is None and set(kwargs) <= {"max_shard_size", "safe_serialization"} and \
+            kwargs.get("safe_serialization", True):
+        return save_pretrained(model, save_directory, is_main_process, kwargs.get("max_shard_size", "50GB"))
     state = to_hf_state_dict(model, state_dict)
     return type(model).save_pretrained(model, save_directory, is_main_process, state, **kwargs)
 
@@ -118,20 +124,7 @@ def to_hf_state_dict(model: nn.Module, state_dict: Optional[dict[str, Tensor]] =
             some of a block's tensors.
     """
     check_transformers_version()
-    blocks = {name + ".moe.": block for name, block in model.named_modules() if isinstance(block, ExpertParallelBlock)}
-    given = model.state_dict() if state_dict is None else state_dict
-    state: dict[str, Tensor] = {}
-    done: set[str] = set()
-    for key, value in given.items():
-        prefix = next((prefix for prefix in blocks if key.startswith(prefix)), None)
-        if prefix is None:
-            state[key] = value
-        elif prefix not in done:  # the block's first key: all of its tensors, in their place
-            done.add(prefix)
-            layer_state = {name[len(prefix):]: tensor for name, tensor in given.items() if name.startswith(prefix)}
-            state.update({prefix[:-len("moe.")] + name: tensor
-                          for name, tensor in blocks[prefix].hf_state_dict(layer_state).items()})
-    return state
+    return dict(hf_items(model, state_dict))
 
 
 def _moe_blocks(module: nn.Module, hf_config: Any, prefix: str = "") -> Iterator[tuple[str, nn.Module, BlockSpec, Any]]:
