@@ -67,12 +67,11 @@ def family_spec(config: Any) -> Any:
 
 def sparse_blocks(config: Any) -> int:
     """The sparse-MoE blocks of a model with ``config`` (built on the meta device: no memory)."""
-    import transformers
-
+    from expert_parallel.integrations.huggingface import causal_lm_class
     from expert_parallel.integrations.huggingface.families import SPECS_BY_BLOCK
 
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = causal_lm_class(config)._from_config(config)
     return sum(type(module).__name__ in SPECS_BY_BLOCK for module in model.modules())
 
 
@@ -106,7 +105,7 @@ def build_hf_model(args: Any, vocab_size: int, ep_size: int) -> nn.Module:
     ``ep_size > 1``."""
     import transformers
 
-    from expert_parallel.integrations.huggingface import convert, from_pretrained
+    from expert_parallel.integrations.huggingface import causal_lm_class, convert, from_pretrained
 
     torch.manual_seed(args.seed)
     rate = getattr(args, "bias_update_rate", 0.0)
@@ -115,7 +114,7 @@ def build_hf_model(args: Any, vocab_size: int, ep_size: int) -> nn.Module:
         return from_pretrained(args.hf_path, ep_size=ep_size, dtype=torch.float32,
                                **bias_update_override(rate, config))
     config = tiny_hf_config(args, vocab_size)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = causal_lm_class(config)._from_config(config, dtype=torch.float32)
     return convert(model, ep_size=ep_size, **bias_update_override(rate, config))
 
 

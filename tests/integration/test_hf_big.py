@@ -20,7 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from expert_parallel.checkpoint.logical import ExpertShard  # noqa: E402
-from expert_parallel.integrations.huggingface import convert, from_pretrained  # noqa: E402
+from expert_parallel.integrations.huggingface import causal_lm_class, convert, from_pretrained  # noqa: E402
 from expert_parallel.integrations.huggingface.loading import Checkpoint  # noqa: E402
 from expert_parallel.integrations.huggingface.saving import INDEX, save_pretrained  # noqa: E402
 from expert_parallel.integrations.huggingface.specs import TinySizes  # noqa: E402
@@ -62,7 +62,8 @@ def loading_worker(rank: int, world: int, root: str, names: list[str]) -> dict:
     results = {}
     for name in [*names, "fused"]:
         path = os.path.join(root, name)
-        want = convert(transformers.AutoModelForCausalLM.from_pretrained(path), ep_size=2).eval()
+        reference = causal_lm_class(transformers.AutoConfig.from_pretrained(path)).from_pretrained(path)
+        want = convert(reference, ep_size=2).eval()
         got = from_pretrained(path, ep_size=2)
         want_state, got_state = want.state_dict(), got.state_dict()
         results[name] = {

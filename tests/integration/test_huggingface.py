@@ -24,6 +24,7 @@ from expert_parallel.integrations.huggingface import (  # noqa: E402
     SUPPORTED_TRANSFORMERS,
     TESTED_TRANSFORMERS,
     ExpertParallelBlock,
+    causal_lm_class,
     convert,
     to_hf_state_dict,
 )
@@ -44,14 +45,6 @@ def sharded_keys(name: str) -> tuple[str, ...]:
     return tuple(sorted({wm.hf for wm in SPECS_BY_NAME[name].weights if wm.sharded}))
 
 
-def lm_class(config) -> type:
-    """The causal LM class of ``config``: ``AutoModelForCausalLM`` 's, or the family's own
-    ``*ForCausalLM`` where the auto mapping leaves it out (Mistral 4)."""
-    mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    own = type(config).__name__[:-len("Config")] + "ForCausalLM"
-    return getattr(transformers, mapping.get(config.model_type) or own)
-
-
 def trained_keys(model: torch.nn.Module) -> set[str]:
     """The parameters that get gradients (Ernie 4.5's, AFMoE's and Laguna's
     selection biases are parameters without)."""
@@ -69,7 +62,7 @@ def tiny_model(name: str, **config: object) -> transformers.PreTrainedModel:
     hf_config = tiny_config(name, SIZES)
     for attr, value in config.items():
         setattr(hf_config, attr, value)
-    model = lm_class(hf_config)._from_config(hf_config)
+    model = causal_lm_class(hf_config)._from_config(hf_config)
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
             scale = next((scale for hf, scale in scales.items() if key.endswith("." + hf)), None)
@@ -93,7 +86,7 @@ def load(directory) -> transformers.PreTrainedModel:
     """Plain transformers' model of a saved directory, with the tiny models' attention; its tensors
     copied to fresh memory (a loaded tensor may sit at an address that is not 64-byte aligned, where
     the CPU matmul kernels round differently, e.g. Mistral 4's and DBRX's experts: not a change of the weights)."""
-    model = lm_class(transformers.AutoConfig.from_pretrained(directory)).from_pretrained(
+    model = causal_lm_class(transformers.AutoConfig.from_pretrained(directory)).from_pretrained(
         directory, attn_implementation="eager")
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):

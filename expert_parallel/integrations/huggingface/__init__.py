@@ -8,11 +8,11 @@ on ``TESTED_TRANSFORMERS``); see docs/huggingface.md.
 """
 
 from .block import ExpertParallelBlock
-from .compat import SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, check_transformers_version
+from .compat import SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, causal_lm_class, check_transformers_version
 from .convert import convert, to_hf_state_dict
 from .families import SPECS
 from .loading import from_pretrained
 from .specs import BlockSpec, WeightMap
 
 __all__ = ["SPECS", "SUPPORTED_TRANSFORMERS", "TESTED_TRANSFORMERS", "BlockSpec", "ExpertParallelBlock", "WeightMap",
-           "check_transformers_version", "convert", "from_pretrained", "to_hf_state_dict"]
+           "causal_lm_class", "check_transformers_version", "convert", "from_pretrained", "to_hf_state_dict"]

@@ -1,7 +1,8 @@
 """What depends on the transformers release: the supported range, the releases it is tested on,
 the version check, the one private transformers API the conversion reads (the running model's
 output collector), behind one function, and transformers' loading internals that
-``from_pretrained`` and the sharded ``save_pretrained`` use (``loading_internals``)."""
+``from_pretrained`` and the sharded ``save_pretrained`` use (``loading_internals``), and the
+causal-LM class of a config (``causal_lm_class``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ except ImportError:  # a release that moved it: convert refuses (check_recording
 TESTED_TRANSFORMERS = ("5.22.2", "5.25.0")
 SUPPORTED_TRANSFORMERS = ">=5.22,<5.26"
 _OLDEST, _NEWEST = Version("5.22"), Version("5.26")
+
+
+def causal_lm_class(config: transformers.PretrainedConfig) -> type:
+    """The causal LM class of ``config``: ``AutoModelForCausalLM`` 's mapping, or the family's own
+    ``<Name>ForCausalLM`` where the mapping leaves it out (Mistral 4 in 5.22-5.25).
+
+    Raises:
+        ValueError: neither exists (the config is not a causal LM's).
+    """
+    mapping = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    name = mapping.get(config.model_type) or type(config).__name__.removesuffix("Config") + "ForCausalLM"
+    if not hasattr(transformers, name):
+        raise ValueError(f"config model_type={config.model_type!r} has no causal-LM class in transformers "
+                         f"{transformers.__version__} (looked for {name}); pass a causal LM's config or directory")
+    return getattr(transformers, name)
 
 
 def check_transformers_version(version: Optional[str] = None) -> bool:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from .block import ExpertParallelBlock
-from .compat import loading_internals, mismatch
+from .compat import causal_lm_class, loading_internals, mismatch
 from .convert import convert
 from .saving import INDEX, SINGLE
 from .specs import hf_to_ours
@@ -103,7 +103,7 @@ def from_pretrained(path: Union[str, os.PathLike], ep_size: int = 1, ep_group: O
     dtype = dtype or (getattr(config, "dtype", None) if isinstance(getattr(config, "dtype", None), torch.dtype)
                       else torch.float32)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = causal_lm_class(config)._from_config(config, dtype=dtype)
     with contextlib.ExitStack() as stack:
         checkpoint = Checkpoint(path, stack)
         groups = _checkpoint_groups(model, checkpoint.file_of)
