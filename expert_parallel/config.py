@@ -271,12 +271,7 @@ class MoEConfig:
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 reject(name, getattr(self, name), "it must be True or False")
-        if self.num_experts % self.ep_size:
-            reject(
-                "num_experts", self.num_experts,
-                f"it is not divisible by ep_size={self.ep_size}; choose num_experts as a "
-                "multiple of ep_size",
-            )
+        check_experts_split(self.num_experts, self.ep_size)
         if self.second_policy not in SECOND_POLICIES:
             reject("second_policy", self.second_policy, f"choose one of {list(SECOND_POLICIES)}")
         if not 0.0 <= self.second_threshold <= 0.5:
@@ -484,6 +479,29 @@ class MoEConfig:
     def replace(self, **changes: object) -> MoEConfig:
         """A copy with ``changes`` applied, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def check_experts_split(num_experts: int, ep_size: int, experts: str = "MoEConfig.num_experts", ep: str = "ep_size",
+                        fixed: bool = False) -> None:
+    """``ValueError`` unless ``ep_size`` divides ``num_experts`` (each EP rank holds
+    ``num_experts // ep_size`` experts): the one check of that rule, for ``MoEConfig`` and for the
+    callers that know the two numbers by other names (a model's block, a launcher flag). No host sync.
+
+    Args:
+        num_experts: the expert count.
+        ep_size: the expert-parallel group size.
+        experts: the expert count's name where the caller's user sets it (``"MoEConfig.num_experts"``,
+            a block's path, ``"--experts"``).
+        ep: the EP size's name there (``"ep_size"``, ``"--ep-size"``).
+        fixed: the expert count cannot change (a model's weights fix it): the fix names EP sizes only.
+    """
+    if num_experts % ep_size == 0:
+        return
+    divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+    fix = f"choose {ep} among the divisors of {num_experts}: {divisors}"
+    if not fixed:
+        fix += f", or {experts} as a multiple of {ep_size}"
+    raise ValueError(f"{experts}={num_experts} is invalid: it is not divisible by {ep}={ep_size}; {fix}")
 
 
 def _is_int(value: object) -> bool:

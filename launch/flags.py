@@ -11,6 +11,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from expert_parallel import MoEConfig
+from expert_parallel.config import check_experts_split
 from expert_parallel.presets import preset
 from launch.corpus import CharCorpus
 from launch.faults import FAILURE_PATTERN
@@ -77,6 +78,7 @@ def check_flags(args: argparse.Namespace, world_size: int, given: frozenset[str]
         if args.layers < 2:
             raise ValueError(f"--layers {args.layers}: every other block is MoE (the 2nd, 4th, ...), so the "
                              "model needs --layers >= 2")
+        check_experts_split(args.experts, ep_size, "--experts", "--ep-size")
         moe_config(args, world_size)
 
 
@@ -122,9 +124,8 @@ def _check_hf(args: argparse.Namespace, ep_size: int, given: frozenset[str]) -> 
             raise ValueError(f"--layers {args.layers}: the tiny {args.hf_model} model has no sparse-MoE block with "
                              f"{config.num_hidden_layers} layers (its sparse ones start later); choose more --layers")
     bias_update_override(getattr(args, "bias_update_rate", 0.0), config)  # a selection bias to update
-    if experts % ep_size:
-        raise ValueError(f"{source} has {experts} experts per block, which --ep-size {ep_size} does not divide; "
-                         "choose an ep size that divides it")
+    name = f"{source} num_experts" if args.hf_path else "--experts"  # a saved model's count is fixed
+    check_experts_split(experts, ep_size, name, "--ep-size", fixed=bool(args.hf_path))
     if args.deepspeed_config:
         _check_deepspeed_for_hf(args.deepspeed_config)
 

@@ -1,5 +1,6 @@
-"""A 2-rank script (run by torchrun, see test_teardown.py) that tears the process group down while
-MoELayer outputs, and so their autograd graphs with the started all-to-alls, are still alive."""
+"""A 2-rank script (started with torchrun's environment variables, see test_teardown.py) that tears
+the process group down while MoELayer outputs, and so their autograd graphs with the started
+all-to-alls, are still alive."""
 
 import torch
 import torch.distributed as dist

@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from expert_parallel.comm import all_to_all_start
-from tests.harness import run_ranks
+from tests.harness import free_port, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "distributed", "keep_outputs_alive.py")
@@ -39,15 +38,21 @@ def test_a_started_all_to_all_lets_go_of_its_works_once_waited():
         assert held == {"started": True, "after_wait": False, "after_backward": False, "grad": True}, rank
 
 
-def _torchrun() -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.slow
 def test_destroying_the_process_group_with_outputs_alive_never_aborts():
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two 2-rank jobs at a time
-        runs = list(pool.map(lambda _: _torchrun(), range(10)))
-    failed = [run for run in runs if run.returncode != 0 or "terminate called" in run.stderr]
-    assert not failed, f"{len(failed)} of 10 runs aborted; the first's stderr:\n{failed[0].stderr[-3000:]}"
+    """The end-to-end consequence, in two fresh interpreters (a rank's exit is what aborts). One
+    run: the code before the fix did not abort in 9 runs here either (torch 2.13, gloo), so more
+    runs add no power; the ticket check above is what fails on that code."""
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, SCRIPT], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
+                                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                                           "RANK": str(rank), "WORLD_SIZE": "2"})
+             for rank in range(2)]
+    try:
+        stderr = [rank.communicate(timeout=120)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for rank, (proc, err) in enumerate(zip(ranks, stderr)):
+        assert proc.returncode == 0 and "terminate called" not in err, f"rank {rank} aborted:\n{err[-3000:]}"

@@ -111,9 +111,14 @@ def parity_worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
     return results
 
 
-def sampled_stats_worker(rank: int, world: int, kwargs: dict, draws: int) -> dict[str, torch.Tensor]:
-    """Mean exp_counts and mean |output| over ``draws`` independent seeds, for both layers."""
+def sampled_stats_worker(rank: int, world: int, options: list[dict], draws: int) -> list[dict[str, dict]]:
+    """Per layer options (one spawn for all of them): the exp_counts and kept-token fractions of
+    ``draws`` independent seeds, for both layers."""
     init_deepspeed_comm()
+    return [_sampled_stats(kwargs, draws) for kwargs in options]
+
+
+def _sampled_stats(kwargs: dict, draws: int) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for which in ("deepspeed", "ours"):
         torch.manual_seed(0)

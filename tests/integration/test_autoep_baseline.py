@@ -49,8 +49,18 @@ def _compare(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_autoep_block_matches_a_dropless_mixtral_layer_on_two_ranks():
-    for rank, result in enumerate(run_ranks(_compare, 2, timeout=240)):
+def _compare_and_bf16_step(rank: int, world: int) -> tuple[dict[str, torch.Tensor], tuple[set, torch.dtype]]:
+    """Spawned: both checks in one start-up of the ranks (each imports DeepSpeed and transformers)."""
+    return _compare(rank, world), _bf16_step(rank, world)
+
+
+@pytest.fixture(scope="module")
+def autoep_runs() -> list[tuple[dict[str, torch.Tensor], tuple[set, torch.dtype]]]:
+    return run_ranks(_compare_and_bf16_step, 2, timeout=240)
+
+
+def test_autoep_block_matches_a_dropless_mixtral_layer_on_two_ranks(autoep_runs):
+    for rank, (result, _) in enumerate(autoep_runs):
         ours, ref = result["ours"], result["autoep"]
         assert ref["y"].abs().max() > 0
         for key in ("y", "x_grad", "w1_grad"):
@@ -67,8 +77,8 @@ def _bf16_step(rank: int, world: int) -> tuple[set, torch.dtype]:
     return {p.dtype for p in block.parameters()}, x.grad.dtype
 
 
-def test_autoep_block_builds_and_steps_in_bf16():
-    for dtypes, grad_dtype in run_ranks(_bf16_step, 2, timeout=240):
+def test_autoep_block_builds_and_steps_in_bf16(autoep_runs):
+    for _, (dtypes, grad_dtype) in autoep_runs:
         assert dtypes == {torch.bfloat16} and grad_dtype == torch.bfloat16
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -24,10 +26,18 @@ pytestmark = pytest.mark.slow
 ARGS = ["--log-every", "5", "--ckpt-every", "5", "--resume", "auto", "--timeout-s", "20", *SMALL]
 
 
-def test_a_killed_worker_is_restarted_by_torchrun_and_ends_with_the_uninterrupted_losses(tmp_path: Path) -> None:
-    full, failed = tmp_path / "full", tmp_path / "failed"
-    reference = _run([sys.executable, "-m", "launch.train", "--out", str(full), "--steps", "20", *ARGS])
-    assert reference.returncode == 0, reference.stderr[-3000:]
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT of the 20-step job that the restarted jobs must reproduce, run once for the module."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(out), "--steps", "20", *ARGS])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_a_killed_worker_is_restarted_by_torchrun_and_ends_with_the_uninterrupted_losses(uninterrupted: Path,
+                                                                                          tmp_path: Path) -> None:
+    full, failed = uninterrupted, tmp_path / "failed"
     result = _run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m", "launch.train",
                    "--out", str(failed), "--steps", "20", "--simulate-failure", "1:12", *ARGS], timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
@@ -39,10 +49,9 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_ends_with_the_uninterrupte
     assert summary["final_loss"] == json.loads((full / "summary.json").read_text())["final_loss"]
 
 
-def test_the_plain_spawner_restarts_a_dead_rank_once(tmp_path: Path) -> None:
-    full, failed = tmp_path / "full", tmp_path / "failed"
-    assert _run([sys.executable, "-m", "launch.train", "--out", str(full), "--steps", "15", *ARGS]).returncode == 0
-    result = _run([sys.executable, "-m", "launch.train", "--out", str(failed), "--steps", "15", "--max-restarts", "1",
+def test_the_plain_spawner_restarts_a_dead_rank_once(uninterrupted: Path, tmp_path: Path) -> None:
+    full, failed = uninterrupted, tmp_path / "failed"
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(failed), "--steps", "20", "--max-restarts", "1",
                    "--simulate-failure", "0:12", *ARGS])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "restarting the job (1 of --max-restarts 1)" in result.stderr
@@ -74,6 +83,21 @@ def _kill_node(agent: subprocess.Popen) -> None:
     agent.wait()
 
 
+def _after_listening(endpoint: str, first: subprocess.Popen, start: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+    """``start()`` once ``first`` accepts connections at ``endpoint`` (a loaded machine may take
+    many seconds to start a torchrun agent)."""
+    host, port = endpoint.split(":")
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline and first.poll() is None, f"nothing listens at {endpoint}"
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return start()
+
+
 @pytest.mark.timeout(480)
 def test_a_lost_node_leaves_the_other_to_resume_at_world_size_one_and_finish(tmp_path: Path) -> None:
     endpoint, steps = f"127.0.0.1:{free_port()}", 80
@@ -85,9 +109,10 @@ def test_a_lost_node_leaves_the_other_to_resume_at_world_size_one_and_finish(tmp
         return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    first = node()  # hosts the c10d rendezvous store
-    time.sleep(1)
-    second = node()
+    # the c10d rendezvous store lives in whichever agent binds the port first: the first node's,
+    # as the second starts once it listens
+    first = node()
+    second = _after_listening(endpoint, first, node)
     try:
         deadline = time.monotonic() + 180
         while _latest_world_size(tmp_path) != 2:  # a checkpoint of the two-node job

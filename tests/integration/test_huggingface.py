@@ -310,8 +310,9 @@ def test_an_unsupported_moe_block_names_its_class():
 
 
 def test_num_experts_not_divisible_by_ep_size_names_both_and_the_fix():
-    with pytest.raises(ValueError, match=r"num_experts=8, which ep_size=3 does not divide; choose an ep_size that "
-                                         r"divides 8 \(one of \[1, 2, 4, 8\]\)"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp \(MixtralSparseMoeBlock\) num_experts=8 is invalid: "
+                                         r"it is not divisible by ep_size=3; choose ep_size among the divisors of 8: "
+                                         r"\[1, 2, 4, 8\]$"):
         convert(tiny_model("mixtral"), ep_size=3)
 
 

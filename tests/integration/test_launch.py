@@ -52,10 +52,12 @@ def _assert_trained(out: Path, steps: int = 30) -> list[dict]:
     return records
 
 
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("plain")
-    return out, _run([sys.executable, "-m", "launch.train", "--out", str(out), *STEPS])
+def _resumable_copy(run: Path, to: Path, step: int) -> Path:
+    """A copy of the finished launch ``run`` whose ``latest`` checkpoint is ``step<step>`` (one of
+    the two it keeps), as if it had stopped there: ``--resume`` continues from ``step``."""
+    shutil.copytree(run, to)
+    (to / "checkpoint" / "latest").write_text(f"step{step}")
+    return to
 
 
 def test_plain_launch_spawns_two_ranks_and_the_loss_falls(plain_run) -> None:
@@ -69,7 +71,8 @@ def test_torchrun_single_node_two_ranks_matches_the_plain_launch(tmp_path: Path,
     result = _run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
                    "-m", "launch.train", "--out", str(tmp_path), *STEPS])
     assert result.returncode == 0, result.stderr
-    # the same job, launched two ways, computes the same losses
+    # the same job, launched two ways, computes the same losses (the plain launch also checkpoints
+    # and records its routing, which change nothing of the training)
     assert [r["loss"] for r in _assert_trained(tmp_path)] == [r["loss"] for r in _metrics(plain_run[0])]
 
 
@@ -95,13 +98,12 @@ def test_torchrun_two_nodes_on_localhost_train_together(tmp_path: Path) -> None:
     assert records[0]["k_eff"] > 1.0
 
 
-def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ["--log-every", "10", "--ckpt-every", "20", *SMALL]
-    assert _run([sys.executable, "-m", "launch.train", "--out", str(full), "--steps", "40", *args]).returncode == 0
-    assert _run([sys.executable, "-m", "launch.train", "--out", str(resumed), "--steps", "20", *args]).returncode == 0
-    result = _run([sys.executable, "-m", "launch.train", "--out", str(resumed), "--steps", "40", "--resume", *args])
+def test_resume_continues_with_the_same_losses(tmp_path: Path, plain_run) -> None:
+    full = plain_run[0]
+    resumed = _resumable_copy(full, tmp_path / "resumed", 20)  # the full run, stopped at step 20
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(resumed), "--resume", *STEPS])
     assert result.returncode == 0, result.stderr
+    assert len(_metrics(resumed)) == 3  # step 30's record was dropped at the resume, then written again
     assert _metrics(resumed) == [
         {**r, "tokens_per_s": m["tokens_per_s"], "step_ms": m["step_ms"]}
         for r, m in zip(_metrics(full), _metrics(resumed))
@@ -109,37 +111,55 @@ def test_resume_continues_with_the_same_losses(tmp_path: Path) -> None:
     assert json.loads((resumed / "summary.json").read_text())["start_step"] == 20
 
 
-def test_resume_at_another_world_and_ep_size(tmp_path: Path) -> None:
-    args = ["--out", str(tmp_path), "--log-every", "2", "--ckpt-every", "2", "--d-model", "32", "--d-ff", "64",
-            "--seq-len", "32", "--preset", "mixtral"]
-    saved = _run([sys.executable, "-m", "launch.train", "--steps", "2", "--batch-size", "8", *args])
-    assert saved.returncode == 0, saved.stderr[-3000:]
-    resumed = _run([sys.executable, "-m", "launch.train", "--steps", "4", "--resume", "--nproc", "4", "--ep-size", "4",
-                    "--batch-size", "8", *args])
+def test_resume_at_another_world_and_ep_size(tmp_path: Path, plain_run) -> None:
+    out = _resumable_copy(plain_run[0], tmp_path / "out", 30)  # saved at world size 2, EP 2
+    resumed = _run([sys.executable, "-m", "launch.train", "--out", str(out), "--steps", "32", "--log-every", "2",
+                    "--resume", "--nproc", "4", "--ep-size", "4", *SMALL])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ("was trained with a global batch of 16 sequences, this job has 32 (--batch-size x world size); it "
-            "continues from step 2 on other batches than the saved run would have seen (--batch-size 4 keeps "
+            "continues from step 30 on other batches than the saved run would have seen (--batch-size 4 keeps "
             "them)") in resumed.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert (summary["start_step"], summary["world_size"], summary["ep_size"]) == (2, 4, 4)
-    assert [r["step"] for r in _metrics(tmp_path)] == [2, 4]
-    assert (tmp_path / "checkpoint" / "latest").read_text().strip() == "step4"
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["start_step"], summary["world_size"], summary["ep_size"]) == (30, 4, 4)
+    assert [r["step"] for r in _metrics(out)] == [10, 20, 30, 32]
+    assert (out / "checkpoint" / "latest").read_text().strip() == "step32"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--ep-size", "3"], "--ep-size 3 does not divide the world size 2"),
-    (["--experts", "5", "--ep-size", "2"], "num_experts=5 is invalid"),
+def test_a_bad_flag_is_a_one_line_error_before_any_process_starts(tmp_path) -> None:
+    start = time.perf_counter()
+    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), "--ep-size", "3"], timeout=60)
+    assert result.returncode == 2
+    assert "--ep-size 3 does not divide the world size 2" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert time.perf_counter() - start < 30
+
+
+def _main_exit(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """``launch.train.main(argv)`` in this process: its exit code and the last line of its stderr
+    (``--help``: its stdout). Starting a rank or a process group fails the test."""
+    from launch import train
+
+    def started(*args: object, **kwargs: object) -> None:
+        raise AssertionError("launch.train started a rank")
+
+    monkeypatch.delenv("RANK", raising=False)  # a plain launch, not one under a launcher
+    monkeypatch.setattr(train.mp, "start_processes", started)
+    monkeypatch.setattr(train, "_run_rank", started)
+    with pytest.raises(SystemExit) as exit:
+        train.main(argv)
+    captured = capsys.readouterr()
+    return exit.value.code, (captured.out if argv == ["--help"] else captured.err.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("flags, message", [  # the command line's path: test_a_bad_flag_is_a_one_line_error...
+    (["--experts", "5", "--ep-size", "2"], "--experts=5 is invalid: it is not divisible by --ep-size=2"),
     (["--preset", "nope"], "invalid choice: 'nope'"),
     (["--simulate-failure", "x"], "expected RANK:STEP or RANK:STEP:hang"),
     (["--simulate-failure", "1:3:stall"], "expected RANK:STEP or RANK:STEP:hang"),
 ])
-def test_a_bad_flag_is_a_one_line_error_before_any_process_starts(tmp_path, flags, message) -> None:
-    start = time.perf_counter()
-    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), *flags], timeout=60)
-    assert result.returncode == 2
-    assert message in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "metrics.jsonl").exists()
-    assert time.perf_counter() - start < 30
+def test_bad_flags_exit_with_a_usage_error_naming_them(tmp_path, monkeypatch, capsys, flags, message) -> None:
+    code, last_line = _main_exit(["--out", str(tmp_path), *flags], monkeypatch, capsys)
+    assert code == 2 and message in last_line
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -191,20 +211,21 @@ def test_deepspeed_launcher_zero2_bf16_trains_and_resumes(tmp_path: Path) -> Non
     pytest.importorskip("deepspeed")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
 
-    def deepspeed(out: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    def deepspeed(out: Path, *extra: str) -> subprocess.CompletedProcess:
         return _run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), "--module",
-                     "launch.train", "--out", str(out), "--steps", str(steps), "--log-every", "10",
-                     "--ckpt-every", "20", "--deepspeed-config", "launch/ds_zero2_bf16.json", *SMALL, *extra])
+                     "launch.train", "--out", str(out), "--steps", "20", "--log-every", "10", "--ckpt-every", "10",
+                     "--deepspeed-config", "launch/ds_zero2_bf16.json", *SMALL, *extra])
 
-    result = deepspeed(full, 30)
+    result = deepspeed(full)  # bf16 steps are slow on CPU: 20 of them, and 10 more to resume
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    _assert_trained(full)
+    _assert_trained(full, steps=20)
     assert json.loads((full / "summary.json").read_text())["deepspeed"] is True
-    assert (full / "checkpoint" / "step30").is_dir()  # an engine checkpoint, per-expert files
-    assert list((full / "checkpoint" / "step30").glob("layer_*_expert_*_model_states.pt"))
-    assert deepspeed(resumed, 20).returncode == 0
-    result = deepspeed(resumed, 30, "--resume")
+    assert (full / "checkpoint" / "step20").is_dir()  # an engine checkpoint, per-expert files
+    assert list((full / "checkpoint" / "step20").glob("layer_*_expert_*_model_states.pt"))
+    # resume from step 10 (DeepSpeed's `latest` names the tag): the same losses as the full run
+    result = deepspeed(_resumable_copy(full, resumed, 10), "--resume")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((resumed / "summary.json").read_text())["start_step"] == 10
     assert [r["loss"] for r in _metrics(resumed)] == [r["loss"] for r in _metrics(full)]
 
 
@@ -219,12 +240,10 @@ def test_a_rendezvous_that_never_completes_ends_within_its_join_timeout(tmp_path
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_help_lists_every_flag_with_its_default() -> None:
-    from launch.train import build_parser
-
-    result = _run([sys.executable, "-m", "launch.train", "--help"], timeout=60)
-    assert result.returncode == 0
-    help_text = " ".join(result.stdout.split())
+def test_help_lists_every_flag_with_its_default(monkeypatch, capsys) -> None:
+    code, help_text = _main_exit(["--help"], monkeypatch, capsys)
+    assert code == 0
+    help_text = " ".join(help_text.split())
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":
             name = action.option_strings[0]
@@ -378,17 +397,15 @@ def test_deepspeed_trains_a_converted_model_with_expert_groups_and_resumes_exact
 
 
 @needs_hf
-def test_a_demo_model_flag_with_an_hf_model_is_a_one_line_error(tmp_path: Path) -> None:
-    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), "--hf-model", "mixtral",
-                   "--preset", "switch"], timeout=60)
-    assert result.returncode == 2
-    assert "--preset switch does not apply to --hf-model mixtral" in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "metrics.jsonl").exists()
+def test_a_demo_model_flag_with_an_hf_model_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, last_line = _main_exit(["--out", str(tmp_path), "--hf-model", "mixtral", "--preset", "switch"], monkeypatch,
+                                 capsys)
+    assert code == 2 and "--preset switch does not apply to --hf-model mixtral" in last_line
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--hf-model", "mixtral", "--preset", "gshard"], "--preset gshard does not apply to --hf-model mixtral"),
-    (["--hf-model", "mixtral", "--experts", "3"], "--hf-model mixtral has 3 experts per block, which --ep-size 2"),
+    (["--hf-model", "mixtral", "--experts", "3"], "--experts=3 is invalid: it is not divisible by --ep-size=2; choose"),
     (["--hf-model", "mixtral", "--experts", "1"], "--experts 1: the tiny models route each token to 2 experts"),
     (["--hf-model", "mixtral", "--layers", "0"], "--layers 0: must be >= 1"),
     (["--hf-model", "qwen3_moe", "--d-model", "36"], "--d-model 36 / --heads 4 is an odd head width"),

@@ -1,11 +1,12 @@
 """The launcher's expert-load metrics (closed forms), the selection-bias update after a step, the
-report's PNGs, the flag errors, and one end-to-end launch with routing recorded and per-layer load
-in metrics.jsonl."""
+report's PNGs, the flag errors, and one end-to-end launch (the shared ``plain_run``) with routing
+recorded and per-layer load in metrics.jsonl."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,6 @@ from expert_parallel import MoEConfig, MoELayer, RoutingStats
 from launch import observe
 from launch.observe import Observer, check_observe_flags, moe_metrics
 from launch.report import FILES, write_report
-from tests.integration.test_launch import SMALL, _run
 
 
 def _stats(tokens: list[int], dropped: float, k_eff: float) -> RoutingStats:
@@ -78,19 +78,20 @@ def test_the_report_writes_labelled_pngs_for_every_figure(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_launch_records_routing_and_logs_each_layers_expert_load(tmp_path):
-    result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), "--steps", "4", "--log-every", "2",
-                   "--layers", "4", "--record-routing", *SMALL])
+def test_a_launch_records_routing_and_logs_each_layers_expert_load(plain_run, tmp_path):
+    out, result = plain_run  # 4 layers (2 MoE), routing recorded, logged every 10 steps
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for record in records:
         assert sorted(record["moe"]) == ["layer0", "layer1"]
         for layer in record["moe"].values():  # summed over both EP ranks: 2 ranks x 8 x 32 tokens, top-2
             assert sum(layer["tokens_per_expert"]) <= 2 * 2 * 8 * 32 and len(layer["tokens_per_expert"]) == 8
-    calls = torch.load(tmp_path / "routing" / "step000004_rank1.pt")
+    calls = torch.load(out / "routing" / "step000030_rank1.pt")
     assert [name for name, _, _ in calls] == ["blocks.1.ffn", "blocks.3.ffn"]
-    report = subprocess.run([sys.executable, "-m", "launch.report", str(tmp_path)], capture_output=True, text=True)
-    assert report.returncode == 0 and (tmp_path / "report" / "expert_load.png").is_file()
+    shutil.copytree(out, tmp_path / "out")  # the report writes into OUT: into a copy of the shared run's
+    report = subprocess.run([sys.executable, "-m", "launch.report", str(tmp_path / "out")], capture_output=True,
+                            text=True)
+    assert report.returncode == 0 and (tmp_path / "out" / "report" / "expert_load.png").is_file()
 
 
 def test_tensorboard_gets_the_scalars_and_each_layers_load_histogram(tmp_path):

@@ -20,7 +20,8 @@ def _config(**overrides) -> MoEConfig:
 
 
 @pytest.mark.parametrize(("overrides", "pattern"), [
-    (dict(num_experts=6, ep_size=4), r"num_experts=6 .*not divisible by ep_size=4"),
+    (dict(num_experts=6, ep_size=4), r"num_experts=6 .*not divisible by ep_size=4; choose ep_size among the divisors "
+                                     r"of 6: \[1, 2, 3, 6\], or MoEConfig.num_experts as a multiple of 4"),
     (dict(top_k=0), r"top_k=0 .*between 1 and num_experts=4"),
     (dict(top_k=5, router="switch"), r"top_k=5 .*between 1 and num_experts=4"),
     (dict(top_k=1), r"top_k=1 .*router='gshard' routes top-2; set top_k=2"),

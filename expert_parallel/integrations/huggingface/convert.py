@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from transformers import PreTrainedModel
 
-from ...config import MoEConfig
+from ...config import MoEConfig, check_experts_split
 from .block import ExpertParallelBlock
 from .compat import check_recording, check_transformers_version, mismatch, warn_untested
 from .families import SPECS_BY_BLOCK
@@ -161,11 +161,7 @@ def _layer_config(path: str, spec: BlockSpec, hf_config: Any, ep_size: int, over
     if missing:
         raise ValueError(f"converting {spec.block} ({spec.name}) needs the MoEConfig fields {missing}, which this "
                          "expert_parallel does not have yet; update expert_parallel to a version with them")
-    num_experts = fields["num_experts"]
-    if num_experts % ep_size:
-        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-        raise ValueError(f"{path} ({spec.block}) has num_experts={num_experts}, which ep_size={ep_size} does not "
-                         f"divide; choose an ep_size that divides {num_experts} (one of {divisors})")
+    check_experts_split(fields["num_experts"], ep_size, f"{path} ({spec.block}) num_experts", fixed=True)
     capacity_asked = any(name in overrides for name in CAPACITY_FIELDS) and "dropless" not in overrides
     return MoEConfig(**{**DEFAULTS, **fields, **({"dropless": False} if capacity_asked else {}), **overrides,
                         "ep_size": ep_size})
