@@ -197,7 +197,8 @@ class MoELayer(nn.Module):
         self._places_experts = experts is None  # the layer draws the init of the experts it builds
         self.experts = experts if experts is not None else StackedExperts(
             cfg.num_local_experts, cfg.d_model, cfg.d_ff // cfg.expert_tp_size, gated=cfg.expert == "swiglu",
-            activation=cfg.activation, bias=cfg.expert_bias, tp_size=cfg.expert_tp_size)
+            activation=cfg.activation, bias=cfg.expert_bias, tp_size=cfg.expert_tp_size,
+            recompute=cfg.recompute == "experts")
         self.shared_experts = StackedExperts(
             cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, gated=cfg.expert == "swiglu",
             activation=cfg.activation, bias=cfg.expert_bias, sharded=False,

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..activations import ACTIVATIONS
 from .base import Experts
@@ -46,9 +47,10 @@ class StackedExperts(Experts):
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool = False,
                  activation: str = "gelu", bias: bool = False, sharded: bool = True,
-                 first_expert: int = 0, tp_rank: int = 0, tp_size: int = 1) -> None:
+                 first_expert: int = 0, tp_rank: int = 0, tp_size: int = 1, recompute: bool = False) -> None:
         super().__init__(sharded)
         self.first_expert, self.tp_rank, self.tp_size = first_expert, tp_rank, tp_size
+        self.recompute = recompute
         self.activation = "silu" if gated else activation
         self.act = ACTIVATIONS[self.activation]()
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -157,19 +159,28 @@ class StackedExperts(Experts):
              b2: Optional[Tensor], matmul: Callable[[Tensor, Tensor], Tensor] = torch.matmul,
              reduce: Optional[Reduce] = None) -> Tensor:
         """``reduce(act(x @ w1 + b1) [* (x @ w3)] @ w2) + b2`` for matching (batched, plain or, with
-        the grouped ``matmul``, grouped) shapes; no ``reduce`` is the identity."""
+        the grouped ``matmul``, grouped) shapes; no ``reduce`` is the identity. With ``recompute``
+        (and autograd recording) the part before ``reduce`` is recomputed in the backward."""
+        if self.recompute and torch.is_grad_enabled():
+            out = checkpoint(self._project, x, w1, w3, w2, b1, matmul, use_reentrant=False)
+        else:
+            out = self._project(x, w1, w3, w2, b1, matmul)
+        if reduce is not None:
+            out = reduce(out)
+        if b2 is not None:
+            out = out + b2
+        return out
+
+    def _project(self, x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, b1: Optional[Tensor],
+                 matmul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``act(x @ w1 + b1) [* (x @ w3)] @ w2``: the experts' hidden activations live only here."""
         hidden = matmul(x, w1)
         if b1 is not None:
             hidden = hidden + b1
         hidden = self.act(hidden)
         if w3 is not None:
             hidden = hidden * matmul(x, w3)
-        out = matmul(hidden, w2)
-        if reduce is not None:
-            out = reduce(out)
-        if b2 is not None:
-            out = out + b2
-        return out
+        return matmul(hidden, w2)
 
 
 _GROUPED_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}

@@ -60,5 +60,25 @@ def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor
     # the weight of each slot's (token, choice): a scatter, whose backward is a gather
     weight_N = weight_SK.new_zeros(flat_ND.shape[0] + 1, dtype=torch.float32).scatter(
         0, plan.flat_index_KS.reshape(-1), weight_SK.t().reshape(-1).float())[:-1]
-    y_SD = flat_ND.new_zeros(plan.num_tokens + 1, flat_ND.shape[1], dtype=torch.float32)
-    return y_SD.index_add_(0, plan.token_N, flat_ND.float() * weight_N.unsqueeze(-1))[:plan.num_tokens]
+    return _SlotSum.apply(flat_ND, weight_N, plan.token_N, plan.num_tokens)
+
+
+class _SlotSum(torch.autograd.Function):
+    """``y[token_N[n]] += weight_N[n] * out[n]`` in fp32, ``[N, D] -> [S, D]`` (``token_N == S``:
+    a scratch row, cut off). Keeps ``out``, the weights and the index for the backward, not the
+    ``[N, D]`` product (autograd's ``index_add`` would keep that too)."""
+
+    @staticmethod
+    def forward(ctx, out_ND: Tensor, weight_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(out_ND, weight_N, token_N)
+        y_SD = out_ND.new_zeros(num_tokens + 1, out_ND.shape[1], dtype=torch.float32)
+        return y_SD.index_add_(0, token_N, out_ND.float() * weight_N.unsqueeze(-1))[:num_tokens]
+
+    @staticmethod
+    def backward(ctx, grad_SD: Tensor):  # type: ignore[override]
+        out_ND, weight_N, token_N = ctx.saved_tensors
+        # each slot's token gradient; the scratch row's is 0
+        grad_ND = torch.cat([grad_SD, grad_SD.new_zeros(1, grad_SD.shape[1])]).index_select(0, token_N)
+        grad_out = (grad_ND * weight_N.unsqueeze(-1)).to(out_ND.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_ND * out_ND).sum(dim=-1) if ctx.needs_input_grad[1] else None
+        return grad_out, grad_weight, None, None
