@@ -177,13 +177,29 @@ class StackedExperts(Experts):
         hidden = matmul(x, w1)
         if b1 is not None:
             hidden = hidden + b1
-        hidden = self.act(hidden)
-        if w3 is not None:
-            hidden = hidden * matmul(x, w3)
-        return matmul(hidden, w2)
+        if w3 is not None:  # gated: SwiGLU
+            return matmul(_SwiGLU.apply(hidden, matmul(x, w3)), w2)
+        return matmul(self.act(hidden), w2)
 
 
 _GROUPED_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``, keeping only ``gate`` and ``up`` for the backward (autograd would keep
+    ``silu(gate)`` as well: one ``[rows, F]`` tensor more); the backward recomputes ``silu(gate)``."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
 
 
 class _DenseGrad(torch.autograd.Function):
