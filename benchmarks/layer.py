@@ -219,7 +219,8 @@ RATIOS = {"ours_over_floor": ("layer", "floor"), "ours_over_filled_floor": ("lay
           "phases_over_layer": ("phases", "layer"), "recompute_over_ours": ("layer_recompute", "layer"),
           "compiled_over_ours": ("layer_compiled", "layer")}
 # memory ratio name -> (numerator step, denominator step, figure of benchmarks/memory.py)
-MEMORY_RATIOS = {"ours_held_over_autoep": ("layer", "autoep", "held"), "ours_peak_over_autoep": ("layer", "autoep", "peak"),
+MEMORY_RATIOS = {"ours_held_over_autoep": ("layer", "autoep", "held"),
+                 "ours_peak_over_autoep": ("layer", "autoep", "peak"),
                  "ours_held_over_deepspeed": ("layer", "deepspeed", "held"),
                  "ours_peak_over_deepspeed": ("layer", "deepspeed", "peak"),
                  "recompute_held_over_ours": ("layer_recompute", "layer", "held"),
@@ -242,7 +243,8 @@ def reduce_memory(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """Per runtime, the largest rank's ``peak``, ``held`` and ``saved`` bytes (``memory.measure``),
     and the ``method`` they were read with; ``{}`` when memory was not measured."""
     measured = per_rank[0].get("memory") or {}
-    out: dict[str, Any] = {name: {key: max(r["memory"][name][key] for r in per_rank) for key in ("peak", "held", "saved")}
+    figures = ("peak", "held", "saved")
+    out: dict[str, Any] = {name: {key: max(r["memory"][name][key] for r in per_rank) for key in figures}
                            for name in measured}
     if measured:
         out["method"] = next(iter(measured.values()))["method"]

@@ -130,7 +130,7 @@ class StackedExperts(Experts):
             low = torch.get_autocast_dtype(x_MD.device.type)
             dtype = low if _rows_aligned(low, self.w1.shape[1], self.w1.shape[2]) else dtype
 
-        grouped_mm = _grouped_mm if dtype == torch.bfloat16 else _grouped_mm_eager
+        grouped_mm = _grouped_mm if grouped_gemm_traceable(dtype) else _grouped_mm_eager
 
         def gmm(a: Tensor, w: Tensor) -> Tensor:
             return grouped_mm(a, w.to(dtype), offsets_L)
@@ -227,6 +227,12 @@ _grouped_mm_eager = torch.compiler.disable(_grouped_mm)
 def _rows_aligned(dtype: torch.dtype, *widths: int) -> bool:
     """The grouped GEMM kernels need row strides that are multiples of 16 bytes."""
     return all(width * dtype.itemsize % 16 == 0 for width in widths)
+
+
+def grouped_gemm_traceable(dtype: torch.dtype) -> bool:
+    """Whether ``torch.compile`` traces the grouped GEMM for ``dtype`` (its shape function takes
+    bf16 only; other dtypes run it eagerly, a graph break)."""
+    return dtype == torch.bfloat16
 
 
 def grouped_gemm_supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .workspace import Workspace, scratch
+
 
 class _PermuteRows(torch.autograd.Function):
     """``x[order]`` whose backward is ``grad[inverse]``: both gathers (no index-add, no atomics)."""
@@ -42,15 +44,16 @@ class _FilledRows(torch.autograd.Function):
     their rows and zeros in the empty ones (one pass over the rows each way)."""
 
     @staticmethod
-    def forward(ctx, x_MD: Tensor, order_T: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x_MD: Tensor, order_T: Tensor, workspace: Optional[Workspace]) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(order_T)
-        ctx.num_rows = x_MD.shape[0]
+        ctx.num_rows, ctx.workspace = x_MD.shape[0], workspace
         return x_MD.index_select(0, order_T)
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor):  # type: ignore[override]
         (order_T,) = ctx.saved_tensors
-        return grad_TD.new_zeros(ctx.num_rows, grad_TD.shape[1]).index_copy_(0, order_T, grad_TD), None
+        grad_MD = scratch(ctx.workspace, "received grad", (ctx.num_rows, grad_TD.shape[1]), grad_TD)
+        return grad_MD.zero_().index_copy_(0, order_T, grad_TD), None, None
 
 
 class _PlaceRows(torch.autograd.Function):
@@ -58,14 +61,16 @@ class _PlaceRows(torch.autograd.Function):
     rows are left unspecified (the combine never reads them)."""
 
     @staticmethod
-    def forward(ctx, rows_TD: Tensor, order_T: Tensor, num_rows: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, rows_TD: Tensor, order_T: Tensor, num_rows: int,  # type: ignore[override]
+                workspace: Optional[Workspace]) -> Tensor:
         ctx.save_for_backward(order_T)
-        return rows_TD.new_empty(num_rows, rows_TD.shape[1]).index_copy_(0, order_T, rows_TD)
+        out_MD = scratch(workspace, "expert output", (num_rows, rows_TD.shape[1]), rows_TD)
+        return out_MD.index_copy_(0, order_T, rows_TD).view_as(out_MD)  # a view: the cache's tensor keeps no history
 
     @staticmethod
     def backward(ctx, grad_MD: Tensor):  # type: ignore[override]
         (order_T,) = ctx.saved_tensors
-        return grad_MD.index_select(0, order_T), None, None
+        return grad_MD.index_select(0, order_T), None, None, None
 
 
 @dataclass(frozen=True)
@@ -89,20 +94,20 @@ class ExpertRows:
     offsets_L: Tensor
     expert_M: Tensor
 
-    def gather(self, received_RLCD: Tensor) -> Tensor:
+    def gather(self, received_RLCD: Tensor, workspace: Optional[Workspace] = None) -> Tensor:
         """``[R, E_local, C, D] -> [M, D]`` (``[T, D]`` on the host path): filled rows first,
-        expert by expert. Differentiable."""
+        expert by expert. Differentiable; ``workspace`` holds the backward's ``[M, D]`` gradient."""
         flat_MD = received_RLCD.reshape(-1, received_RLCD.shape[-1])
         if self.inverse_M is None:
-            return _FilledRows.apply(flat_MD, self.order_M)
+            return _FilledRows.apply(flat_MD, self.order_M, workspace)
         return _PermuteRows.apply(flat_MD, self.order_M, self.inverse_M)
 
-    def scatter(self, rows_MD: Tensor, like_RLCD: Tensor) -> Tensor:
+    def scatter(self, rows_MD: Tensor, like_RLCD: Tensor, workspace: Optional[Workspace] = None) -> Tensor:
         """Inverse of ``gather``: ``[M, D] -> [R, E_local, C, D]`` (the shape of ``like_RLCD``);
-        on the host path the empty slots are unspecified."""
+        on the host path the empty slots are unspecified, and ``workspace`` holds the output."""
         shape = (*like_RLCD.shape[:-1], rows_MD.shape[-1])
         if self.inverse_M is None:
-            return _PlaceRows.apply(rows_MD, self.order_M, like_RLCD[..., 0].numel()).view(shape)
+            return _PlaceRows.apply(rows_MD, self.order_M, like_RLCD[..., 0].numel(), workspace).view(shape)
         return _PermuteRows.apply(rows_MD, self.inverse_M, self.order_M).view(shape)
 
 
