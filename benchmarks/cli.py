@@ -19,7 +19,7 @@ from .runtime import launch, tune_malloc, under_torchrun, world_sizes
 from .shapes import DTYPES, SHAPES, RunSpec, spec_from_args, weight_bytes
 
 SMALL = [name for name in SHAPES if name.endswith("-small")]
-FIGURES = ("phases", "compare", "sweep", "scaling", "model")
+FIGURES = ("phases", "compare", "memory", "sweep", "scaling", "model")
 
 
 def _common(parser: argparse.ArgumentParser, presets_default: list[str]) -> None:

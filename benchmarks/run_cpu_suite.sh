@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The full CPU benchmark run (2 gloo ranks, fp32, the three *-small presets), in one go:
-#   1. ours (filled, padded), both floors, DeepSpeed's MoE and AutoEP at capacity factor 1.25
-#   2. the same with skewed routing (Zipf, alpha 1.0)
-#   3. the capacity-factor sweep 1.0 / 1.25 / 2.0 (no phase breakdown)
+#   1. ours (filled, padded, recompute="experts", torch.compile), both floors, DeepSpeed's MoE and
+#      AutoEP at capacity factor 1.25, with every runtime's memory
+#   2. the same with skewed routing (Zipf, alpha 1.0), without our two variants
+#   3. the capacity-factor sweep 1.0 / 1.25 / 2.0 (no phase breakdown, no memory)
 #   4. the plots
 # Results go to $OUT (default benchmarks/results/); docs/benchmarks.md says what each file holds.
 # Run it on a quiet machine: about 9 minutes on 2 cores (8 min 52 s measured, docs/benchmarks.md; 15
@@ -30,11 +31,11 @@ step() {  # step <n> <what> <command...>: run it, saying where the suite is and 
     "$@"
 }
 
-step 1 "three presets, capacity factor 1.25, DeepSpeed MoE + AutoEP" \
-    python -m benchmarks layer "${COMMON[@]}" --capacity-factor 1.25 "$@"
+step 1 "three presets, capacity factor 1.25, DeepSpeed MoE + AutoEP, recompute + compiled variants" \
+    python -m benchmarks layer "${COMMON[@]}" --capacity-factor 1.25 --variants "$@"
 step 2 "skewed routing (Zipf, alpha 1.0), capacity factor 1.25" \
     python -m benchmarks layer "${COMMON[@]}" --capacity-factor 1.25 --skew 1.0 "$@"
 step 3 "capacity-factor sweep 1.0 / 1.25 / 2.0" \
-    python -m benchmarks layer "${COMMON[@]}" --capacity-factor 1.0 1.25 2.0 --no-phases "$@"
+    python -m benchmarks layer "${COMMON[@]}" --capacity-factor 1.0 1.25 2.0 --no-phases --no-memory "$@"
 step 4 "plots" python -m benchmarks plot --out "$OUT"
 printf '\nCPU suite done in %dm%02ds; results in %s\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$OUT"
