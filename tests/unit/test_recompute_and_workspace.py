@@ -51,6 +51,22 @@ def test_recompute_experts_keeps_no_hidden_activation_for_the_backward(compute):
                                                 recompute="experts"), x)
 
 
+def test_swiglu_and_combine_keep_only_what_their_backwards_read():
+    # SwiGLU: x w1, x w3 and their product (silu(x w1) is recomputed); combine: its [E*C, D] input,
+    # not the weighted product as well
+    layer = make_layer(expert="swiglu", capacity=20, second_policy="all")  # 80 slots, 48 of them filled
+    shapes = []
+
+    def pack(tensor):
+        if not isinstance(tensor, torch.nn.Parameter):
+            shapes.append(tuple(tensor.shape))
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(make_input(NUM_TOKENS).requires_grad_())
+    assert sum(shape[-1] == D_FF for shape in shapes) == 3
+    assert shapes.count((layer.cfg.num_experts * 20, layer.cfg.d_model)) == 1
+
+
 def test_recompute_must_be_none_or_experts():
     with pytest.raises(ValueError, match=r"MoEConfig.recompute='all' is invalid: choose one of \['none', 'experts'\]"):
         MoEConfig(d_model=8, d_ff=12, num_experts=4, recompute="all")
