@@ -19,7 +19,7 @@ from .runtime import launch, tune_malloc, under_torchrun, world_sizes
 from .shapes import DTYPES, SHAPES, RunSpec, spec_from_args, weight_bytes
 
 SMALL = [name for name in SHAPES if name.endswith("-small")]
-FIGURES = ("phases", "compare", "sweep", "scaling", "model")
+FIGURES = ("phases", "compare", "memory", "sweep", "scaling", "model")
 
 
 def _common(parser: argparse.ArgumentParser, presets_default: list[str]) -> None:
@@ -50,6 +50,9 @@ def _common(parser: argparse.ArgumentParser, presets_default: list[str]) -> None
     parser.add_argument("--no-phases", action="store_true", help="skip the phase breakdown")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's MoE and AutoEP")
     parser.add_argument("--no-autoep", action="store_true", help="skip DeepSpeed's AutoEP (DeepSpeed's MoE still runs)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time our layer with recompute='experts' and under torch.compile (same weights)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--no-gpu-checks", action="store_true", help="skip the host-sync / CUDA graph checks")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="results folder (default benchmarks/results)")
@@ -80,14 +83,17 @@ def _run_layer(spec: RunSpec, ranks: int, threads: int, progress: bool = True) -
     world = len(per_rank)
     timings = layer_bench.reduce_ranks(per_rank)
     found = layer_bench.ratios(timings)
+    used = layer_bench.reduce_memory(per_rank)
+    memory_found = layer_bench.memory_ratios(used)
     first = per_rank[0]
     return {"config": {**spec.describe(), "ranks": world, "threads_per_rank": threads,
                        "backend": first["backend"], "device": first["device"],
                        "filled_compute": first["filled_compute"]},
-            "timings_ms": timings, "ratios": found, "load": load_summary(per_rank, spec.ep_size),
+            "timings_ms": timings, "ratios": found, "memory_bytes": used, "memory_ratios": memory_found,
+            "load": load_summary(per_rank, spec.ep_size),
             "excess_over_floor_ms": layer_bench.excess_over_floor(timings),
             "excess_over": layer_bench.excess_floor(timings),
-            "targets": layer_bench.targets(spec, world, first["device"], found),
+            "targets": layer_bench.targets(spec, world, first["device"], {**found, **memory_found}),
             "deepspeed": first["deepspeed"], "autoep": first["autoep"], "gpu_checks": first["gpu_checks"],
             "telemetry": [r["telemetry"] for r in per_rank], "copy_gbps": first["copy_gbps"]}
 
@@ -114,6 +120,12 @@ def _print_layer(record: dict[str, Any]) -> None:
         total = phases["total"]
         print(f"  {step:12} {total['median']:9.2f} ms  [p25 {total['p25']:.2f}, p75 {total['p75']:.2f}]  {parts}")
     print("  " + "  ".join(f"{k} {v:.3f}" for k, v in found.items() if v is not None))
+    used = record.get("memory_bytes") or {}
+    if used:
+        print(f"  memory (MiB; peak / held for the backward / saved by autograd; {used['method']}): " + ", ".join(
+            f"{name} {m['peak'] / 2**20:.1f} / {m['held'] / 2**20:.1f} / {m['saved'] / 2**20:.1f}"
+            for name, m in used.items() if name != "method"))
+        print("  " + "  ".join(f"{k} {v:.3f}" for k, v in record["memory_ratios"].items() if v is not None))
     if record["excess_over_floor_ms"]:
         print(f"  above {record['excess_over']} (ms): " + ", ".join(
             f"{k} {v:.2f}" for k, v in record["excess_over_floor_ms"].items()))

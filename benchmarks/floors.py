@@ -14,7 +14,7 @@ same bytes; they differ in the expert math:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,18 @@ def routing_load(layer: MoELayer, x_SD: Tensor, group: Any) -> dict[str, Any]:
             "padding_fraction": float(stats.padding_fraction), "filled_rows": fill_RL.sum(dim=0).tolist()}
 
 
+class Matmuls(NamedTuple):
+    """A floor's expert math: ``backward(forward())`` is one forward+backward; ``leaf`` is the input,
+    whose ``grad`` is dropped between steps. ``benchmarks/memory.py`` measures the two halves."""
+
+    forward: Callable[[], Tensor]
+    backward: Callable[[Tensor], None]
+    leaf: Tensor
+
+    def __call__(self) -> None:
+        self.backward(self.forward())
+
+
 def floor_step(spec: RunSpec, world: int, matmuls: Callable[[], None], group: Any, device: torch.device) -> Step:
     """A floor: ``matmuls()`` (marked ``matmuls``), then 4 raw ``all_to_all_single`` of one
     ``[E, C, D]`` buffer (marked ``all_to_all``; nothing when the EP group is one rank)."""
@@ -66,21 +78,18 @@ def floor_step(spec: RunSpec, world: int, matmuls: Callable[[], None], group: An
     return step
 
 
-def padded_matmuls(spec: RunSpec, world: int, experts: StackedExperts,
-                   device: torch.device) -> tuple[Callable[[], None], Tensor]:
+def padded_matmuls(spec: RunSpec, world: int, experts: StackedExperts, device: torch.device) -> Matmuls:
     """The padded floor's expert math: ``experts`` forward+backward on a full ``[E_local, R*C, D]``
-    buffer. Returns ``(fn, input leaf)``; drop the leaf's ``grad`` between steps."""
+    buffer."""
     shape, ep = spec.shape, spec.ep_size or world
     expert_in = torch.randn(shape.experts // ep, ep * spec.capacity(), shape.d_model, device=device,
                             dtype=spec.torch_dtype, requires_grad=True)
-    return lambda: experts(expert_in).sum().backward(), expert_in
+    return Matmuls(lambda: experts(expert_in), lambda out: out.sum().backward(), expert_in)
 
 
-def filled_matmuls(spec: RunSpec, experts: StackedExperts, filled_rows: list[int],
-                   device: torch.device) -> tuple[Callable[[], None], Tensor]:
+def filled_matmuls(spec: RunSpec, experts: StackedExperts, filled_rows: list[int], device: torch.device) -> Matmuls:
     """The filled floor's expert math: ``experts.grouped`` forward+backward on a contiguous
-    ``[sum(filled_rows), D]`` input, ``filled_rows[l]`` rows through local expert ``l``.
-    Returns ``(fn, input leaf)``; drop the leaf's ``grad`` between steps."""
+    ``[sum(filled_rows), D]`` input, ``filled_rows[l]`` rows through local expert ``l``."""
     rows_L = torch.tensor(filled_rows, dtype=torch.long, device=device)
     offsets_L = torch.cumsum(rows_L, 0).to(torch.int32)
     expert_M = torch.repeat_interleave(torch.arange(len(filled_rows), device=device), rows_L)
@@ -88,7 +97,7 @@ def filled_matmuls(spec: RunSpec, experts: StackedExperts, filled_rows: list[int
                           requires_grad=True)
     # a dense output gradient: torch._grouped_mm's backward rejects the stride-0 one of .sum()
     grad_out = torch.ones_like(rows_in)
-    return lambda: experts.grouped(rows_in, offsets_L, expert_M).backward(grad_out), rows_in
+    return Matmuls(lambda: experts.grouped(rows_in, offsets_L, expert_M), lambda out: out.backward(grad_out), rows_in)
 
 
 def load_summary(per_rank: list[dict[str, Any]], ep_size: Optional[int] = None) -> Optional[dict[str, Any]]:

@@ -1,9 +1,11 @@
 """One configuration, measured side by side in one run: MoELayer forward+backward as configured
-(filled expert compute where grouped GEMM runs) and a padded copy with the same weights, the
+(filled expert compute where grouped GEMM runs) and a padded copy with the same weights (with
+``spec.variants``: also a copy with ``recompute="experts"`` and ``torch.compile`` of the layer), the
 phase breakdown, the two floors (``benchmarks/floors.py``: the expert math alone, over every slot
 or over the filled rows only, + raw ``all_to_all_single`` of the static buffers), DeepSpeed's MoE
 on the same shape and DeepSpeed's AutoEP on a one-block Mixtral of that shape (SwiGLU presets).
-Steps alternate round by round, so all see the same machine state.
+Steps alternate round by round, so all see the same machine state. After the timed rounds each
+runtime runs one more, untimed forward+backward for its memory (``benchmarks/memory.py``).
 
     python -m benchmarks layer --preset mixtral-small --ranks 2
 """
@@ -22,7 +24,7 @@ from expert_parallel import MoELayer
 from expert_parallel.comm import lookup
 from expert_parallel.telemetry import PowerSampler
 
-from . import floors, gpu_checks, skew
+from . import floors, gpu_checks, memory, skew
 from .baselines import autoep_moe, deepspeed_moe
 from .phases import phase_step
 from .runtime import bench_device
@@ -31,13 +33,16 @@ from .timing import Clock, Step, alternate, slowest_rank, summarize
 
 
 def _layer_step(layer: torch.nn.Module, x: torch.Tensor, device: torch.device) -> Step:
-    """Forward and backward of a layer returning ``(y, aux_loss, ...)``; loss ``y.sum() + aux``."""
+    """Forward and backward of a layer returning ``(y, aux_loss, ...)``; loss ``y.sum() + aux``
+    (``memory.step_of``, the step whose memory is measured)."""
+    forward, backward = memory.step_of(layer, x)
+
     def step() -> dict[str, float]:
         clock = Clock(device)
         clock.start()
-        y, aux_loss = layer(x)[:2]
+        out = forward()
         clock.mark("forward")
-        (y.sum() + aux_loss).backward()
+        backward(out)
         clock.mark("backward")
         return clock.read()
     return step
@@ -64,16 +69,16 @@ def _tokens(spec: RunSpec, device: torch.device) -> torch.Tensor:
     return skew.skew_tokens(x, spec).requires_grad_()
 
 
-def _padded_copy(layer: MoELayer, device: torch.device, dtype: torch.dtype) -> MoELayer:
-    """``layer`` rebuilt with ``expert_compute="padded"`` and the same weights (built on meta, so
+def _variant(layer: MoELayer, device: torch.device, dtype: torch.dtype, **changes: Any) -> MoELayer:
+    """``layer`` rebuilt with ``cfg.replace(**changes)`` and the same weights (built on meta, so
     no second init; the global RNG is not touched)."""
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
-        padded = MoELayer(layer.cfg.replace(expert_compute="padded"))
-    padded = padded.to(dtype).to_empty(device=device)  # allocated once, in the final dtype
-    padded.load_state_dict(layer.state_dict())
-    if padded.filled_compute:
+        variant = MoELayer(layer.cfg.replace(**changes))
+    variant = variant.to(dtype).to_empty(device=device)  # allocated once, in the final dtype
+    variant.load_state_dict(layer.state_dict())
+    if changes.get("expert_compute") == "padded" and variant.filled_compute:
         raise RuntimeError("expert_compute='padded' built a filled layer; the padded step would time the wrong path")
-    return padded
+    return variant
 
 
 class Ours(NamedTuple):
@@ -86,6 +91,7 @@ class Ours(NamedTuple):
     layer: MoELayer
     x: torch.Tensor
     load: dict[str, Any]
+    memory: dict[str, tuple[memory.Forward, memory.Backward]]
 
 
 def _ours(spec: RunSpec, world: int, device: torch.device) -> Ours:
@@ -94,8 +100,10 @@ def _ours(spec: RunSpec, world: int, device: torch.device) -> Ours:
 
     Steps, in the order they alternate: ``layer`` (as configured: filled compute where grouped
     GEMM runs), ``layer_padded`` (the same weights, padded compute; only when ``layer`` is filled),
-    ``phases``, ``floor`` (padded floor), ``floor_filled`` (filled floor; only when ``layer`` is
-    filled). ``leaves`` are the tensors whose gradients are dropped between steps.
+    with ``spec.variants`` ``layer_recompute`` (the same weights, ``recompute="experts"``) and
+    ``layer_compiled`` (``torch.compile(layer)``: the same module), ``phases``, ``floor`` (padded
+    floor), ``floor_filled`` (filled floor; only when ``layer`` is filled). ``leaves`` are the
+    tensors whose gradients are dropped between steps; ``memory`` the steps whose memory is measured.
     """
     cfg = spec.config(world)
     layer = MoELayer(cfg).to(device, spec.torch_dtype)
@@ -104,10 +112,15 @@ def _ours(spec: RunSpec, world: int, device: torch.device) -> Ours:
     group = lookup(layer.ep_ranks)
     load = floors.routing_load(layer, x, group)
     modules: list[torch.nn.Module] = [layer]
-    steps: dict[str, Step] = {"layer": _layer_step(layer, x, device)}
+    runtimes: dict[str, torch.nn.Module] = {"layer": layer}
     if layer.filled_compute:
-        modules.append(_padded_copy(layer, device, spec.torch_dtype))
-        steps["layer_padded"] = _layer_step(modules[-1], x, device)
+        runtimes["layer_padded"] = _variant(layer, device, spec.torch_dtype, expert_compute="padded")
+    if spec.variants:
+        runtimes["layer_recompute"] = _variant(layer, device, spec.torch_dtype, recompute="experts")
+        runtimes["layer_compiled"] = torch.compile(layer)
+    modules += [module for name, module in runtimes.items() if name not in ("layer", "layer_compiled")]
+    steps: dict[str, Step] = {name: _layer_step(module, x, device) for name, module in runtimes.items()}
+    steps_memory = {name: memory.step_of(module, x) for name, module in runtimes.items()}
     if spec.phases:
         def timed_phases() -> dict[str, float]:
             clock = Clock(device)
@@ -117,14 +130,13 @@ def _ours(spec: RunSpec, world: int, device: torch.device) -> Ours:
         steps["phases"] = timed_phases
     floor_experts = copy.deepcopy(layer.experts)
     modules.append(floor_experts)
-    matmuls, padded_in = floors.padded_matmuls(spec, world, floor_experts, device)
-    steps["floor"] = floors.floor_step(spec, world, matmuls, group, device)
-    leaves = [x, padded_in]
+    matmuls = {"floor": floors.padded_matmuls(spec, world, floor_experts, device)}
     if layer.filled_compute:
-        matmuls, filled_in = floors.filled_matmuls(spec, floor_experts, load["filled_rows"], device)
-        steps["floor_filled"] = floors.floor_step(spec, world, matmuls, group, device)
-        leaves.append(filled_in)
-    return Ours(steps, modules, leaves, layer, x, load)
+        matmuls["floor_filled"] = floors.filled_matmuls(spec, floor_experts, load["filled_rows"], device)
+    for name, floor in matmuls.items():
+        steps[name] = floors.floor_step(spec, world, floor, group, device)
+        steps_memory[name] = floor.forward, floor.backward
+    return Ours(steps, modules, [x] + [floor.leaf for floor in matmuls.values()], layer, x, load, steps_memory)
 
 
 def measure(rank: int, world: int, spec: RunSpec, progress: bool = True) -> dict[str, Any]:
@@ -132,7 +144,7 @@ def measure(rank: int, world: int, spec: RunSpec, progress: bool = True) -> dict
     with the routing load (``floors.routing_load``) and whether the layer ran filled compute."""
     device = bench_device()
     torch.manual_seed(spec.seed + rank)
-    steps, modules, leaves, layer, x, load = _ours(spec, world, device)
+    steps, modules, leaves, layer, x, load, steps_memory = _ours(spec, world, device)
     deepspeed_note = autoep_note = "disabled (--no-deepspeed)"
     if spec.deepspeed:
         reference, deepspeed_note = deepspeed_moe(spec, world, device)
@@ -141,6 +153,7 @@ def measure(rank: int, world: int, spec: RunSpec, progress: bool = True) -> dict
             if module is not None:
                 modules.append(module)
                 steps[name] = _layer_step(module, x, device)
+                steps_memory[name] = memory.step_of(module, x)
 
     def drop_grads() -> None:
         for module in modules:
@@ -151,12 +164,19 @@ def measure(rank: int, world: int, spec: RunSpec, progress: bool = True) -> dict
     rounds = tqdm(range(spec.warmup + spec.repeat), desc=f"{spec.preset} x{world}", leave=False,
                   disable=not progress or rank != 0)
     samples = alternate(steps, spec.warmup, spec.repeat, before_each=drop_grads, progress=rounds)
+    used = {}
+    if spec.memory:
+        exclude = [*leaves, *(p for module in modules for p in module.parameters())]
+        for name, (forward, backward) in steps_memory.items():
+            drop_grads()
+            used[name] = memory.measure(forward, backward, device, exclude)
+        drop_grads()
     telemetry = _energy(layer, x, spec, device, drop_grads)
     checks = {}
     if spec.gpu_checks:
         checks = {"sync_free_forward": gpu_checks.sync_free_forward(layer, x),
                   "cuda_graph_forward": gpu_checks.graph_capturable_forward(layer, x)}
-    return {"samples": samples, "telemetry": telemetry, "gpu_checks": checks, "device": str(device),
+    return {"samples": samples, "memory": used, "telemetry": telemetry, "gpu_checks": checks, "device": str(device),
             "deepspeed": deepspeed_note or "measured", "autoep": autoep_note or "measured",
             "filled_compute": layer.filled_compute, "load": load,
             "copy_gbps": _copy_gbps(device), "backend": dist.get_backend() if dist.is_initialized() else None}
@@ -196,7 +216,15 @@ def reduce_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 RATIOS = {"ours_over_floor": ("layer", "floor"), "ours_over_filled_floor": ("layer", "floor_filled"),
           "ours_padded_over_floor": ("layer_padded", "floor"), "ours_over_deepspeed": ("layer", "deepspeed"),
           "ours_over_autoep": ("layer", "autoep"), "filled_over_padded": ("layer", "layer_padded"),
-          "phases_over_layer": ("phases", "layer")}
+          "phases_over_layer": ("phases", "layer"), "recompute_over_ours": ("layer_recompute", "layer"),
+          "compiled_over_ours": ("layer_compiled", "layer")}
+# memory ratio name -> (numerator step, denominator step, figure of benchmarks/memory.py)
+MEMORY_RATIOS = {"ours_held_over_autoep": ("layer", "autoep", "held"),
+                 "ours_peak_over_autoep": ("layer", "autoep", "peak"),
+                 "ours_held_over_deepspeed": ("layer", "deepspeed", "held"),
+                 "ours_peak_over_deepspeed": ("layer", "deepspeed", "peak"),
+                 "recompute_held_over_ours": ("layer_recompute", "layer", "held"),
+                 "recompute_peak_over_ours": ("layer_recompute", "layer", "peak")}
 # runtime name in the capacity sweep -> its step
 SWEPT = {"ours": "layer", "ours_padded": "layer_padded", "deepspeed": "deepspeed", "autoep": "autoep",
          "floor": "floor", "filled_floor": "floor_filled"}
@@ -209,6 +237,24 @@ def ratios(timings: dict[str, dict[str, dict[str, float]]]) -> dict[str, Optiona
     med = {step: phases["total"]["median"] for step, phases in timings.items()}
     return {name: med[top] / med[bottom] if top in med and bottom in med else None
             for name, (top, bottom) in RATIOS.items()}
+
+
+def reduce_memory(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per runtime, the largest rank's ``peak``, ``held`` and ``saved`` bytes (``memory.measure``),
+    and the ``method`` they were read with; ``{}`` when memory was not measured."""
+    measured = per_rank[0].get("memory") or {}
+    figures = ("peak", "held", "saved")
+    out: dict[str, Any] = {name: {key: max(r["memory"][name][key] for r in per_rank) for key in figures}
+                           for name in measured}
+    if measured:
+        out["method"] = next(iter(measured.values()))["method"]
+    return out
+
+
+def memory_ratios(used: dict[str, Any]) -> dict[str, Optional[float]]:
+    """The ``MEMORY_RATIOS`` of ``reduce_memory``'s figures (``None`` where a runtime was not measured)."""
+    return {name: used[top][key] / used[bottom][key] if top in used and bottom in used and used[bottom][key] else None
+            for name, (top, bottom, key) in MEMORY_RATIOS.items()}
 
 
 def excess_floor(timings: dict[str, Any]) -> str:
@@ -254,7 +300,9 @@ def targets(spec: RunSpec, world: int, device: str, found: dict[str, Optional[fl
 
     CPU, 2 gloo ranks, fp32, ``*-small``: ours <= 0.90 x padded floor (at capacity factor 1.25),
     <= 1.10 x filled floor, <= 0.85 x DeepSpeed's MoE, <= 0.95 x AutoEP, and capacity factor
-    1.0 -> 2.0 costs ours <= 10% more time (``capacity_sweep``'s ``ours_cf2_over_cf1``). GPU,
+    1.0 -> 2.0 costs ours <= 10% more time (``capacity_sweep``'s ``ours_cf2_over_cf1``); memory: ours'
+    activation memory (``held``) <= AutoEP's at capacity factor 1.25, and ``recompute="experts"``'s
+    <= 0.6 x ours (``memory_ratios``, in ``found`` when measured). GPU,
     EP=1, bf16: mixtral <= 1.08 and fine-grained <= 1.5 x padded floor, and the goal <= 0.85 x
     padded floor for both.
     """
@@ -265,8 +313,11 @@ def targets(spec: RunSpec, world: int, device: str, found: dict[str, Optional[fl
                   ("ours <= 0.85 x DeepSpeed MoE" + where, "ours_over_deepspeed", 0.85),
                   ("ours <= 0.95 x DeepSpeed AutoEP" + where, "ours_over_autoep", 0.95),
                   ("capacity factor 1.0 -> 2.0 costs ours <= 10% more time" + where, "ours_cf2_over_cf1", 1.10)]
+        wanted.append(("recompute='experts' activation memory <= 0.6 x ours" + where, "recompute_held_over_ours", 0.6))
         if spec.capacity_factor == 1.25:
             wanted.insert(0, ("ours <= 0.90 x padded floor at capacity factor 1.25" + where, "ours_over_floor", 0.90))
+            wanted.append(("ours' activation memory <= AutoEP's at capacity factor 1.25" + where,
+                           "ours_held_over_autoep", 1.0))
     elif device.startswith("cuda") and (spec.ep_size or world) == 1 and spec.dtype == "bf16":
         limit = {"mixtral": 1.08, "fine-grained": 1.5}.get(spec.preset)
         if limit is not None:

@@ -29,6 +29,8 @@ def _save(fig: Any, folder: Path, name: str) -> Path:
 # step -> legend label, in bar order; a step a record lacks (older runs) is skipped
 STEPS = {"layer": "ours (filled)", "layer_padded": "ours (padded)", "floor": "padded floor",
          "floor_filled": "filled floor", "deepspeed": "DeepSpeed MoE", "autoep": "DeepSpeed AutoEP"}
+# the memory figure's runtimes: STEPS and our variants (``--variants``)
+MEMORY_STEPS = {**STEPS, "layer_recompute": "ours, recompute='experts'", "layer_compiled": "ours, torch.compile"}
 # ratio key -> its short annotation
 RATIO_NOTES = {"ours_over_floor": "ours/padded floor", "ours_over_filled_floor": "ours/filled floor",
                "filled_over_padded": "filled/padded", "ours_over_deepspeed": "ours/DS",
@@ -121,6 +123,34 @@ def plot_compare(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
     ax.set_title("MoE layer: ours (filled, padded) vs the floors vs DeepSpeed (MoE, AutoEP), same run")
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, folder, "compare")
+
+
+def plot_memory(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
+    """Per run: every runtime's peak memory of one forward+backward (light bar) and the activation
+    memory its forward holds for the backward (dark bar over it), MiB (``memory_bytes``)."""
+    records = sorted((r for r in records if r.get("memory_bytes")),
+                     key=lambda r: (r["config"]["preset"], r["config"].get("skew", 0.0)))
+    if not records:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(3 + 2.8 * len(records), 4.8))
+    width = 0.8 / len(MEMORY_STEPS)
+    labelled: set[str] = set()
+    for i, record in enumerate(records):
+        for j, (step, label) in enumerate(MEMORY_STEPS.items()):
+            used = record["memory_bytes"].get(step)
+            if used is None:
+                continue
+            color = f"C{j}"
+            at = i + (j - (len(MEMORY_STEPS) - 1) / 2) * width
+            ax.bar(at, used["peak"] / 2**20, width * 0.95, color=color, alpha=0.35)
+            ax.bar(at, used["held"] / 2**20, width * 0.95, color=color, label=None if label in labelled else label)
+            labelled.add(label)
+    ax.set_xticks(range(len(records)), [_label(r) for r in records], fontsize=8)
+    ax.set_ylabel("MiB: held for the backward (dark), peak (light)")
+    ax.set_title(f"Memory of one forward+backward ({records[0]['memory_bytes'].get('method', '')})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, folder, "memory")
 
 
 def plot_sweep(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
@@ -216,11 +246,12 @@ def plot_model(records: list[dict[str, Any]], folder: Path) -> Optional[Path]:
 
 
 def plot_all(out: Optional[str] = None,
-             figures: tuple[str, ...] = ("phases", "compare", "sweep", "scaling", "model")) -> list[Path]:
+             figures: tuple[str, ...] = ("phases", "compare", "memory", "sweep", "scaling", "model")) -> list[Path]:
     """Draw the chosen figures from the results in ``out``; returns the PNG paths written."""
     folder = Path(out) if out else results.RESULTS_DIR
     layer = results.load_dir("layer", folder)
     makers = {"phases": lambda: plot_phases(layer, folder), "compare": lambda: plot_compare(layer, folder),
+              "memory": lambda: plot_memory(layer, folder),
               "sweep": lambda: plot_sweep(results.load_dir("sweep", folder), folder),
               "scaling": lambda: plot_scaling(results.load_dir("scaling", folder), folder),
               "model": lambda: plot_model(results.load_dir("model", folder), folder)}

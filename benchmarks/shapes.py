@@ -53,7 +53,8 @@ class RunSpec:
     runtime's router to Zipf-like loads with that exponent (``benchmarks/skew.py``); ``autoep``
     says whether to build DeepSpeed's AutoEP when ``deepspeed`` is on. ``num_chunks``, ``a2a`` and
     ``ranks_per_node`` are the layer's ``MoEConfig`` fields of the same names (chunked overlap, the
-    hierarchical all-to-all); the baselines do not take them.
+    hierarchical all-to-all); the baselines do not take them. ``variants`` also times our layer with
+    ``recompute="experts"`` and under ``torch.compile``; ``memory`` measures every runtime's memory.
     """
 
     preset: str
@@ -74,6 +75,8 @@ class RunSpec:
     num_chunks: int = 1
     a2a: str = "flat"
     ranks_per_node: Optional[int] = None
+    variants: bool = False
+    memory: bool = True
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -133,7 +136,7 @@ def spec_from_args(args, preset: Optional[str] = None, tokens: Optional[int] = N
                    phases=not args.no_phases, deepspeed=not args.no_deepspeed,
                    gpu_checks=not args.no_gpu_checks, seed=args.seed, skew=args.skew,
                    autoep=not args.no_autoep, num_chunks=args.num_chunks, a2a=args.a2a,
-                   ranks_per_node=args.ranks_per_node)
+                   ranks_per_node=args.ranks_per_node, variants=args.variants, memory=not args.no_memory)
 
 
 def weight_bytes(spec: RunSpec, world: int) -> int:

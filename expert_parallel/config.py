@@ -13,6 +13,7 @@ from .router_rules import NO_TOP_K, ROUTER_RULES, reject, routed_top_k
 
 EXPERT_KINDS = ("ffn", "swiglu", "clamped_swiglu")
 EXPERT_COMPUTE = ("auto", "filled", "padded")
+RECOMPUTE = ("none", "experts")
 A2A_KINDS = ("flat", "hierarchical")
 SECOND_POLICIES = ("random", "all", "threshold", "gumbel")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -80,6 +81,12 @@ class MoEConfig:
             ``torch._grouped_mm``, with device-side offsets), ``"padded"`` on every slot (one
             ``bmm`` per weight), ``"auto"`` (default) filled where the experts' device and dtype
             support grouped GEMM, else padded. Chosen at construction (and again after ``.to()``).
+        recompute: ``"none"`` (default) keeps the experts' hidden activations (``x w1``, ``x w3``,
+            the activation and the product, ``[rows, d_ff]`` each) for the backward; ``"experts"``
+            keeps only the experts' input rows and recomputes the rest in the backward
+            (``torch.utils.checkpoint``, non-reentrant; Megatron's ``moe_act`` recompute):
+            less activation memory for one more expert forward in the backward (docs/benchmarks.md
+            measures both). The result and the gradients are the same.
         num_chunks: split every expert's ``C`` slots into ``min(num_chunks, C)`` chunks of
             consecutive slots (sizes ``ceil`` or ``floor`` of ``C / num_chunks``; the capacity is never
             rounded, so the result equals the unchunked layer's) and pipeline them: the dispatch
@@ -215,6 +222,7 @@ class MoEConfig:
     dropless: bool = False
     max_tokens_per_rank: Optional[int] = None
     expert_compute: str = "auto"
+    recompute: str = "none"
     num_chunks: int = 1
     a2a: str = "flat"
     ranks_per_node: Optional[int] = None
@@ -287,6 +295,9 @@ class MoEConfig:
                   "capacity=None or drop_tokens=True")
         if self.expert_compute not in EXPERT_COMPUTE:
             reject("expert_compute", self.expert_compute, f"choose one of {list(EXPERT_COMPUTE)}")
+        if self.recompute not in RECOMPUTE:
+            reject("recompute", self.recompute, f"choose one of {list(RECOMPUTE)} ('experts' recomputes the "
+                   "experts' hidden activations in the backward instead of keeping them)")
         if self.dropless and self.capacity is not None:
             reject("dropless", True, f"dropless sizes the buffers to the token count, and capacity={self.capacity} "
                    "fixes them; set capacity=None or dropless=False")

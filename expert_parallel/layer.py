@@ -60,8 +60,9 @@ from .comm import (
     tp_reduce,
 )
 from .config import MoEConfig
-from .experts import StackedExperts, grouped_gemm_supported
+from .experts import StackedExperts, grouped_gemm_supported, grouped_gemm_traceable
 from .layout import (
+    Workspace,
     assign_slots,
     capacity_input,
     chunk_bounds,
@@ -205,12 +206,13 @@ class MoELayer(nn.Module):
         self._places_experts = experts is None  # the layer draws the init of the experts it builds
         self.experts = experts if experts is not None else StackedExperts(
             cfg.num_local_experts, cfg.d_model, cfg.d_ff // cfg.expert_tp_size, **_expert_kind(cfg),
-            tp_size=cfg.expert_tp_size)
+            tp_size=cfg.expert_tp_size, recompute=cfg.recompute == "experts")
         self.shared_experts = StackedExperts(
             cfg.num_shared_experts, cfg.d_model, cfg.shared_d_ff, **_expert_kind(cfg), sharded=False,
         ) if cfg.num_shared_experts else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self._phase_hooks: OrderedDict[int, PhaseHook] = OrderedDict()  # weak-referenceable, for handles
+        self.workspace = Workspace()  # the static-shape scratch buffers, reused step after step (layout/workspace.py)
         self.filled_compute = self._choose_expert_compute()
         if bind:
             self.bind(ep_group, tp_group)
@@ -294,7 +296,7 @@ class MoELayer(nn.Module):
             buffer_ECD = tp_gather(phase.input(buffer_ECD), 1, tp_group)  # TP: every rank's slots, [E, C, D]
             weight_SK = kept_weights(routing.weight_SK if scale_SK is None else torch.ones_like(scale_SK), plan,
                                      routing.renormalize_kept)
-            y_SD = combine(buffer_ECD, plan, weight_SK)  # fp32
+            y_SD = combine(buffer_ECD, plan, weight_SK, self.workspace)  # fp32
         if self.shared_experts is not None:
             with self._phase("shared") as phase:
                 y_SD = y_SD + self._shared(phase.input(x_SD))
@@ -327,6 +329,7 @@ class MoELayer(nn.Module):
         filled compute the empty slots come back unspecified and combine never reads them.
         """
         cfg, exchange_group = self.cfg, self._exchange_group(group)
+        filled = self._filled_now()
         bounds = chunk_bounds(buffer_ECD.shape[1], cfg.num_chunks)
         overlap = len(bounds) > 1
         chunks = buffer_ECD.split([size for _, size in bounds], dim=1)
@@ -334,7 +337,7 @@ class MoELayer(nn.Module):
         for index, (first, size) in enumerate(bounds):
             with self._phase("dispatch") as phase:
                 if index == 0:
-                    fill_RL = exchange_fill(fill_E, cfg.ep_size, exchange_group) if self.filled_compute else None
+                    fill_RL = exchange_fill(fill_E, cfg.ep_size, exchange_group) if filled else None
                     sent.append(exchange_start(phase.input(chunks[0]), cfg.ep_size, exchange_group, overlap))
                 received_RLCD = sent[index].wait()
                 if index + 1 < len(bounds):
@@ -362,9 +365,18 @@ class MoELayer(nn.Module):
             out_RLCD = by_source(self.experts(by_expert(received_RLCD), **reduce), received_RLCD.shape[0])
         else:
             rows = expert_rows(fill_RL, received_RLCD.shape[2])
-            out_MD = self.experts.grouped(rows.gather(received_RLCD), rows.offsets_L, rows.expert_M, **reduce)
-            out_RLCD = rows.scatter(out_MD, received_RLCD)
+            rows_MD = rows.gather(received_RLCD, self.workspace)
+            out_MD = self.experts.grouped(rows_MD, rows.offsets_L, rows.expert_M, **reduce)
+            out_RLCD = rows.scatter(out_MD, received_RLCD, self.workspace)
         return tp_drop(out_RLCD, 2, etp)
+
+    def _filled_now(self) -> bool:
+        """Filled compute in this call: ``filled_compute``, except while ``torch.compile`` traces a
+        dtype whose grouped GEMM it cannot trace (fp32, fp16): padded compute then, the same result
+        in one graph (``fullgraph=True`` works)."""
+        if not self.filled_compute or not torch.compiler.is_compiling():
+            return self.filled_compute
+        return grouped_gemm_traceable(next(self.experts.parameters()).dtype)
 
     def _exchange_group(self, group: Optional[ProcessGroup]) -> A2AGroup:
         """What the all-to-alls run over: the EP group, or its hierarchy (``a2a="hierarchical"``)."""

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..activations import ACTIVATIONS
 from .base import Experts
@@ -36,6 +37,8 @@ class StackedExperts(Experts):
         up_bias: add ``b3`` to ``x w3`` (``gated`` only).
         glu: ``gated`` only: the module mapping ``(x w1 + b1, x w3 + b3)`` to the hidden
             activation instead of ``silu(gate) * up`` (``activations.ClampedSwiGLU``, GPT-OSS).
+        recompute: keep only the inputs for the backward and recompute the hidden activations
+            there (``MoEConfig.recompute="experts"``, ``torch.utils.checkpoint``).
         sharded: this rank's shard of the EP group's experts (see ``experts.base.Experts``).
         first_expert: the global id of local expert 0 (``ep_rank * E_local`` in a layer); it seeds
             the init (see ``reset_parameters``; ``place`` sets it once the layer is bound).
@@ -51,9 +54,10 @@ class StackedExperts(Experts):
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool = False,
                  activation: str = "gelu", bias: bool = False, sharded: bool = True,
                  first_expert: int = 0, tp_rank: int = 0, tp_size: int = 1, up_bias: bool = False,
-                 glu: Optional[nn.Module] = None) -> None:
+                 glu: Optional[nn.Module] = None, recompute: bool = False) -> None:
         super().__init__(sharded)
         self.first_expert, self.tp_rank, self.tp_size = first_expert, tp_rank, tp_size
+        self.recompute = recompute
         self.activation = "silu" if gated else activation
         self.act = ACTIVATIONS[self.activation]()
         self.glu = glu
@@ -134,7 +138,7 @@ class StackedExperts(Experts):
             low = torch.get_autocast_dtype(x_MD.device.type)
             dtype = low if _rows_aligned(low, self.w1.shape[1], self.w1.shape[2]) else dtype
 
-        grouped_mm = _grouped_mm if dtype == torch.bfloat16 else _grouped_mm_eager
+        grouped_mm = _grouped_mm if grouped_gemm_traceable(dtype) else _grouped_mm_eager
 
         def gmm(a: Tensor, w: Tensor) -> Tensor:
             return grouped_mm(a, w.to(dtype), offsets_L)
@@ -165,24 +169,49 @@ class StackedExperts(Experts):
              reduce: Optional[Reduce] = None, b3: Optional[Tensor] = None) -> Tensor:
         """``reduce(act(x @ w1 + b1) [* (x @ w3 + b3)] @ w2) + b2`` for matching (batched, plain or,
         with the grouped ``matmul``, grouped) shapes (``glu(x @ w1 + b1, x @ w3 + b3)`` in place of
-        the gated product with a ``glu``); no ``reduce`` is the identity."""
-        hidden = matmul(x, w1)
-        if b1 is not None:
-            hidden = hidden + b1
-        if w3 is None:
-            hidden = self.act(hidden)
+        the gated product with a ``glu``); no ``reduce`` is the identity. With ``recompute`` (and
+        autograd recording) the part before ``reduce`` is recomputed in the backward."""
+        if self.recompute and torch.is_grad_enabled():
+            out = checkpoint(self._project, x, w1, w3, w2, b1, b3, matmul, use_reentrant=False)
         else:
-            up = matmul(x, w3) if b3 is None else matmul(x, w3) + b3
-            hidden = self.act(hidden) * up if self.glu is None else self.glu(hidden, up)
-        out = matmul(hidden, w2)
+            out = self._project(x, w1, w3, w2, b1, b3, matmul)
         if reduce is not None:
             out = reduce(out)
         if b2 is not None:
             out = out + b2
         return out
 
+    def _project(self, x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, b1: Optional[Tensor],
+                 b3: Optional[Tensor], matmul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``act(x @ w1 + b1) [* (x @ w3 + b3)] @ w2``: the experts' hidden activations live only here."""
+        hidden = matmul(x, w1)
+        if b1 is not None:
+            hidden = hidden + b1
+        if w3 is None:
+            return matmul(self.act(hidden), w2)
+        up = matmul(x, w3) if b3 is None else matmul(x, w3) + b3
+        # gated: SwiGLU (silu, keeping 2 tensors for its backward) or the expert's own glu (clamped SwiGLU)
+        return matmul(_SwiGLU.apply(hidden, up) if self.glu is None else self.glu(hidden, up), w2)
+
 
 _GROUPED_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``, keeping only ``gate`` and ``up`` for the backward (autograd would keep
+    ``silu(gate)`` as well: one ``[rows, F]`` tensor more); the backward recomputes ``silu(gate)``."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -210,6 +239,12 @@ _grouped_mm_eager = torch.compiler.disable(_grouped_mm)
 def _rows_aligned(dtype: torch.dtype, *widths: int) -> bool:
     """The grouped GEMM kernels need row strides that are multiples of 16 bytes."""
     return all(width * dtype.itemsize % 16 == 0 for width in widths)
+
+
+def grouped_gemm_traceable(dtype: torch.dtype) -> bool:
+    """Whether ``torch.compile`` traces the grouped GEMM for ``dtype`` (its shape function takes
+    bf16 only; other dtypes run it eagerly, a graph break)."""
+    return dtype == torch.bfloat16
 
 
 def grouped_gemm_supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .plan import DispatchPlan
+from .workspace import Workspace, scratch
 
 
 def pack(x_SD: Tensor, plan: DispatchPlan, scale_SK: Optional[Tensor] = None) -> Tensor:
@@ -48,7 +49,7 @@ def kept_weights(weight_SK: Tensor, plan: DispatchPlan, renormalize: bool) -> Te
     return weight_SK / total_S1.clamp_min(torch.finfo(weight_SK.dtype).eps)
 
 
-def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor:
+def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor, workspace: Optional[Workspace] = None) -> Tensor:
     """Weighted sum of each token's expert outputs: ``y_s = sum_k w_sk * out[slot_sk]``, in fp32.
 
     Slot-major: every filled slot is weighed by its (token, choice)'s weight and index-added into
@@ -65,11 +66,40 @@ def combine(buffer_ECD: Tensor, plan: DispatchPlan, weight_SK: Tensor) -> Tensor
         buffer_ECD: expert outputs ``[E, C, D]`` in the slots of ``plan`` (any float dtype).
         plan: the plan used to pack.
         weight_SK: combine weights ``[S, K]``.
+        workspace: holds the ``[N, D]`` / ``[S + 1, D]`` scratch buffers of the forward and backward.
 
     Returns:
         ``y_SD [S, D]`` fp32.
     """
     flat_ND = buffer_ECD.reshape(-1, buffer_ECD.shape[-1])
     weight_N = slot_weights(plan, weight_SK)
-    y_SD = flat_ND.new_zeros(plan.num_tokens + 1, flat_ND.shape[1], dtype=torch.float32)
-    return y_SD.index_add_(0, plan.token_N, flat_ND.float() * weight_N.unsqueeze(-1))[:plan.num_tokens]
+    return _SlotSum.apply(flat_ND, weight_N, plan.token_N, plan.num_tokens, workspace)
+
+
+class _SlotSum(torch.autograd.Function):
+    """``y[token_N[n]] += weight_N[n] * out[n]`` in fp32, ``[N, D] -> [S, D]`` (``token_N == S``:
+    a scratch row, cut off). Keeps ``out``, the weights and the index for the backward, not the
+    ``[N, D]`` product (autograd's ``index_add`` would keep that too)."""
+
+    @staticmethod
+    def forward(ctx, out_ND: Tensor, weight_N: Tensor, token_N: Tensor, num_tokens: int,  # type: ignore[override]
+                workspace: Optional[Workspace]) -> Tensor:
+        ctx.save_for_backward(out_ND, weight_N, token_N)
+        ctx.workspace = workspace
+        weighted_ND = scratch(workspace, "weighted slots", out_ND.shape, out_ND, torch.float32)
+        torch.mul(out_ND, weight_N.unsqueeze(-1), out=weighted_ND)
+        y_SD = out_ND.new_zeros(num_tokens + 1, out_ND.shape[1], dtype=torch.float32)
+        return y_SD.index_add_(0, token_N, weighted_ND)[:num_tokens]
+
+    @staticmethod
+    def backward(ctx, grad_SD: Tensor):  # type: ignore[override]
+        out_ND, weight_N, token_N = ctx.saved_tensors
+        # each slot's token gradient; the scratch row's is 0
+        num_tokens, width = grad_SD.shape
+        padded = scratch(ctx.workspace, "token grad", (num_tokens + 1, width), grad_SD)
+        padded[:num_tokens].copy_(grad_SD)
+        padded[num_tokens].zero_()
+        grad_ND = torch.index_select(padded, 0, token_N, out=scratch(ctx.workspace, "slot grad", out_ND.shape, grad_SD))
+        grad_out = (grad_ND * weight_N.unsqueeze(-1)).to(out_ND.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_ND * out_ND).sum(dim=-1) if ctx.needs_input_grad[1] else None
+        return grad_out, grad_weight, None, None, None

@@ -36,6 +36,12 @@ EP2_CASES = [
          options=dict(second_policy="random", capacity_factor=0.5, expert_compute="padded"), seed=7),
     Case("dropless-gshard-bias-skewed-no-drops", 2, ((12,), (12,)), skew=1.5,
          options=dict(second_policy="all", expert_bias=True, dropless=True), seed=8),
+    # recompute="experts": the experts' hidden activations recomputed in the backward, filled and padded
+    Case("recompute-gshard-swiglu-random-drops", 2, ((16,), (16,)),
+         options=dict(expert="swiglu", second_policy="random", capacity_factor=0.5, recompute="experts"), seed=9),
+    Case("recompute-padded-switch-ffn-bias-drops", 2, ((16,), (16,)),
+         options=dict(router="switch", top_k=1, expert_bias=True, capacity_factor=0.5, expert_compute="padded",
+                      recompute="experts"), seed=10),
 ]
 
 EP4_CASES = [

@@ -99,6 +99,41 @@ def test_a_tiny_run_writes_a_complete_json_record(tiny_raw, tmp_path):
     assert results.load_dir("layer", tmp_path)[0]["name"] == "tiny"
 
 
+def test_every_timed_runtime_gets_its_memory_measured(tiny_raw):
+    used = layer_bench.reduce_memory([tiny_raw])
+    assert set(used) == {"layer", "layer_padded", "floor", "floor_filled", "method"}
+    assert used["method"] == "profiler memory events (CPU allocator)"
+    for name in ("layer", "layer_padded", "floor", "floor_filled"):
+        assert used[name]["peak"] >= used[name]["held"] > 0 and used[name]["saved"] > 0, name
+    # the padded layer computes (and keeps the activations of) every slot, the filled one the filled slots only
+    assert used["layer_padded"]["saved"] > used["layer"]["saved"]
+
+
+def test_memory_counts_live_bytes_and_saved_tensors_in_closed_form():
+    from benchmarks import memory
+    leaf = torch.randn(256, 256, requires_grad=True)  # 256 KiB
+
+    def forward():
+        return leaf.exp()  # keeps its 256 KiB result for the backward, and returns it
+
+    used = memory.measure(forward, lambda out: out.sum().backward(), torch.device("cpu"), exclude=[leaf])
+    assert used["saved"] == 256 * 256 * 4
+    assert used["held"] == 256 * 256 * 4  # the result is both the output and what exp's backward reads
+    assert used["peak"] >= 2 * 256 * 256 * 4  # the result and the leaf's gradient live together
+
+
+def test_memory_ratios_and_targets_read_the_held_bytes():
+    used = {"layer": {"peak": 90, "held": 50, "saved": 40}, "autoep": {"peak": 100, "held": 60, "saved": 50},
+            "layer_recompute": {"peak": 80, "held": 20, "saved": 10}, "method": "test"}
+    found = layer_bench.memory_ratios(used)
+    assert found["ours_held_over_autoep"] == pytest.approx(50 / 60) and found["ours_held_over_deepspeed"] is None
+    assert found["recompute_held_over_ours"] == pytest.approx(0.4)
+    spec = replace(TINY, capacity_factor=1.25)
+    met = {t["target"]: t["met"] for t in layer_bench.targets(spec, 2, "cpu", found)}
+    assert met == {"recompute='experts' activation memory <= 0.6 x ours (CPU, 2 gloo ranks, fp32)": True,
+                   "ours' activation memory <= AutoEP's at capacity factor 1.25 (CPU, 2 gloo ranks, fp32)": True}
+
+
 def test_the_filled_floor_computes_exactly_the_filled_slots(tiny_raw):
     load, capacity = tiny_raw["load"], TINY.capacity()
     assert load["capacity"] == capacity and sum(load["tokens_per_expert"]) == TINY.shape.tokens * TINY.shape.top_k
@@ -113,7 +148,7 @@ def test_the_filled_floor_computes_exactly_the_filled_slots(tiny_raw):
 def test_the_padded_copy_has_the_same_weights_and_computes_the_same_output():
     torch.manual_seed(0)
     layer = MoELayer(TINY.config(1))
-    padded = layer_bench._padded_copy(layer, torch.device("cpu"), torch.float32)
+    padded = layer_bench._variant(layer, torch.device("cpu"), torch.float32, expert_compute="padded")
     assert layer.filled_compute and not padded.filled_compute
     x = torch.randn(64, 16)
     torch.testing.assert_close(padded(x).output, layer(x).output, rtol=1e-5, atol=1e-6)

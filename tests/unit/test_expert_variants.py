@@ -39,10 +39,11 @@ def gpt_oss_expert(experts, e: int, h: torch.Tensor, alpha: float, limit: float)
     return torch.tensor(hidden) @ experts.w2[e] + experts.b2[e]
 
 
-def test_clamped_swiglu_experts_with_biases_on_every_projection_match_a_per_token_reference():
+@pytest.mark.parametrize("recompute", ["none", "experts"])
+def test_clamped_swiglu_experts_with_biases_on_every_projection_match_a_per_token_reference(recompute):
     alpha, limit = 1.3, 0.6
     layer = make_layer(expert="clamped_swiglu", expert_bias=True, expert_up_bias=True, swiglu_alpha=alpha,
-                       swiglu_limit=limit)
+                       swiglu_limit=limit, recompute=recompute)
     x = torch.randn(S, D)
     with torch.no_grad():
         y = layer(x).output
@@ -54,6 +55,13 @@ def test_clamped_swiglu_experts_with_biases_on_every_projection_match_a_per_toke
             for e in probs.topk(2).indices.tolist():
                 want[s] += probs[e] * gpt_oss_expert(experts, e, x[s], alpha, limit)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    # the gradients: the recomputed backward (clamp, glu and the up bias) equals the kept one
+    kept = make_layer(expert="clamped_swiglu", expert_bias=True, expert_up_bias=True, swiglu_alpha=alpha,
+                      swiglu_limit=limit)
+    for each in (layer, kept):
+        each(x).output.square().sum().backward()
+    for (name, param), other in zip(layer.named_parameters(), kept.parameters()):
+        torch.testing.assert_close(param.grad, other.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_kept_weights_divided_by_their_p_norm_match_a_per_token_reference():
