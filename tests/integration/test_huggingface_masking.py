@@ -58,6 +58,6 @@ def test_bias_update_rate_reaches_a_converted_deepseek_v3_router():
                                            n_shared_experts=1, moe_intermediate_size=16, num_experts_per_tok=2,
                                            first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16,
                                            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
-    model = convert(transformers.AutoModelForCausalLM.from_config(config), **bias_update_override(0.01, "deepseek_v3"))
+    model = convert(transformers.AutoModelForCausalLM.from_config(config), **bias_update_override(0.01, config))
     routers = [module.moe.router for module in model.modules() if isinstance(module, ExpertParallelBlock)]
     assert routers and all(router.bias_update_rate == 0.01 and router.selection_load is not None for router in routers)
