@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -138,7 +139,8 @@ class StackedExperts(Experts):
             low = torch.get_autocast_dtype(x_MD.device.type)
             dtype = low if _rows_aligned(low, self.w1.shape[1], self.w1.shape[2]) else dtype
 
-        grouped_mm = _grouped_mm if grouped_gemm_traceable(dtype) else _grouped_mm_eager
+        traced = torch.compiler.is_compiling() and not grouped_gemm_traceable(dtype)
+        grouped_mm = _grouped_mm_eager() if traced else _grouped_mm
 
         def gmm(a: Tensor, w: Tensor) -> Tensor:
             return grouped_mm(a, w.to(dtype), offsets_L)
@@ -231,9 +233,13 @@ def _grouped_mm(a_MD: Tensor, w_EDF: Tensor, offsets_L: Tensor) -> Tensor:
     return _DenseGrad.apply(torch._grouped_mm(a_MD, w_EDF, offs=offsets_L))
 
 
-# torch.compile traces grouped GEMM with a bf16-only shape function, while the eager kernels also
-# run fp32 and fp16: outside bf16 the call stays eager (a graph break around it)
-_grouped_mm_eager = torch.compiler.disable(_grouped_mm)
+@functools.cache
+def _grouped_mm_eager() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``_grouped_mm`` kept out of ``torch.compile`` 's graph: it traces grouped GEMM with a
+    bf16-only shape function, while the eager kernels also run fp32 and fp16, so outside bf16 the
+    call stays eager (a graph break around it). Built on first use while compiling:
+    ``torch.compiler.disable`` imports ``torch._dynamo``, 2 s of every process's start-up."""
+    return torch.compiler.disable(_grouped_mm)
 
 
 def _rows_aligned(dtype: torch.dtype, *widths: int) -> bool:
