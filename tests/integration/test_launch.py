@@ -207,26 +207,19 @@ def test_a_stalled_rank_is_named_with_where_every_rank_stopped(tmp_path: Path) -
     assert int(rows["0"][6]) > 0
 
 
-def test_deepspeed_launcher_zero2_bf16_trains_and_resumes(tmp_path: Path) -> None:
+def test_deepspeed_launcher_zero2_bf16_trains_and_writes_engine_checkpoints(tmp_path: Path) -> None:
+    """One launch (bf16 steps are slow on CPU); resuming a DeepSpeed engine checkpoint, the same code
+    for every model, is checked by test_deepspeed_trains_a_converted_model_with_expert_groups_and_resumes_exactly."""
     pytest.importorskip("deepspeed")
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-
-    def deepspeed(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        return _run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), "--module",
-                     "launch.train", "--out", str(out), "--steps", "20", "--log-every", "10", "--ckpt-every", "10",
-                     "--deepspeed-config", "launch/ds_zero2_bf16.json", *SMALL, *extra])
-
-    result = deepspeed(full)  # bf16 steps are slow on CPU: 20 of them, and 10 more to resume
+    result = _run(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), "--module",
+                   "launch.train", "--out", str(tmp_path), "--steps", "20", "--log-every", "10", "--ckpt-every", "10",
+                   "--deepspeed-config", "launch/ds_zero2_bf16.json", *SMALL])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    _assert_trained(full, steps=20)
-    assert json.loads((full / "summary.json").read_text())["deepspeed"] is True
-    assert (full / "checkpoint" / "step20").is_dir()  # an engine checkpoint, per-expert files
-    assert list((full / "checkpoint" / "step20").glob("layer_*_expert_*_model_states.pt"))
-    # resume from step 10 (DeepSpeed's `latest` names the tag): the same losses as the full run
-    result = deepspeed(_resumable_copy(full, resumed, 10), "--resume")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads((resumed / "summary.json").read_text())["start_step"] == 10
-    assert [r["loss"] for r in _metrics(resumed)] == [r["loss"] for r in _metrics(full)]
+    _assert_trained(tmp_path, steps=20)
+    assert json.loads((tmp_path / "summary.json").read_text())["deepspeed"] is True
+    assert (tmp_path / "checkpoint" / "step20").is_dir()  # an engine checkpoint, per-expert files
+    assert list((tmp_path / "checkpoint" / "step20").glob("layer_*_expert_*_model_states.pt"))
+    assert (tmp_path / "checkpoint" / "latest").read_text().strip() == "step20"
 
 
 def test_a_rendezvous_that_never_completes_ends_within_its_join_timeout(tmp_path: Path) -> None:
@@ -278,12 +271,11 @@ def test_the_default_corpus_is_real_english_text_and_batches_decode_to_it() -> N
 
 HF_READY = find_spec("transformers") is not None and find_spec("expert_parallel.integrations.huggingface") is not None
 needs_hf = pytest.mark.skipif(not HF_READY, reason="needs transformers and expert_parallel.integrations.huggingface")
-# two families end to end (every family builds and steps through the launcher in test_hf_launch.py)
-HF_MODELS = ("mixtral", "deepseek_v3")
+# one family end to end on 2 ranks (every family builds and steps through the launcher in
+# test_hf_launch.py; every family runs at EP 2 in test_huggingface.py)
+HF_MODELS = ("mixtral",)
 HF_SMALL = ["--d-model", "32", "--d-ff", "64", "--layers", "2", "--seq-len", "32", "--batch-size", "8"]
 HF_STEPS = ["--steps", "8", "--log-every", "2", *HF_SMALL]
-# deepseek_v3 runs under torchrun, mixtral is spawned plainly: both launch paths, no extra runs
-HF_TORCHRUN = {"deepseek_v3"}
 
 
 @pytest.fixture(scope="module")
@@ -294,9 +286,8 @@ def hf_runs(tmp_path_factory: pytest.TempPathFactory):
     def run(name: str) -> tuple[Path, subprocess.CompletedProcess]:
         if name not in done:
             out = tmp_path_factory.mktemp(name)
-            launcher = ([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port())]
-                        if name in HF_TORCHRUN else [sys.executable])
-            done[name] = out, _run([*launcher, "-m", "launch.train", "--out", str(out), "--hf-model", name, *HF_STEPS])
+            done[name] = out, _run([sys.executable, "-m", "launch.train", "--out", str(out), "--hf-model", name,
+                                    *HF_STEPS])
         return done[name]
 
     return run
@@ -326,8 +317,8 @@ def test_each_hf_model_trains_on_two_ranks_and_saves_a_plain_transformers_checkp
     assert records[-1]["loss"] < 0.93 * records[0]["loss"], records
     for record in records:  # converted blocks are dropless, top-2
         assert record["drop_fraction"] == 0.0 and record["k_eff"] == 2.0 and record["load_cv"] > 0
-        # the model's own router aux loss: Mixtral and Qwen record router logits, DeepSeek-V3 has none
-        assert (record["aux_loss"] == 0.0) == (name == "deepseek_v3")
+        # the model's own router aux loss, from the router logits the converted blocks record
+        assert record["aux_loss"] > 0.0
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["model"], summary["ep_size"], summary["world_size"]) == (name, 2, 2)
 
@@ -350,7 +341,7 @@ def test_hf_path_starts_from_a_saved_model(hf_runs, tmp_path: Path) -> None:
     from launch.corpus import CharCorpus
     from launch.hf import lm_window
 
-    saved = hf_runs("deepseek_v3")[0] / "hf"  # the richest mapping: shared experts, selection bias, MLA
+    saved = hf_runs("mixtral")[0] / "hf"
     result = _run([sys.executable, "-m", "launch.train", "--out", str(tmp_path), "--hf-path", str(saved),
                    "--steps", "2", "--log-every", "1", "--seq-len", "32", "--batch-size", "8"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -359,7 +350,7 @@ def test_hf_path_starts_from_a_saved_model(hf_runs, tmp_path: Path) -> None:
     expected = sum(_char_loss(model, lm_window(*corpus.batch(0, rank, 8, 32, 2))) for rank in (0, 1)) / 2
     records = _metrics(tmp_path)
     assert records[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
-    assert records[0]["loss"] < _metrics(hf_runs("deepseek_v3")[0])[0]["loss"] - 0.3  # trained, not a fresh init
+    assert records[0]["loss"] < _metrics(hf_runs("mixtral")[0])[0]["loss"] - 0.3  # trained, not a fresh init
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
