@@ -67,16 +67,12 @@ def test_plain_launch_spawns_two_ranks_and_the_loss_falls(plain_run) -> None:
     assert "summary:" in result.stdout
 
 
-def test_torchrun_single_node_two_ranks_matches_the_plain_launch(tmp_path: Path, plain_run) -> None:
-    result = _run([*TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()),
-                   "-m", "launch.train", "--out", str(tmp_path), *STEPS])
-    assert result.returncode == 0, result.stderr
-    # the same job, launched two ways, computes the same losses (the plain launch also checkpoints
-    # and records its routing, which change nothing of the training)
-    assert [r["loss"] for r in _assert_trained(tmp_path)] == [r["loss"] for r in _metrics(plain_run[0])]
-
-
-def test_torchrun_two_nodes_on_localhost_train_together(tmp_path: Path) -> None:
+def test_torchrun_two_nodes_on_localhost_train_together_as_the_plain_launch(tmp_path: Path, plain_run) -> None:
+    """torchrun with a c10d rendezvous, two nodes of one rank each: the same job as the plain launch
+    of two spawned ranks, so the same losses (the plain launch also checkpoints and records its
+    routing, which change nothing of the training), up to rounding: torchrun sets
+    OMP_NUM_THREADS=1 only with several ranks per node, and the thread count changes the CPU
+    matmuls' last bits."""
     endpoint = f"127.0.0.1:{free_port()}"
 
     def node(rank: int) -> subprocess.Popen:
@@ -96,6 +92,7 @@ def test_torchrun_two_nodes_on_localhost_train_together(tmp_path: Path) -> None:
     records = _assert_trained(tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
     assert records[0]["k_eff"] > 1.0
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in _metrics(plain_run[0])], rel=1e-4)
 
 
 def test_resume_continues_with_the_same_losses(tmp_path: Path, plain_run) -> None:
