@@ -6,9 +6,8 @@
 #   3. the capacity-factor sweep 1.0 / 1.25 / 2.0 (no phase breakdown, no memory)
 #   4. the plots
 # Results go to $OUT (default benchmarks/results/); docs/benchmarks.md says what each file holds.
-# Run it on a quiet machine: 8 min 52 s on 2 quiet cores before step 1 timed the recompute and
-# compiled variants and steps 1-2 measured memory (15 runs of ~9 s start-up each plus the timed
-# rounds); 34 min 34 s on the same 2 cores under a load average of 10-17 (docs/benchmarks.md).
+# Run it on a quiet machine: 5 min 59 s on 2 quiet cores; 34 min 34 s on the same 2 cores under a
+# load average of 10-17 (docs/benchmarks.md).
 #
 #   benchmarks/run_cpu_suite.sh                      # the real run
 #   OUT=/tmp/smoke benchmarks/run_cpu_suite.sh --tokens 128 --repeat 2 --warmup 1   # a smoke test
@@ -22,7 +21,7 @@ PRESETS=(mixtral-small fine-grained-small switch-small)
 COMMON=(--preset "${PRESETS[@]}" --ranks 2 --warmup 3 --repeat 15 --out "$OUT")
 STEPS=4
 START=$SECONDS
-echo "CPU suite: 15 runs in $STEPS steps, 10+ minutes on 2 quiet cores; results in $OUT"
+echo "CPU suite: 15 runs in $STEPS steps, about 6 minutes on 2 quiet cores; results in $OUT"
 
 step() {  # step <n> <what> <command...>: run it, saying where the suite is and how long it has run
     local n=$1 what=$2
