@@ -266,3 +266,18 @@ def test_the_overlap_and_hierarchy_flags_reach_the_layer_config_the_record_and_t
     plain = spec_from_args(cli.parser().parse_args(["layer"]), "switch-small")
     assert (plain.num_chunks, plain.a2a, plain.ranks_per_node) == (1, "flat", None)
     assert cli._tag("switch-small", plain, {"config": {"ranks": 4, "device": "cpu"}}) == "switch-small-r4-fp32-cpu"
+
+
+def test_the_gemm_layouts_compute_the_experts_plain_swiglu():
+    from benchmarks import gemm_layouts
+    from expert_parallel.experts import StackedExperts
+
+    torch.manual_seed(0)
+    experts = StackedExperts(3, 16, 32, gated=True)
+    x_EMD = torch.randn(3, 8, 16)
+    with torch.no_grad():  # the reference: expert e's SwiGLU on its own block, written out
+        expected = torch.stack([(torch.nn.functional.silu(x_EMD[e] @ experts.w1[e]) * (x_EMD[e] @ experts.w3[e]))
+                                @ experts.w2[e] for e in range(3)])
+    for name, fn in gemm_layouts.variants(experts).items():
+        torch.testing.assert_close(fn(x_EMD), expected, msg=name)
+    assert max(gemm_layouts.check(experts, x_EMD).values()) < 1e-4
