@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup, Work
 
+from .groups import held
 from .hierarchical import Hierarchy, within_nodes
 
 # what the all-to-alls run over: one group (flat), a Hierarchy, or None (a single rank)
@@ -29,6 +30,14 @@ def _issue(x_RX: Tensor, group: A2AGroup) -> tuple[Tensor, Optional[Work]]:
     return out_RX, dist.all_to_all_single(out_RX, x_RX, group=group, async_op=True)
 
 
+def _held(group: A2AGroup) -> Callable[[], A2AGroup]:
+    """``groups.held`` for a flat group or both groups of a ``Hierarchy``."""
+    if isinstance(group, Hierarchy):
+        intra, inter = held(group.intra), held(group.inter)
+        return lambda: Hierarchy(intra(), inter())
+    return held(group)
+
+
 def _finish(out_RX: Tensor, work: Optional[Work]) -> Tensor:
     if work is not None:
         work.wait()
@@ -40,12 +49,12 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, group: A2AGroup) -> Tensor:  # type: ignore[override]
-        ctx.group = group
+        ctx.group = _held(group)
         return _finish(*_issue(x, group))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return _AllToAll.apply(grad, ctx.group), None
+        return _AllToAll.apply(grad, ctx.group()), None
 
 
 class _Ticket:
@@ -56,7 +65,7 @@ class _Ticket:
     alive at teardown) can abort the process at exit."""
 
     def __init__(self, group: A2AGroup) -> None:
-        self.group = group
+        self.group = _held(group)
         self.work: Optional[Work] = None
         self.grad_work: Optional[Work] = None
 
@@ -75,7 +84,7 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, ticket: _Ticket) -> Tensor:  # type: ignore[override]
         ctx.ticket = ticket
-        out, ticket.work = _issue(x, ticket.group)
+        out, ticket.work = _issue(x, ticket.group())
         return out
 
     @staticmethod
@@ -95,7 +104,7 @@ class _Wait(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad_out, ctx.ticket.grad_work = _issue(grad, ctx.ticket.group)
+        grad_out, ctx.ticket.grad_work = _issue(grad, ctx.ticket.group())
         return grad_out, None
 
 

@@ -15,19 +15,40 @@ ranks, and ``lookup`` returns the group registered for it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .gather import gather_objects
 
-# lookup table: ranks -> the group to use (built here or registered by a caller)
-_GROUPS: dict[tuple[int, ...], Optional[ProcessGroup]] = {}
+# lookup table: ranks -> the group to use (built here or registered by a caller), held weakly: torch
+# holds every group until destroy_process_group, and one still referenced when the interpreter
+# shuts down is destroyed during finalization, where gloo aborts the exit in a good share of runs
+# ("terminate called without an active exception"; tests/distributed/test_teardown.py)
+_GROUPS: dict[tuple[int, ...], Callable[[], Optional[ProcessGroup]]] = {}
 # the groups expert_groups created: new_group is collective, so whether to call it must depend on
 # this rank's own history of expert_groups calls only, never on which groups a caller registered
 _BUILT: set[tuple[int, ...]] = set()
+# the world group the tables were filled in (weakly): once the world is destroyed and initialised
+# again, every rank forgets what it built or registered for the old one, and builds anew
+_WORLD: Optional[weakref.ref[ProcessGroup]] = None
+
+
+def _entry(group: Union[ProcessGroup, int]) -> Callable[[], Optional[ProcessGroup]]:
+    """A table entry: a weak reference to ``group``; ``new_group``'s marker for a rank outside
+    the group (an int) as it is."""
+    return weakref.ref(group) if isinstance(group, ProcessGroup) else (lambda: group)
+
+
+def _same_world() -> None:
+    """Forget the tables if they were filled in a world that has been destroyed since."""
+    global _WORLD
+    if _WORLD is None or _WORLD() is not dist.group.WORLD:
+        forget()
+        _WORLD = weakref.ref(dist.group.WORLD)
 
 
 @dataclass(frozen=True)
@@ -82,8 +103,9 @@ def register(group: Optional[ProcessGroup]) -> tuple[int, ...]:
     """Remember ``group`` and return its key, the tuple of its global ranks (``None``: this rank alone)."""
     if group is None:
         return (rank(),)
+    _same_world()
     ranks = tuple(dist.get_process_group_ranks(group))
-    _GROUPS[ranks] = group
+    _GROUPS[ranks] = _entry(group)
     return ranks
 
 
@@ -104,7 +126,32 @@ def lookup(ranks: tuple[int, ...]) -> Optional[ProcessGroup]:
             f"no process group for ranks {ranks} in this process; build the groups with "
             "expert_parallel.comm.expert_groups(ep_size) (or pass ep_group) on every rank first"
         )
-    return _GROUPS[ranks]
+    group = _GROUPS[ranks]()
+    if group is None:
+        raise RuntimeError(
+            f"the process group for ranks {ranks} was destroyed (destroy_process_group); after "
+            "init_process_group build the groups again with expert_parallel.comm.expert_groups(ep_size) "
+            "(or register a live group) on every rank"
+        )
+    return group
+
+
+def held(group: Optional[ProcessGroup]) -> Callable[[], Optional[ProcessGroup]]:
+    """A weak hold on ``group`` for an autograd graph's backward: calling it gives the group back
+    (``None`` for ``None``) and raises ``RuntimeError`` if the group was destroyed since. A graph
+    alive at exit (an output kept in a global) then keeps no group past destroy_process_group into
+    interpreter shutdown (see ``_GROUPS``)."""
+    if group is None:
+        return lambda: None
+    ref = weakref.ref(group)
+
+    def alive() -> ProcessGroup:
+        found = ref()
+        if found is None:
+            raise RuntimeError("a backward ran after the process group of its forward's collective was "
+                               "destroyed (destroy_process_group); run the backward before tearing the groups down")
+        return found
+    return alive
 
 
 def expert_groups(ep_size: int, tp_size: int = 1, expert_tensor_parallel: bool = False) -> ExpertGroups:
@@ -152,11 +199,12 @@ def expert_groups(ep_size: int, tp_size: int = 1, expert_tensor_parallel: bool =
 
 def _build(rank_sets: list[tuple[int, ...]]) -> None:
     """Create (once each) the groups of ``rank_sets``; every rank must pass the same list."""
+    _same_world()
     world = dist.get_world_size()
     for ranks in rank_sets:
         if len(ranks) > 1 and ranks not in _BUILT:
             # new_group is collective: every rank creates every group in the same order
-            _GROUPS[ranks] = dist.new_group(list(ranks)) if len(ranks) < world else dist.group.WORLD
+            _GROUPS[ranks] = _entry(dist.new_group(list(ranks)) if len(ranks) < world else dist.group.WORLD)
             _BUILT.add(ranks)
 
 
@@ -178,6 +226,7 @@ def node_groups(ep_ranks: tuple[int, ...], ranks_per_node: int) -> tuple[tuple[i
         ValueError: the EP group's size is not a multiple of ``ranks_per_node``, or a node's block
             of EP ranks spans two launcher nodes (global rank ``// ranks_per_node`` differs).
     """
+    _same_world()
     key = (ep_ranks, ranks_per_node)
     if key in _NODE_RANKS:
         return _NODE_RANKS[key]

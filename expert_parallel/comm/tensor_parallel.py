@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from .gather import all_gather_along
+from .groups import held
 
 
 def _share(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
@@ -29,35 +30,35 @@ def _share(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
 class _Drop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:  # type: ignore[override]
-        ctx.dim, ctx.group = dim, group
+        ctx.dim, ctx.group = dim, held(group)
         return _share(x, dim, group).contiguous()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return all_gather_along(grad, ctx.dim, ctx.group), None, None
+        return all_gather_along(grad, ctx.dim, ctx.group()), None, None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:  # type: ignore[override]
-        ctx.dim, ctx.group = dim, group
+        ctx.dim, ctx.group = dim, held(group)
         return all_gather_along(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return _share(grad, ctx.dim, ctx.group).contiguous(), None, None
+        return _share(grad, ctx.dim, ctx.group()).contiguous(), None, None
 
 
 class _Copy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:  # type: ignore[override]
-        ctx.group = group
+        ctx.group = held(group)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad, group=ctx.group())
         return grad, None
 
 
