@@ -28,7 +28,7 @@ from .gather import gather_objects
 # holds every group until destroy_process_group, and one still referenced when the interpreter
 # shuts down is destroyed during finalization, where gloo aborts the exit in a good share of runs
 # ("terminate called without an active exception"; tests/distributed/test_teardown.py)
-_GROUPS: dict[tuple[int, ...], Callable[[], Optional[ProcessGroup]]] = {}
+_GROUPS: dict[tuple[int, ...], Callable[[], Union[ProcessGroup, int, None]]] = {}
 # the groups expert_groups created: new_group is collective, so whether to call it must depend on
 # this rank's own history of expert_groups calls only, never on which groups a caller registered
 _BUILT: set[tuple[int, ...]] = set()
@@ -37,10 +37,33 @@ _BUILT: set[tuple[int, ...]] = set()
 _WORLD: Optional[weakref.ref[ProcessGroup]] = None
 
 
-def _entry(group: Union[ProcessGroup, int]) -> Callable[[], Optional[ProcessGroup]]:
-    """A table entry: a weak reference to ``group``; ``new_group``'s marker for a rank outside
-    the group (an int) as it is."""
-    return weakref.ref(group) if isinstance(group, ProcessGroup) else (lambda: group)
+def held(group: Union[ProcessGroup, int, None],
+         destroyed: str = "a backward ran after the process group of its forward's collective was destroyed "
+                          "(destroy_process_group); run the backward before tearing the groups down",
+         ) -> Callable[[], Union[ProcessGroup, int, None]]:
+    """A weak hold on ``group``: calling it gives the group back, and raises
+    ``RuntimeError(destroyed)`` once the group has been destroyed. Anything else (``None`` for one
+    rank, ``new_group``'s int marker for a rank outside the group) is kept as it is. The group table
+    and every autograd graph over a group hold it this way, so a graph alive at exit (an output kept
+    in a global) keeps no group past destroy_process_group into interpreter shutdown (see
+    ``_GROUPS``)."""
+    if not isinstance(group, ProcessGroup):
+        return lambda: group
+    ref = weakref.ref(group)
+
+    def alive() -> ProcessGroup:
+        found = ref()
+        if found is None:
+            raise RuntimeError(destroyed)
+        return found
+    return alive
+
+
+def _remember(ranks: tuple[int, ...], group: Union[ProcessGroup, int]) -> None:
+    """Put ``group`` in the table under ``ranks`` (held weakly)."""
+    _GROUPS[ranks] = held(group, f"the process group for ranks {ranks} was destroyed (destroy_process_group); "
+                                 "after init_process_group build the groups again with "
+                                 "expert_parallel.comm.expert_groups(ep_size) (or register a live group) on every rank")
 
 
 def _same_world() -> None:
@@ -105,7 +128,7 @@ def register(group: Optional[ProcessGroup]) -> tuple[int, ...]:
         return (rank(),)
     _same_world()
     ranks = tuple(dist.get_process_group_ranks(group))
-    _GROUPS[ranks] = _entry(group)
+    _remember(ranks, group)
     return ranks
 
 
@@ -114,7 +137,7 @@ def lookup(ranks: tuple[int, ...]) -> Optional[ProcessGroup]:
 
     Raises:
         RuntimeError: if no group was registered for ``ranks`` in this process (e.g. a module
-            moved to a process that did not build its groups).
+            moved to a process that did not build its groups), or it was destroyed since.
     """
     if ranks is None:
         raise RuntimeError("no process group ranks yet: the module is not bound to its groups; call "
@@ -126,32 +149,7 @@ def lookup(ranks: tuple[int, ...]) -> Optional[ProcessGroup]:
             f"no process group for ranks {ranks} in this process; build the groups with "
             "expert_parallel.comm.expert_groups(ep_size) (or pass ep_group) on every rank first"
         )
-    group = _GROUPS[ranks]()
-    if group is None:
-        raise RuntimeError(
-            f"the process group for ranks {ranks} was destroyed (destroy_process_group); after "
-            "init_process_group build the groups again with expert_parallel.comm.expert_groups(ep_size) "
-            "(or register a live group) on every rank"
-        )
-    return group
-
-
-def held(group: Optional[ProcessGroup]) -> Callable[[], Optional[ProcessGroup]]:
-    """A weak hold on ``group`` for an autograd graph's backward: calling it gives the group back
-    (``None`` for ``None``) and raises ``RuntimeError`` if the group was destroyed since. A graph
-    alive at exit (an output kept in a global) then keeps no group past destroy_process_group into
-    interpreter shutdown (see ``_GROUPS``)."""
-    if group is None:
-        return lambda: None
-    ref = weakref.ref(group)
-
-    def alive() -> ProcessGroup:
-        found = ref()
-        if found is None:
-            raise RuntimeError("a backward ran after the process group of its forward's collective was "
-                               "destroyed (destroy_process_group); run the backward before tearing the groups down")
-        return found
-    return alive
+    return _GROUPS[ranks]()
 
 
 def expert_groups(ep_size: int, tp_size: int = 1, expert_tensor_parallel: bool = False) -> ExpertGroups:
@@ -204,7 +202,7 @@ def _build(rank_sets: list[tuple[int, ...]]) -> None:
     for ranks in rank_sets:
         if len(ranks) > 1 and ranks not in _BUILT:
             # new_group is collective: every rank creates every group in the same order
-            _GROUPS[ranks] = _entry(dist.new_group(list(ranks)) if len(ranks) < world else dist.group.WORLD)
+            _remember(ranks, dist.new_group(list(ranks)) if len(ranks) < world else dist.group.WORLD)
             _BUILT.add(ranks)
 
 
