@@ -32,31 +32,37 @@ from .timing import alternate, timed
 Variant = Callable[[Tensor], Tensor]
 
 
-def variants(experts: StackedExperts) -> dict[str, Variant]:
-    """``name -> fn(x_EMD) -> y_EMD``: the SwiGLU ``experts`` (``gated``, no biases) in each layout."""
-    num_experts, w1, w3, w2 = experts.w1.shape[0], experts.w1, experts.w3, experts.w2
+def variants(experts: StackedExperts) -> tuple[dict[str, Variant], list[Tensor]]:
+    """``(name -> fn(x_EMD) -> y_EMD, copies)``: the SwiGLU ``experts`` (``gated``, no biases) in
+    each layout. The other layouts' weights are ``copies`` made here, once, as a runtime would keep
+    them (leaves with gradients, like the experts' own)."""
+    num_experts, w2 = experts.w1.shape[0], experts.w2
+    # DeepSpeed's experts: nn.Linear weights, [out, in] and contiguous
+    l1, l3, l2 = (w.detach().transpose(1, 2).contiguous().requires_grad_() for w in (experts.w1, experts.w3, w2))
+    w13 = torch.cat([experts.w1, experts.w3], dim=2).detach().requires_grad_()  # one [E, D, 2F] parameter
+
+    def offsets(x_EMD: Tensor) -> Tensor:
+        return torch.arange(1, num_experts + 1, dtype=torch.int32, device=x_EMD.device) * x_EMD.shape[1]
 
     def grouped(x_EMD: Tensor) -> Tensor:
-        offsets = torch.arange(1, num_experts + 1, dtype=torch.int32, device=x_EMD.device) * x_EMD.shape[1]
-        return experts.grouped(x_EMD.reshape(-1, x_EMD.shape[2]), offsets).view_as(x_EMD)
+        return experts.grouped(x_EMD.reshape(-1, x_EMD.shape[2]), offsets(x_EMD)).view_as(x_EMD)
 
-    def linear_loop(x_EMD: Tensor) -> Tensor:  # DeepSpeed's experts: nn.Linear weights are [out, in]
-        return torch.stack([F.linear(F.silu(F.linear(x_EMD[e], w1[e].t())) * F.linear(x_EMD[e], w3[e].t()),
-                                     w2[e].t()) for e in range(num_experts)])
+    def linear_loop(x_EMD: Tensor) -> Tensor:
+        return torch.stack([F.linear(F.silu(F.linear(x_EMD[e], l1[e])) * F.linear(x_EMD[e], l3[e]), l2[e])
+                            for e in range(num_experts)])
 
     def fused_w13(x_EMD: Tensor) -> Tensor:
-        x_MD = x_EMD.reshape(-1, x_EMD.shape[2])
-        offsets = torch.arange(1, num_experts + 1, dtype=torch.int32, device=x_EMD.device) * x_EMD.shape[1]
-        gate, up = torch._grouped_mm(x_MD, torch.cat([w1, w3], dim=2), offs=offsets).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, w2, offs=offsets).view_as(x_EMD)
+        offs = offsets(x_EMD)
+        gate, up = torch._grouped_mm(x_EMD.reshape(-1, x_EMD.shape[2]), w13, offs=offs).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, w2, offs=offs).view_as(x_EMD)
 
-    return {"grouped": grouped, "bmm": experts, "linear_loop": linear_loop, "fused_w13": fused_w13}
+    return {"grouped": grouped, "bmm": experts, "linear_loop": linear_loop, "fused_w13": fused_w13}, [l1, l3, l2, w13]
 
 
 def check(experts: StackedExperts, x_EMD: Tensor) -> dict[str, float]:
     """Largest absolute difference of each variant's output and input gradient from ``grouped``'s."""
     results = {}
-    for name, fn in variants(experts).items():
+    for name, fn in variants(experts)[0].items():
         x = x_EMD.detach().requires_grad_()
         y = fn(x)
         y.backward(torch.ones_like(y))
@@ -76,12 +82,16 @@ def run(spec: RunSpec, ranks: int, warmup: int, repeat: int) -> dict[str, float]
     if worst > 1e-3:
         raise RuntimeError(f"the GEMM layouts disagree by {worst:.3g}; timing them would compare different maths")
     grad = torch.ones_like(x_EMD)
+    x_EMD.requires_grad_()
+    layouts, copies = variants(experts)
+    weights = [*experts.parameters(), *copies]
 
     def step(fn: Variant) -> None:
-        experts.zero_grad(set_to_none=True)
-        fn(x_EMD.requires_grad_()).backward(grad)
+        fn(x_EMD).backward(grad)
+        for tensor in [x_EMD, *weights]:  # no gradient accumulation timed
+            tensor.grad = None
 
-    steps = {name: timed(lambda fn=fn: step(fn), x_EMD.device) for name, fn in variants(experts).items()}
+    steps = {name: timed(lambda fn=fn: step(fn), x_EMD.device) for name, fn in layouts.items()}
     samples = alternate(steps, warmup, repeat)
     return {name: statistics.median(s["total"]) for name, s in samples.items()}
 

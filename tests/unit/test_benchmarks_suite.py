@@ -278,6 +278,6 @@ def test_the_gemm_layouts_compute_the_experts_plain_swiglu():
     with torch.no_grad():  # the reference: expert e's SwiGLU on its own block, written out
         expected = torch.stack([(torch.nn.functional.silu(x_EMD[e] @ experts.w1[e]) * (x_EMD[e] @ experts.w3[e]))
                                 @ experts.w2[e] for e in range(3)])
-    for name, fn in gemm_layouts.variants(experts).items():
+    for name, fn in gemm_layouts.variants(experts)[0].items():
         torch.testing.assert_close(fn(x_EMD), expected, msg=name)
     assert max(gemm_layouts.check(experts, x_EMD).values()) < 1e-4
