@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .activations import ACTIVATIONS
-from .router_rules import NO_TOP_K, ROUTER_RULES, reject, routed_top_k
+from .router_rules import NO_TOP_K, ROUTER_RULES, field_default, reject, routed_top_k
 
 EXPERT_KINDS = ("ffn", "swiglu", "clamped_swiglu")
 EXPERT_COMPUTE = ("auto", "filled", "padded")
@@ -348,10 +348,9 @@ class MoEConfig:
             reject("router", self.router, f"choose one of {sorted(ROUTER_RULES)}")
         rule = ROUTER_RULES[self.router]
         self._check_top_k(rule.top_k)
-        defaults = {field.name: field.default for field in dataclasses.fields(MoEConfig)}
         for name, other in ROUTER_RULES.items():
             for option in other.options:
-                if option not in rule.options and getattr(self, option) != defaults[option]:
+                if option not in rule.options and getattr(self, option) != field_default(self, option):
                     reject(option, getattr(self, option), f"it is implemented by router={name!r} only (got "
                            f"router={self.router!r}); leave it at its default or set router={name!r}")
         if self.second_policy not in rule.second_policies:
@@ -380,7 +379,8 @@ class MoEConfig:
 
     def _check_expert_options(self) -> None:
         """``swiglu_alpha`` / ``swiglu_limit`` (``clamped_swiglu``) and ``expert_up_bias``."""
-        for name, default in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            default = field_default(self, name)
             if not getattr(self, name) > 0:
                 reject(name, getattr(self, name), "it must be > 0")
             if getattr(self, name) != default and self.expert != "clamped_swiglu":

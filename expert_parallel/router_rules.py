@@ -9,6 +9,8 @@ Adding a router is one entry here and one in ``routing.registry.ROUTERS``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Optional
 
@@ -24,6 +26,16 @@ def reject(field: str, value: object, fix: str) -> NoReturn:
 
 # the rule checks read a validated MoEConfig's fields (duck-typed: this module sits below config)
 Config = Any
+
+
+def field_default(cfg: Config, name: str) -> Any:
+    """The default of the config field ``name``, read from the dataclass (where it is written once)."""
+    return _defaults(type(cfg))[name]
+
+
+@functools.cache
+def _defaults(config_class: type) -> dict[str, Any]:
+    return {field.name: field.default for field in dataclasses.fields(config_class)}
 
 
 @dataclass(frozen=True)
@@ -60,10 +72,11 @@ def check_topk(cfg: Config) -> None:
     if cfg.n_group > 1 and cfg.group_score == "top2_sum" and per_group < 2:
         reject("group_score", cfg.group_score, f"it sums each group's two best scores, and n_group={cfg.n_group} "
                "leaves one expert per group; use group_score='max' or fewer groups")
-    if cfg.normalize_topk_eps != 1e-20 and (cfg.scoring_func != "sigmoid" or not cfg.normalize_topk):
+    eps_default = field_default(cfg, "normalize_topk_eps")
+    if cfg.normalize_topk_eps != eps_default and (cfg.scoring_func != "sigmoid" or not cfg.normalize_topk):
         reject("normalize_topk_eps", cfg.normalize_topk_eps, "it is the epsilon of normalising sigmoid scores, and "
                f"scoring_func={cfg.scoring_func!r}, normalize_topk={cfg.normalize_topk}; set scoring_func='sigmoid' "
-               "and normalize_topk=True, or leave it at 1e-20")
+               f"and normalize_topk=True, or leave it at {eps_default}")
     if cfg.normalize_topk_p != 1.0 and (not cfg.normalize_topk or cfg.gate_after_topk or cfg.normalize_topk_p <= 0):
         reject("normalize_topk_p", cfg.normalize_topk_p, "it is the p-norm that normalize_topk=True divides the kept "
                "scores by (without gate_after_topk), and must be > 0; set normalize_topk=True, gate_after_topk="
