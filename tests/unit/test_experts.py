@@ -78,3 +78,16 @@ def test_grouped_experts_take_any_gradient_layout():
         return experts(rows.unsqueeze(0).expand(2, -1, -1))[expert]
     torch.cat([through(0, x_ref[:4]), through(1, x_ref[4:])]).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_grouped_experts_called_under_torch_compile_in_fp32_run_the_grouped_gemm_eagerly():
+    # dynamo traces the grouped GEMM in bf16 only: in fp32 the call stays eager (a graph break),
+    # and the result is the per-expert reference's
+    experts = StackedExperts(2, 16, 32, gated=True)
+    x = torch.randn(10, 16)
+    offsets = torch.tensor([4, 10], dtype=torch.int32)
+    compiled = torch.compile(lambda rows: experts.grouped(rows, offsets), backend="eager")
+    with torch.no_grad():
+        expected = torch.cat([experts(x[:4].unsqueeze(0).expand(2, -1, -1))[0],
+                              experts(x[4:].unsqueeze(0).expand(2, -1, -1))[1]])
+        torch.testing.assert_close(compiled(x), expected)
